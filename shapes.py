@@ -1,0 +1,233 @@
+"""The built-in "shapes" world: a text-to-image data set that needs no download.
+
+Images of 1-4 coloured circles, squares and triangles on a plain background of varied shade,
+with captions from templates (with paraphrases) in GenEval's categories: single object, two
+objects, counting, colours, position and colour attribution. Everything is deterministic by
+(seed, index) and rendered on the fly at any size; each sample keeps the generator's own record
+of what it drew (shape, colour, box) so that images can be checked against it.
+
+HELDOUT_PAIRS lists the colour-shape pairs that are never drawn in training images (so never
+named in a training caption): `split="heldout"` produces prompts that use them, to measure
+generalisation to unseen combinations.
+
+    python shapes.py --n 16 --size 32 --out shapes_preview.png     # look at some samples
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (50, 90, 235),
+    "yellow": (240, 220, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+NUMBERS = {2: "two", 3: "three", 4: "four"}
+HELDOUT_PAIRS = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+RELATIONS = {  # relation -> paraphrases; "A <rel> B" means A is on that side of B
+    "left of": ("to the left of", "left of", "on the left of"),
+    "right of": ("to the right of", "right of", "on the right of"),
+    "above": ("above", "on top of", "over"),
+    "below": ("below", "under", "beneath"),
+}
+PREFIXES = ("a photo of ", "an image of ", "a picture of ", "a drawing of ", "")
+
+
+@dataclass
+class Shape:
+    shape: str
+    color: str
+    box: tuple  # (x0, y0, x1, y1) as fractions of the image side, y downwards
+
+
+@dataclass
+class Sample:
+    caption: str
+    category: str
+    objects: list = field(default_factory=list)   # the generator's record: list[Shape]
+    background: float = 0.0                       # grey level in [0, 1]
+    prompt: dict = field(default_factory=dict)    # the structured prompt the caption says
+
+
+def allowed_colors(shape: str, split: str) -> list[str]:
+    held = {c for c, s in HELDOUT_PAIRS if s == shape}
+    if split == "train":
+        return [c for c in COLORS if c not in held]
+    return sorted(held)
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def noun_phrase(color: str | None, shape: str) -> str:
+    words = f"{color} {shape}" if color else shape
+    return f"{article(words)} {words}"
+
+
+def _place(rng, sizes, relation=None, tries=200):
+    """Boxes (fractions) for objects of the given sizes, not overlapping; for a relation the
+    first object is placed clearly on that side of the second."""
+    for _ in range(tries):
+        boxes = []
+        for s in sizes:
+            x0, y0 = rng.uniform(0.03, 0.97 - s), rng.uniform(0.03, 0.97 - s)
+            boxes.append((x0, y0, x0 + s, y0 + s))
+        if any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]):
+            continue
+        if relation is not None and not satisfies(relation, boxes[0], boxes[1]):
+            continue
+        return boxes
+    return _place(rng, [0.85 * s for s in sizes], relation, tries)  # crowded: shrink and retry
+
+
+def _overlap(a, b, margin=0.03):
+    return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
+
+
+def satisfies(relation: str, a, b) -> bool:
+    """Is box a <relation> box b? The centres must differ more along that axis than across it."""
+    ax, ay, bx, by = (a[0] + a[2]) / 2, (a[1] + a[3]) / 2, (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+    dx, dy = bx - ax, by - ay  # positive dx: a is left of b; positive dy: a is above b
+    return {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[relation] > max(0.15, abs(dy if relation in ("left of", "right of") else dx))
+
+
+def make_sample(seed: int, index: int, split: str = "train", category: str | None = None) -> Sample:
+    """The index-th sample of the world with this seed (the same (seed, index) -> the same sample)."""
+    rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
+    if category is None:
+        category = CATEGORIES[rng.integers(len(CATEGORIES))]
+    bg = float(rng.uniform(0.0, 0.4))
+
+    def pick(held=False):
+        """A (shape, colour) pair: a held-out pair if held, else any pair allowed in training."""
+        if held:
+            color, shape = HELDOUT_PAIRS[rng.integers(len(HELDOUT_PAIRS))]
+            return shape, color
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        colors = allowed_colors(shape, "train")
+        return shape, colors[rng.integers(len(colors))]
+
+    prefix = PREFIXES[rng.integers(len(PREFIXES))]
+    held = split == "heldout"
+    relation = None
+    if category == "single_object":
+        objs = [pick(held=held)]
+        caption = prefix + noun_phrase(None, objs[0][0])
+        prompt = {"objects": [{"shape": objs[0][0]}]}
+        sizes = [rng.uniform(0.35, 0.6)]
+    elif category == "colors":
+        objs = [pick(held=held)]
+        caption = prefix + noun_phrase(objs[0][1], objs[0][0])
+        prompt = {"objects": [{"shape": objs[0][0], "color": objs[0][1]}]}
+        sizes = [rng.uniform(0.35, 0.6)]
+    elif category == "counting":
+        n = int(rng.integers(2, 5))
+        shape, color = pick(held=held)
+        with_color = bool(rng.integers(2)) or held
+        count = NUMBERS[n] if rng.random() < 0.8 else str(n)
+        caption = prefix + f"{count} " + (f"{color} " if with_color else "") + PLURAL[shape]
+        objs = [(shape, color)] * n
+        prompt = {"objects": [{"shape": shape, "color": color if with_color else None, "count": n}]}
+        sizes = [rng.uniform(0.2, 0.3)] * n
+    else:  # two_object, position, color_attr: two objects of different kinds
+        first = pick(held=held)
+        second = pick()
+        while second == first or (category == "two_object" and second[0] == first[0]):
+            second = pick()
+        objs = [first, second]
+        sizes = list(rng.uniform(0.25, 0.4, size=2))
+        if category == "two_object":
+            caption = prefix + f"{noun_phrase(None, first[0])} and {noun_phrase(None, second[0])}"
+            prompt = {"objects": [{"shape": first[0]}, {"shape": second[0]}]}
+        elif category == "color_attr":
+            caption = prefix + f"{noun_phrase(first[1], first[0])} and {noun_phrase(second[1], second[0])}"
+            prompt = {"objects": [{"shape": s, "color": c} for s, c in objs]}
+        else:
+            relation = list(RELATIONS)[rng.integers(len(RELATIONS))]
+            phrase = RELATIONS[relation][rng.integers(3)]
+            caption = prefix + f"{noun_phrase(first[1], first[0])} {phrase} {noun_phrase(second[1], second[0])}"
+            prompt = {"objects": [{"shape": s, "color": c} for s, c in objs], "relation": relation}
+    boxes = _place(rng, sizes, relation)
+    if rng.random() < 0.5 and relation is None:
+        order = rng.permutation(len(objs))
+        objs, boxes = [objs[i] for i in order], [boxes[i] for i in order]
+    objects = [Shape(s, c, tuple(float(v) for v in b)) for (s, c), b in zip(objs, boxes)]
+    return Sample(caption=caption, category=category, objects=objects, background=bg, prompt=prompt)
+
+
+def render(sample: Sample, size: int = 32, supersample: int = 4) -> Image.Image:
+    """Draw the sample at size×size (drawn supersample× larger, then box-filtered: anti-aliased)."""
+    big = size * supersample
+    grey = int(round(sample.background * 255))
+    img = Image.new("RGB", (big, big), (grey, grey, grey))
+    draw = ImageDraw.Draw(img)
+    for obj in sample.objects:
+        x0, y0, x1, y1 = (v * big for v in obj.box)
+        color = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=color)
+        elif obj.shape == "square":
+            inset = 0.08 * (x1 - x0)  # a square's area looks larger than a circle's: shrink it a bit
+            draw.rectangle((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=color)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1 - 0.07 * (y1 - y0)), (x0, y1 - 0.07 * (y1 - y0))], fill=color)
+    return img.resize((size, size), Image.BOX)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [−1, 1]."""
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [−1, 1] -> PIL RGB (clamped)."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def batch(seed: int, start: int, n: int, size: int = 32, split: str = "train"):
+    """Samples start..start+n−1: images (n, 3, size, size) in [−1, 1] and their Sample records."""
+    samples = [make_sample(seed, i, split) for i in range(start, start + n)]
+    images = torch.stack([to_tensor(render(s, size)) for s in samples])
+    return images, samples
+
+
+def grid(images, ncols: int | None = None, pad: int = 2) -> Image.Image:
+    """A list of PIL images of one size -> one PIL image, ncols per row."""
+    n = len(images)
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    w, h = images[0].size
+    canvas = Image.new("RGB", (ncols * (w + pad) + pad, nrows * (h + pad) + pad), (255, 255, 255))
+    for i, im in enumerate(images):
+        canvas.paste(im, (pad + (i % ncols) * (w + pad), pad + (i // ncols) * (h + pad)))
+    return canvas
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", choices=("train", "heldout"), default="train")
+    ap.add_argument("--out", default="shapes_preview.png")
+    a = ap.parse_args()
+    samples = [make_sample(a.seed, i, a.split) for i in range(a.n)]
+    for s in samples:
+        print(f"{s.category:14s} {s.caption}")
+    grid([render(s, a.size).resize((a.size * 4,) * 2, Image.NEAREST) for s in samples]).save(a.out)
+    print(f"wrote {a.out}")

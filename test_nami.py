@@ -1,0 +1,463 @@
+"""Tests: one per equation of the paper (and SPEC's pinned details), then training, resume and
+the sampling CLI on a tiny model. Run: python -m pytest -q test_nami.py  (CPU, about 2 minutes)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import bridgeflow
+import nami
+import shapes
+import train
+
+ROOT = Path(__file__).parent
+
+
+def randomize(model: torch.nn.Module, seed: int = 0):
+    """Random weights everywhere (the real init zeroes the output, which would hide differences)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim == 1 else 1 / math.sqrt(p.shape[-1])))
+    return model
+
+
+def inputs(cfg: nami.NamiConfig, B=2, H=16, W=16, L=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, cfg.in_channels, H, W, generator=g), torch.rand(B, generator=g),
+            torch.randn(B, L, cfg.joint_attention_dim, generator=g), torch.randn(B, cfg.pooled_projection_dim, generator=g))
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC §2: time windows and τ ranges
+# ---------------------------------------------------------------------------------------------
+
+def test_windows_and_tau_ranges_equal_spec_values():
+    windows = nami.stage_windows((1, 1, 1), 1 / 3)
+    expected = [(1.0, 2 / 3), (0.8, 1 / 3), (0.5, 0.0)]  # SPEC §2 for 1:1:1
+    for (s, e), (s_ref, e_ref) in zip(windows, expected):
+        assert s == pytest.approx(s_ref) and e == pytest.approx(e_ref)
+    ranges = nami.tau_ranges((1, 1, 1), 1 / 3)
+    assert ranges[0] == pytest.approx((1.0, 1 - (1 / 3) / 1.3))  # ≈ [1, 0.744]
+    assert ranges[1] == pytest.approx((1 - (1 / 3) / 1.3, 0.5 / 1.3))  # ≈ [0.744, 0.385]
+    assert ranges[2] == pytest.approx((0.5 / 1.3, 0.0))
+    assert [round(b, 3) for b, _ in ranges] == [1.0, 0.744, 0.385]
+    # other ratios: boundaries follow the ratios, the τ axis is split ∝ window lengths
+    assert nami.window_boundaries((2, 1, 1)) == pytest.approx([1.0, 0.5, 0.25, 0.0])
+    w = nami.stage_windows((2, 1, 1))
+    lengths = [s - e for s, e in w]
+    r = nami.tau_ranges((2, 1, 1))
+    assert [b - a for b, a in r] == pytest.approx([L / sum(lengths) for L in lengths])
+    # the flat baseline: one window [1 -> 0], τ = t'
+    assert nami.stage_windows((1,)) == [(1.0, 0.0)] and nami.tau_ranges((1,)) == [(1.0, 0.0)]
+    assert nami.stage_tau(0.25, (1.0, 0.0)) == 0.25
+    assert nami.stage_tau(1.0, ranges[1]) == pytest.approx(ranges[1][0])
+    assert nami.stage_tau(0.0, ranges[1]) == pytest.approx(ranges[1][1])
+
+
+def test_corrected_start_formula():
+    # s_k = 1 − o / (sqrt(1 + 1/γ)(1 − o) + o), o = 1 − σ_(k−1); γ = 1/3 gives sqrt(4) = 2
+    sigma_prev = 0.6
+    o = 1 - sigma_prev
+    s = nami.stage_windows((2, 3), gamma=1 / 3)[1][0]
+    assert s == pytest.approx(1 - o / (2 * (1 - o) + o))
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC §5: pyramids, end points, Eq. 3 and its target, logit-normal t', Eq. 4
+# ---------------------------------------------------------------------------------------------
+
+def test_coupled_noise_has_unit_variance_at_every_stage():
+    eps = torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    levels = nami.noise_pyramid(eps, 4)
+    assert [l.shape[-1] for l in levels] == [8, 16, 32, 64]
+    for level in levels:
+        assert level.var().item() == pytest.approx(1.0, abs=0.03)
+        assert level.mean().item() == pytest.approx(0.0, abs=0.03)
+    # coupling: each level is 2·Down of the next
+    torch.testing.assert_close(levels[1], 2 * F.avg_pool2d(levels[2], 2))
+
+
+def test_stage_points_end_of_last_stage_is_data_and_start_of_first_is_noise():
+    K, windows = 3, nami.stage_windows()
+    g = torch.Generator().manual_seed(1)
+    x, eps = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, torch.randn(2, 3, 16, 16, generator=g)
+    xs, es = nami.image_pyramid(x, K), nami.noise_pyramid(eps, K)
+    x_s, x_e = nami.stage_points(xs[2], es[2], 3, windows)
+    torch.testing.assert_close(x_e, x)                    # e_K = 0: the data
+    x_s, x_e = nami.stage_points(xs[0], es[0], 1, windows)
+    torch.testing.assert_close(x_s, es[0])                # stage 1 starts at ε_1
+    torch.testing.assert_close(x_e, (2 / 3) * es[0] + (1 / 3) * xs[0])
+    # stage 2 starts at Up(end of stage 1) (identity bridge) or Pyramid Flow's analytic start
+    x_s, _ = nami.stage_points(xs[1], es[1], 2, windows)
+    torch.testing.assert_close(x_s, nami.up((2 / 3) * es[0] + (1 / 3) * xs[0]))
+    x_s, _ = nami.stage_points(xs[1], es[1], 2, windows, start="pyramid")
+    torch.testing.assert_close(x_s, 0.8 * es[1] + 0.2 * nami.up(xs[0]))
+    # Down is 2×2 averaging and Up is nearest
+    torch.testing.assert_close(nami.down(nami.up(xs[0])), xs[0])
+
+
+def test_eq3_interpolation_and_its_velocity_target():
+    g = torch.Generator().manual_seed(2)
+    x_s, x_e = torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, 8, 8, generator=g)
+    t = torch.tensor([0.0, 0.3, 1.0])
+    x_t = nami.interpolate(x_s, x_e, t)
+    torch.testing.assert_close(x_t[0], x_e[0])
+    torch.testing.assert_close(x_t[2], x_s[2])
+    torch.testing.assert_close(x_t[1], 0.3 * x_s[1] + 0.7 * x_e[1])
+    # the target is dx̂_t/dt' (finite difference), i.e. x̂_s − x̂_e
+    h = 1e-3
+    deriv = (nami.interpolate(x_s, x_e, t + h) - nami.interpolate(x_s, x_e, t - h)) / (2 * h)
+    torch.testing.assert_close(deriv, nami.flow_target(x_s, x_e), rtol=1e-3, atol=1e-3)
+
+
+def test_logit_normal_and_loss():
+    t = nami.logit_normal(200_000, torch.Generator().manual_seed(0))
+    assert 0 < t.min() and t.max() < 1
+    logit = torch.log(t / (1 - t))
+    assert logit.mean().item() == pytest.approx(0, abs=0.01) and logit.std().item() == pytest.approx(1, abs=0.01)
+    v, target = torch.zeros(2, 3), torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    assert nami.flow_loss(v, target).item() == pytest.approx(14 / 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC §3: the progressive model
+# ---------------------------------------------------------------------------------------------
+
+def test_stage_k_runs_exactly_the_blocks_up_to_its_cut_point():
+    cfg = nami.get_config("tiny", depth_single=5, cuts=(1, 3, 5))
+    model = randomize(nami.Nami(cfg))
+    calls = []
+    for i, b in enumerate(model.transformer_blocks):
+        b.register_forward_hook(lambda m, a, o, i=i: calls.append(("double", i)))
+    for i, b in enumerate(model.single_transformer_blocks):
+        b.register_forward_hook(lambda m, a, o, i=i: calls.append(("single", i)))
+    x, tau, txt, pooled = inputs(cfg)
+    outs = {}
+    for stage, cut in [(1, 1), (2, 3), (3, 5), (None, 5)]:
+        calls.clear()
+        outs[stage] = model(x, tau, txt, pooled, stage=stage)
+        assert calls == [("double", 0)] + [("single", i) for i in range(cut)]
+    assert outs[1].shape == x.shape
+    assert not torch.allclose(outs[1], outs[2])
+    torch.testing.assert_close(outs[3], outs[None])
+
+
+def test_all_cut_points_at_the_end_equal_the_full_model():
+    cfg = nami.get_config("tiny", cuts=(3, 3, 3))
+    model = randomize(nami.Nami(cfg), seed=3)
+    x, tau, txt, pooled = inputs(cfg, seed=3)
+    full = model(x, tau, txt, pooled)
+    for stage in (1, 2, 3):
+        torch.testing.assert_close(model(x, tau, txt, pooled, stage=stage), full)
+
+
+def test_untrained_model_predicts_zero_and_is_conditioned():
+    cfg = nami.get_config("tiny")
+    model = nami.Nami(cfg)
+    x, tau, txt, pooled = inputs(cfg)
+    assert model(x, tau, txt, pooled).abs().max() == 0  # DiT's zero init
+    randomize(model)
+    v1 = model(x, tau, txt, pooled)
+    assert not torch.allclose(v1, model(x, tau * 0.5, txt, pooled))  # τ matters
+    assert not torch.allclose(v1, model(x, tau, txt * 0.5, pooled))  # text matters
+
+
+def test_patchify_roundtrip_and_flux_packing_order():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    tokens = nami.patchify(x, 2)
+    assert tokens.shape == (2, 4, 12)
+    # token 0 holds channel-major 2×2 patches: (c, ph, pw)
+    torch.testing.assert_close(tokens[0, 0, :4], x[0, 0, :2, :2].flatten())
+    torch.testing.assert_close(nami.unpatchify(tokens, 2, 2, 2), x)
+
+
+def flux_param_count(D, heads, n_double, n_single, in_ch, joint, pooled, mlp=4):
+    """Parameters of a diffusers FluxTransformer2DModel, counted from its architecture."""
+    hd, H = D // heads, int(D * mlp)
+    lin = lambda i, o: i * o + o
+    double = 2 * lin(D, 6 * D) + 6 * lin(D, D) + 2 * lin(D, D) + 4 * hd + 2 * (lin(D, H) + lin(H, D))
+    single = lin(D, 3 * D) + 3 * lin(D, D) + 2 * hd + lin(D, H) + lin(D + H, D)
+    embed = lin(in_ch, D) + lin(joint, D) + lin(256, D) + lin(D, D) + lin(pooled, D) + lin(D, D)
+    return embed + n_double * double + n_single * single + lin(D, 2 * D) + lin(D, in_ch)
+
+
+@pytest.mark.parametrize("name,expected", [("2b", 2.12e9), ("0.6b", 0.64e9)])
+def test_parameter_counts_match_a_diffusers_flux_of_the_same_shape(name, expected):
+    cfg = nami.get_config(name)
+    with torch.device("meta"):
+        model = nami.Nami(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == pytest.approx(expected, rel=0.01)
+    assert n == flux_param_count(cfg.hidden_size, cfg.num_heads, cfg.depth_double, cfg.depth_single,
+                                 cfg.in_channels * 4, cfg.joint_attention_dim, cfg.pooled_projection_dim)
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        ref = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=cfg.in_channels * 4, num_layers=cfg.depth_double,
+            num_single_layers=cfg.depth_single, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+            num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.joint_attention_dim,
+            pooled_projection_dim=cfg.pooled_projection_dim, guidance_embeds=False, axes_dims_rope=cfg.axes_dim)
+    assert n == sum(p.numel() for p in ref.parameters())
+    assert set(model.state_dict()) == set(nami.convert_diffusers_flux(ref.state_dict()))
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC §6: sampling
+# ---------------------------------------------------------------------------------------------
+
+def test_progressive_sampler_with_exact_velocity_lands_on_each_stage_end_and_the_data():
+    K, windows = 3, nami.stage_windows()
+    g = torch.Generator().manual_seed(4)
+    x_star, eps = torch.rand(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
+    xs, es = nami.image_pyramid(x_star, K), nami.noise_pyramid(eps, K)
+    ends = [nami.stage_endpoint(xs[k], es[k], windows[k][1]) for k in range(K)]
+    seen_t = []
+
+    def velocity(x, k, t):  # a point mass: the straight path from the current x to stage k's end
+        seen_t.append((k, t))
+        return (x - ends[k - 1]) / t
+
+    outs = nami.progressive_sample(velocity, eps, windows, [4, 3, 2])
+    for out, end in zip(outs, ends):
+        torch.testing.assert_close(out, end)
+    torch.testing.assert_close(outs[-1], x_star)
+    assert seen_t[0] == (1, 1.0) and [k for k, _ in seen_t] == [1] * 4 + [2] * 3 + [3] * 2
+    # with zero velocity the sampler only carries ε_1 across the jumps
+    outs = nami.progressive_sample(lambda x, k, t: torch.zeros_like(x), eps, windows, [2, 2, 2])
+    torch.testing.assert_close(outs[-1], nami.up(nami.up(es[0])))
+    bridge = bridgeflow.BridgeFlow(3, [(4, 4), (8, 8), (16, 16)])
+    with torch.no_grad():
+        bridge.scale.copy_(torch.tensor([2.0, 0.5]))
+        bridge.shift[1].fill_(1.0)
+    outs = nami.progressive_sample(lambda x, k, t: torch.zeros_like(x), eps, windows, [2, 2, 2], bridge)
+    torch.testing.assert_close(outs[-1], 0.5 * nami.up(2.0 * nami.up(es[0])) + 1.0)
+
+
+def test_flat_sampler_with_the_exact_velocity_of_a_gaussian_reproduces_it():
+    mu, s = 0.7, 0.3  # data ~ N(mu, s²) per element; x_t = t·ε + (1 − t)·x
+
+    def velocity(x, k, t):  # E[ε − x | x_t]
+        var = t ** 2 + (1 - t) ** 2 * s ** 2
+        r = x - (1 - t) * mu
+        return t * r / var - (mu + (1 - t) * s ** 2 * r / var)
+
+    eps = torch.randn(1, 1, 200, 200, generator=torch.Generator().manual_seed(5))
+    out = nami.progressive_sample(velocity, eps, [(1.0, 0.0)], [200])[-1]
+    assert out.mean().item() == pytest.approx(mu, abs=0.01)
+    assert out.std().item() == pytest.approx(s, abs=0.01)
+
+
+def test_cfg_with_guidance_one_equals_the_conditional_velocity():
+    cfg = nami.get_config("tiny")
+    model = randomize(nami.Nami(cfg), seed=6)
+    x, tau, txt, pooled = inputs(cfg, seed=6)
+    txt_u, pooled_u = torch.randn_like(txt), torch.randn_like(pooled)
+    v_c = model(x, tau, txt, pooled, stage=2)
+    v_u = model(x, tau, txt_u, pooled_u, stage=2)
+    torch.testing.assert_close(nami.guided_velocity(model, x, tau, txt, pooled, txt_u, pooled_u, 1.0, 2), v_c,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nami.guided_velocity(model, x, tau, txt, pooled, txt_u, pooled_u, 3.0, 2),
+                               v_u + 3.0 * (v_c - v_u), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC §4: BridgeFlow
+# ---------------------------------------------------------------------------------------------
+
+def test_bridgeflow_gradient_training_matches_closed_form():
+    K, windows = 3, nami.stage_windows()
+    g = torch.Generator().manual_seed(7)
+    x = shapes.batch(0, 0, 64, 16)[0]
+    eps = torch.randn(x.shape, generator=g)
+    bridge = bridgeflow.BridgeFlow(3, [(4, 4), (8, 8), (16, 16)])
+    bridgeflow.pretrain(bridge, lambda step: (x, eps), windows, steps=600, lr=0.03)
+    for k in (2, 3):
+        x_e_prev, target = bridgeflow.bridge_pairs(x, eps, windows, k)
+        W, B = bridgeflow.closed_form(nami.up(x_e_prev), target)
+        assert bridge.scale[k - 2].item() == pytest.approx(W.item(), abs=2e-3)
+        torch.testing.assert_close(bridge.shift[k - 2].detach(), B, atol=5e-3, rtol=0)
+        # the closed form is a minimum: perturbing it raises the loss
+        best = F.mse_loss(W * nami.up(x_e_prev) + B, target)
+        assert best < F.mse_loss((W + 0.05) * nami.up(x_e_prev) + B, target)
+        assert best < F.mse_loss(W * nami.up(x_e_prev) + B + 0.05, target)
+    # a bias map trained at one size serves another (resized bilinearly)
+    assert bridge(torch.zeros(1, 3, 16, 16), 3).shape == (1, 3, 32, 32)
+    assert dict(bridge.state_dict()).keys() == {"scale", "shift.0", "shift.1"}  # the release's keys
+
+
+# ---------------------------------------------------------------------------------------------
+# the built-in data
+# ---------------------------------------------------------------------------------------------
+
+def test_shapes_world_is_deterministic_complete_and_keeps_heldout_pairs_out():
+    a, b = shapes.make_sample(3, 17), shapes.make_sample(3, 17)
+    assert a == b
+    torch.testing.assert_close(shapes.batch(3, 0, 4, 32)[0], shapes.batch(3, 0, 4, 32)[0])
+    held = set(shapes.HELDOUT_PAIRS)
+    categories = set()
+    for i in range(2000):
+        s = shapes.make_sample(0, i)
+        categories.add(s.category)
+        assert 1 <= len(s.objects) <= 4
+        assert not any((o.color, o.shape) in held for o in s.objects)
+        for color, shape in held:
+            assert f"{color} {shape}" not in s.caption
+        if "relation" in s.prompt:
+            assert shapes.satisfies(s.prompt["relation"], s.objects[0].box, s.objects[1].box)
+    assert categories == set(shapes.CATEGORIES)
+    assert any(f"{c} {sh}" in shapes.make_sample(0, i, "heldout").caption
+               for i in range(50) for c, sh in held)
+    # the record matches the pixels: the centre of a drawn object has its colour
+    s = shapes.make_sample(0, 5, category="colors")
+    img = shapes.render(s, 64)
+    box = s.objects[0].box
+    centre = img.getpixel((int((box[0] + box[2]) / 2 * 64), int((box[1] + box[3]) / 2 * 64 + 4)))
+    assert max(abs(c - r) for c, r in zip(centre, shapes.COLORS[s.objects[0].color])) < 30
+
+
+# ---------------------------------------------------------------------------------------------
+# training, resume, sampling CLI (tiny model, tiny local text encoder)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory):
+    """A tiny BERT saved to a local folder: exercises the --text-encoder PATH loading path."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    folder = tmp_path_factory.mktemp("tiny_encoder")
+    tok = AutoTokenizer.from_pretrained(str(nami.default_text_encoder_path()), local_files_only=True)
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_run(out, encoder_dir, **kw):
+    base = dict(size="tiny", resolution=16, batch_size=8, max_steps=6, warmup=2, bridge_steps=5, text_len=16,
+                text_encoder=encoder_dir, out=str(out), sample_every=1000, ckpt_every=3, progress=False)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    cfg = nami.get_config("tiny", joint_attention_dim=8, pooled_projection_dim=8)
+    model = nami.Nami(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    x = shapes.batch(0, 0, 8, 16)[0]
+    eps, t = torch.randn(x.shape, generator=g), nami.logit_normal(8, g)
+    txt, pooled = torch.randn(8, 4, 8, generator=g), torch.randn(8, 8, generator=g)
+    windows, ranges = nami.stage_windows(), nami.tau_ranges()
+    losses = []
+    for _ in range(40):
+        loss = 0
+        for k in (1, 2, 3):
+            xk, ek = nami.image_pyramid(x, 3)[k - 1], nami.noise_pyramid(eps, 3)[k - 1]
+            x_s, x_e = nami.stage_points(xk, ek, k, windows)
+            v = model(nami.interpolate(x_s, x_e, t), nami.stage_tau(t, ranges[k - 1]), txt, pooled, stage=k)
+            loss = loss + nami.flow_loss(v, nami.flow_target(x_s, x_e))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_stage_mix_schedule_and_counts():
+    cfg = train.TrainConfig(max_steps=1000)
+    schedule = train.stage_mix_schedule(cfg, 3)
+    assert schedule == [(0, 480, (4, 2, 1)), (480, 800, (2, 4, 1)), (800, 1000, (1, 2, 4))]
+    assert train.stage_counts((4, 2, 1), 32) == [18, 9, 5]
+    assert train.stage_counts((1, 2, 4), 7) == [1, 2, 4]
+    assert sum(train.stage_counts((1, 1, 1), 2)) == 2
+    assert train.learning_rate(cfg, 900, schedule) == pytest.approx(cfg.lr * cfg.final_lr_scale)
+
+
+def test_save_then_resume_gives_the_same_losses_as_not_stopping(tmp_path, encoder_dir):
+    straight = train.main(tiny_run(tmp_path / "a", encoder_dir))
+    first = train.main(tiny_run(tmp_path / "b", encoder_dir, stop_after=3))
+    resumed = train.main(tiny_run(tmp_path / "b", encoder_dir, resume=True))
+    assert len(first["losses"]) == 3 and len(resumed["losses"]) == 3
+    assert first["losses"] + resumed["losses"] == straight["losses"]
+    ckpt = tmp_path / "b" / "ckpt-0000006"
+    assert {p.name for p in ckpt.iterdir()} == {"weights.safetensors", "config.json", "train_state.pt"}
+    from safetensors.torch import load_file
+    a, b = load_file(tmp_path / "a" / "ckpt-0000006" / "weights.safetensors"), load_file(ckpt / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((tmp_path / "a" / "log.jsonl").read_text().splitlines()) >= 1
+
+
+@pytest.mark.parametrize("mode", ["flat", "flow-only"])
+def test_flat_and_flow_only_modes_train_through_the_same_code(tmp_path, encoder_dir, mode):
+    result = train.main(tiny_run(tmp_path, encoder_dir, mode=mode, max_steps=2, ckpt_every=2))
+    config = json.loads((tmp_path / "ckpt-0000002" / "config.json").read_text())
+    assert config["model"]["cuts"] == ([3] if mode == "flat" else [3, 3, 3])
+    assert all(math.isfinite(l) for l in result["losses"])
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_sample_cli_end_to_end_and_bad_input(tmp_path, encoder_dir):
+    train.main(tiny_run(tmp_path / "run", encoder_dir, max_steps=2, ckpt_every=2))
+    out = tmp_path / "cat.png"
+    r = run_cli("sample.py", "a red circle above a blue square", "--ckpt", str(tmp_path / "run"), "--out", str(out),
+                "--steps", "2,2,2", "-n", "2", "--show-stages")
+    assert r.returncode == 0, r.stderr
+    assert "stage 1:" in r.stdout and "stage 3:" in r.stdout
+    png = Image.open(out)
+    assert png.text["prompt"] == "a red circle above a blue square" and png.text["steps"] == "[2, 2, 2]"
+    assert "ckpt-0000002" in png.text["checkpoint"]
+    # empty prompt (unconditional), the flat sampler and another valid resolution work
+    r = run_cli("sample.py", "", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "u.png"),
+                "--flat", "--res", "24x32", "--steps", "1,1,1")
+    assert r.returncode == 0 and "flat 1:" in r.stdout, r.stderr
+    # an invalid resolution names valid ones
+    r = run_cli("sample.py", "x", "--ckpt", str(tmp_path / "run"), "--res", "20x16")
+    assert r.returncode != 0 and "Nearest valid: width [16, 24]" in r.stderr
+    # a missing checkpoint says how to make one; a wrong preset names both
+    r = run_cli("sample.py", "x", "--ckpt", str(tmp_path / "nothing"))
+    assert r.returncode != 0 and "python train.py" in r.stderr
+    r = run_cli("sample.py", "x", "--ckpt", str(tmp_path / "run"), "--size", "small")
+    assert r.returncode != 0 and "'tiny'" in r.stderr and "small" in r.stderr
+    r = run_cli("sample.py", "x", "--ckpt", str(tmp_path / "run"), "--steps", "2,2")
+    assert r.returncode != 0 and "3 counts" in r.stderr
+
+
+def test_checkpoint_of_another_shape_is_an_error_naming_the_mismatch(tmp_path, encoder_dir):
+    train.main(tiny_run(tmp_path, encoder_dir, max_steps=1, ckpt_every=1))
+    _, _, parts = nami.load_checkpoint(tmp_path)
+    other = nami.Nami(nami.get_config("tiny", hidden_size=32, axes_dim=(4, 6, 6), joint_attention_dim=32,
+                                      pooled_projection_dim=32))
+    with pytest.raises(ValueError, match="x_embedder.weight"):
+        nami.load_state(other, parts["model"], "ckpt")
+
+
+def test_long_prompt_is_truncated_with_a_warning(encoder_dir):
+    enc = nami.TextEncoder(encoder_dir, max_len=8)
+    with pytest.warns(UserWarning, match="truncated"):
+        txt, pooled = enc.encode(["a red circle " * 50])
+    assert txt.shape == (1, 8, 32) and pooled.shape == (1, 32)
+    txt, _ = enc.encode(["", "a red circle"])
+    assert txt[0, 2:].abs().sum() == 0 and txt[0, :2].abs().sum() > 0  # [CLS] [SEP], then zero padding
+
+
+def test_invalid_resolution_names_nearest_valid_sizes():
+    with pytest.raises(ValueError, match=r"multiple of 8.*width \[96, 104\].*height \[64\]"):
+        nami.check_resolution(64, 100, 8)
+    with pytest.raises(ValueError, match="unknown preset"):
+        nami.get_config("3b")
+    with pytest.raises(ValueError, match="cut points"):
+        nami.get_config("tiny", cuts=(1, 2))

@@ -1,0 +1,407 @@
+"""Train NAMI: BridgeFlow pre-training, then Algorithm 1 (multi-resolution training of the
+progressive rectified flow transformer), on the built-in shapes data.
+
+    python train.py                          # default CPU preset, ~15 min on 2 cores
+    python train.py --size base --max-steps 12000 --out runs/shapes-base   # the longer recipe
+    python train.py --mode flat              # the flat baseline (K = 1, full model)
+    python train.py --resume                 # continue the run in --out where it stopped
+
+Writes to --out: log.jsonl (metrics), samples/step-NNNNNNN.png (fixed prompts and seeds),
+ckpt-NNNNNNN/ (weights.safetensors: model, EMA and BridgeFlow; config.json; train_state.pt:
+optimizer, step, RNG and data position). `main(TrainConfig(...))` is importable.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import nami
+import shapes
+from bridgeflow import BridgeFlow, pretrain
+
+SAMPLE_PROMPTS = [
+    "a photo of a red circle", "a blue square", "a photo of a green triangle", "three yellow circles",
+    "a purple square to the left of an orange circle", "a white triangle above a blue square",
+    "a photo of a circle and a square", "a photo of a red circle and a green square",
+]
+
+
+@dataclass
+class TrainConfig:
+    size: str = "small"                   # model preset (nami.PRESETS)
+    mode: str = "nami"                    # nami | flat (K = 1, full model) | flow-only (stages, full model)
+    cuts: tuple | None = None             # stage cut points over the single blocks (paper Fig. 7)
+    window_ratios: tuple | None = None    # time-window ratios of the stages (paper Fig. 8)
+    resolution: int = 32                  # full training size of the built-in data (pixels)
+    batch_size: int = 32
+    lr: float = 1e-3
+    max_steps: int = 1200
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    stage_mix: str = "4:2:1,2:4:1,1:2:4"  # per-phase stage sampling ratios, low -> high resolution
+    mix_fractions: str = "0.48,0.32,0.2"  # share of the run per phase (paper: 120k, 80k, 50k steps)
+    final_lr_scale: float = 0.5           # lr factor of the last phase (paper: 1e-4 -> 5e-5)
+    stage_weights: tuple | None = None    # w_k of Eq. 4 (default 1 per stage)
+    caption_dropout: float = 0.1
+    start: str = "bridge"                 # stage start point: bridge (paper) | pyramid (analytic)
+    bridge_steps: int = 1000
+    bridge_lr: float = 1e-3
+    text_encoder: str | None = None       # local transformers folder (default: all-MiniLM-L6-v2)
+    text_len: int = 16
+    out: str = "runs/shapes-small"
+    resume: bool = False
+    stop_after: int | None = None         # stop (with a checkpoint) at this step; the schedules
+                                          # still follow max_steps, so --resume continues the same run
+    seed: int = 0
+    sample_every: int = 300
+    ckpt_every: int = 300
+    keep: int = 3                         # checkpoints kept
+    log_every: int = 10
+    bf16: bool | None = None              # bf16 autocast, fp32 master weights (default: on CUDA only;
+                                          # on a CPU without AMX bf16 matmuls are slower than fp32)
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------------------------
+# set-up helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_ints(text, what):
+    try:
+        return tuple(int(v) for v in str(text).replace(":", ",").split(",") if v.strip())
+    except ValueError:
+        raise SystemExit(f"error: {what} must be integers separated by commas or colons, got {text!r}")
+
+
+def model_config(cfg: TrainConfig, text_dim: int) -> nami.NamiConfig:
+    """The NamiConfig of this run: preset, mode, ablation overrides, the text encoder's dims."""
+    base = nami.PRESETS[cfg.size]
+    overrides = dict(joint_attention_dim=text_dim, pooled_projection_dim=text_dim, in_channels=3)
+    if cfg.window_ratios is not None:
+        overrides["window_ratios"] = cfg.window_ratios
+    if cfg.cuts is not None:
+        overrides["cuts"] = cfg.cuts
+    if cfg.mode == "flat":    # one window [1 -> 0], full model, full resolution
+        overrides.update(window_ratios=(1,), cuts=(base["depth_single"],))
+    elif cfg.mode == "flow-only":  # the stages, but every stage runs the full model
+        k = len(overrides.get("window_ratios", (1, 1, 1)))
+        overrides["cuts"] = (base["depth_single"],) * k
+    return nami.get_config(cfg.size, **overrides)
+
+
+def validate(cfg: TrainConfig):
+    """Check every setting before any work starts; raise ValueError saying what to change."""
+    if cfg.size not in nami.PRESETS:
+        raise ValueError(f"unknown preset --size {cfg.size!r}; choose one of {sorted(nami.PRESETS)}")
+    if cfg.mode not in ("nami", "flat", "flow-only"):
+        raise ValueError(f"--mode must be nami, flat or flow-only, got {cfg.mode!r}")
+    if cfg.start not in ("bridge", "pyramid"):
+        raise ValueError(f"--start must be bridge or pyramid, got {cfg.start!r}")
+    for name in ("batch_size", "max_steps", "text_len", "sample_every", "ckpt_every", "keep", "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0 < cfg.lr < 1 or cfg.warmup < 0 or cfg.bridge_steps < 0 or not 0 <= cfg.caption_dropout < 1:
+        raise ValueError("need 0 < --lr < 1, --warmup >= 0, --bridge-steps >= 0, 0 <= --caption-dropout < 1")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+
+
+def stage_mix_schedule(cfg: TrainConfig, num_stages: int):
+    """[(first step, last step, ratios)] per phase, scaled to the run's length."""
+    if num_stages == 1:
+        return [(0, cfg.max_steps, (1,))]
+    phases = [parse_ints(p, "--stage-mix") for p in cfg.stage_mix.split(",")] if "," in cfg.stage_mix and ":" in cfg.stage_mix \
+        else [parse_ints(cfg.stage_mix, "--stage-mix")]
+    fracs = [float(f) for f in cfg.mix_fractions.split(",")] if len(phases) > 1 else [1.0]
+    if len(fracs) != len(phases) or any(len(p) != num_stages for p in phases) or any(min(p) < 0 or sum(p) == 0 for p in phases):
+        raise ValueError(f"--stage-mix {cfg.stage_mix!r} with --mix-fractions {cfg.mix_fractions!r} must give "
+                         f"one fraction per phase and {num_stages} non-negative ratios per phase")
+    schedule, start, total = [], 0, sum(fracs)
+    for i, (ratios, frac) in enumerate(zip(phases, fracs)):
+        end = cfg.max_steps if i == len(phases) - 1 else start + round(cfg.max_steps * frac / total)
+        schedule.append((start, end, ratios))
+        start = end
+    return schedule
+
+
+def stage_counts(ratios, batch_size):
+    """Samples per stage in one batch, ∝ ratios (largest remainder), every stage with a positive
+    ratio getting at least one sample."""
+    total = sum(ratios)
+    raw = [batch_size * r / total for r in ratios]
+    counts = [max(1, math.floor(v)) if r > 0 else 0 for v, r in zip(raw, ratios)]
+    while sum(counts) > batch_size:
+        counts[counts.index(max(counts))] -= 1
+    order = sorted(range(len(raw)), key=lambda i: raw[i] - math.floor(raw[i]), reverse=True)
+    for i in order:
+        if sum(counts) == batch_size:
+            break
+        if ratios[i] > 0:
+            counts[i] += 1
+    return counts
+
+
+def learning_rate(cfg: TrainConfig, step: int, schedule) -> float:
+    """Linear warm-up, constant, and final_lr_scale·lr in the last mix phase (paper §4.3)."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    if len(schedule) > 1 and step >= schedule[-1][0]:
+        lr *= cfg.final_lr_scale
+    return lr
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints (written to a temporary folder, then renamed: never partial)
+# ----------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(out: Path, step, model, ema, bridge, opt, gen, cfg, mcfg, encoder, keep):
+    final = out / f"{nami.CKPT_PREFIX}{step:07d}"
+    tmp = out / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    tensors.update({f"bridge.{k}": v for k, v in bridge.state_dict().items()})
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / "weights.safetensors")
+    config = {"model": mcfg.to_dict(), "train": asdict(cfg), "step": step,
+              "text_encoder": {"path": encoder.path, "dim": encoder.dim, "max_len": encoder.max_len},
+              "resolution": cfg.resolution, "channels": mcfg.in_channels, "mode": cfg.mode}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    torch.save({"optimizer": opt.state_dict(), "step": step, "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "data_position": step * cfg.batch_size},
+               tmp / "train_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(out.glob(f"{nami.CKPT_PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path):
+    found = sorted(out.glob(f"{nami.CKPT_PREFIX}*/train_state.pt"))
+    return found[-1].parent if found else None
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+
+
+def data_batch(cfg: TrainConfig, position: int, n: int):
+    """n images (n, 3, R, R) in [−1, 1] and captions of the built-in data, from sample `position`."""
+    images, samples = shapes.batch(cfg.seed, position, n, cfg.resolution)
+    return images, [s.caption for s in samples]
+
+
+def save_samples(path: Path, ema, bridge, encoder, cfg: TrainConfig):
+    ema.eval()
+    x = nami.generate(ema, encoder, SAMPLE_PROMPTS, range(len(SAMPLE_PROMPTS)), cfg.resolution,
+                      cfg.resolution, [10] * ema.cfg.num_stages, guidance=3.0, bridge=bridge)[-1]
+    size = max(64, cfg.resolution)
+    images = [shapes.to_image(im).resize((size, size), 0) for im in x]  # 0 = nearest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shapes.grid(images, ncols=4).save(path)
+
+
+def main(cfg: TrainConfig) -> dict:
+    """Run BridgeFlow pre-training and Algorithm 1; returns {"losses": [...], "out": folder}."""
+    validate(cfg)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = nami.TextEncoder(cfg.text_encoder, cfg.text_len, device)
+    mcfg = model_config(cfg, encoder.dim)
+    nami.check_resolution(cfg.resolution, cfg.resolution, mcfg.size_multiple, "--resolution")
+    schedule = stage_mix_schedule(cfg, mcfg.num_stages)
+    K = mcfg.num_stages
+    weights = cfg.stage_weights or (1.0,) * K
+    if len(weights) != K:
+        raise ValueError(f"--stage-weights needs {K} values, got {weights}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Algorithm 1, line 2: K time windows (corrected starts, SPEC §2) and their τ ranges
+    windows = nami.stage_windows(mcfg.window_ratios, mcfg.gamma)
+    ranges = nami.tau_ranges(mcfg.window_ratios, mcfg.gamma)
+    sizes = [cfg.resolution // 2 ** (K - k) for k in range(1, K + 1)]
+    # Algorithm 1, line 3: θ_k = m_1 ⊕ … ⊕ m_k, one model whose stage k stops at cut point c_k
+    model = nami.Nami(mcfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    bridge = BridgeFlow(mcfg.in_channels, [(s, s) for s in sizes]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        print(f"--resume: no checkpoint in {out}/, starting from scratch")
+    if ckpt is not None:
+        _, saved, parts = nami.load_checkpoint(ckpt)
+        if saved["model"] != mcfg.to_dict():
+            raise ValueError(f"{ckpt} was trained with model config {saved['model']}, not {mcfg.to_dict()}: "
+                             "use the same --size/--mode/--cuts/--window-ratios, or another --out")
+        nami.load_state(model, parts["model"], f"{ckpt} (model)")
+        nami.load_state(ema, parts["ema"], f"{ckpt} (ema)")
+        nami.load_state(bridge, parts["bridge"], f"{ckpt} (bridge)")
+        bridge.requires_grad_(False)
+        state = torch.load(ckpt / "train_state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+        print(f"resumed from {ckpt} at step {step}")
+    elif K > 1:
+        # Paper §4.3: pre-train every BridgeFlow map with MSE (lr 1e-3), then freeze it
+        def bridge_batch(i):
+            x, _ = data_batch(cfg, 10_000_000 + i * cfg.batch_size, cfg.batch_size)
+            return x.to(device), torch.randn(x.shape, generator=gen).to(device)
+        bar = tqdm(total=cfg.bridge_steps, desc="BridgeFlow", disable=not cfg.progress, leave=False)
+        losses = pretrain(bridge, bridge_batch, windows, cfg.bridge_steps, cfg.bridge_lr,
+                          progress=lambda i, l: (bar.update(1), bar.set_postfix(mse=f"{sum(l):.4f}")))
+        bar.close()
+        print(f"BridgeFlow pre-trained: W = {[round(w, 3) for w in bridge.scale.tolist()]}, MSE per jump = "
+              f"{[round(l, 4) for l in losses]}")
+    else:
+        bridge.requires_grad_(False)
+
+    autocast = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    log = (out / "log.jsonl").open("a")
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.size}/{cfg.mode}", disable=not cfg.progress)
+    all_losses, t_last, seen = [], time.perf_counter(), 0
+    last = cfg.max_steps if cfg.stop_after is None else min(cfg.stop_after, cfg.max_steps)
+    while step < last:
+        ratios = next(r for a, b, r in schedule if a <= step < b)
+        lr = learning_rate(cfg, step, schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        # Algorithm 1, line 5: sample a batch of full-size images x'_1 (the built-in data is
+        # rendered at the full size, so every stage may use any image, Down-sampled to its size)
+        x_full, captions = data_batch(cfg, step * cfg.batch_size, cfg.batch_size)
+        # Paper §3.4: drop 10 % of the captions (the empty prompt is the unconditional input)
+        drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        txt, pooled = encoder.encode(captions)
+        eps_full = torch.randn(x_full.shape, generator=gen).to(device)
+        t_all = nami.logit_normal(cfg.batch_size, gen).to(device)  # SD3 logit-normal t' per sample
+        x_full = x_full.to(device)
+        counts = stage_counts(ratios, cfg.batch_size)
+        stage_loss, total, first = {}, 0.0, 0
+        for k in range(1, K + 1):  # line 5: for each time window [t_(k−1), t_k] in the batch
+            n = counts[k - 1]
+            if n == 0:
+                continue
+            idx = slice(first, first + n)
+            first += n
+            # line 6: Down(x'_1) until it is at stage k's resolution; the coupled noise likewise
+            x = nami.image_pyramid(x_full[idx], K)[k - 1]
+            eps = nami.noise_pyramid(eps_full[idx], K)[k - 1]
+            # lines 7-13: start point (ε_1, or BridgeFlow(Up(end point of stage k−1))), end point
+            x_s, x_e = nami.stage_points(x, eps, k, windows, bridge, cfg.start)
+            # line 14: Eq. 3, x̂_t = t'·x̂_s + (1 − t')·x̂_e, at τ(k, t') for the model
+            t = t_all[idx]
+            x_t = nami.interpolate(x_s, x_e, t)
+            tau = nami.stage_tau(t, ranges[k - 1])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                v = model(x_t, tau, txt[idx], pooled[idx], stage=None if cfg.mode == "flat" else k)
+            # line 16: Eq. 4, ‖(x̂_s − x̂_e) − v_θk(x̂_t, t')‖²
+            loss_k = nami.flow_loss(v, nami.flow_target(x_s, x_e))
+            stage_loss[k] = loss_k.item()
+            total = total + weights[k - 1] * loss_k  # line 18: weight the windows' losses
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        # EMA of the weights (used for sampling), with DiT-style warm-up of the decay
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        step += 1
+        seen += cfg.batch_size
+        all_losses.append(total.item())
+        bar.update(1)
+        bar.set_postfix({f"L{k}": f"{l:.3f}" for k, l in stage_loss.items()})
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            now = time.perf_counter()
+            record = {"step": step, "loss": total.item(), **{f"loss_stage{k}": l for k, l in stage_loss.items()},
+                      "lr": lr, "grad_norm": grad_norm.item(), "ratios": list(ratios),
+                      "images_per_s": seen / (now - t_last)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            t_last, seen = now, 0
+        if step % cfg.sample_every == 0 or step == cfg.max_steps:
+            save_samples(out / "samples" / f"step-{step:07d}.png", ema, bridge, encoder, cfg)
+        if step % cfg.ckpt_every == 0 or step == last:
+            save_checkpoint(out, step, model, ema, bridge, opt, gen, cfg, mcfg, encoder, cfg.keep)
+    bar.close()
+    log.close()
+    return {"losses": all_losses, "out": out}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default=d.size, choices=sorted(nami.PRESETS), help="model preset")
+    ap.add_argument("--mode", default=d.mode, choices=("nami", "flat", "flow-only"),
+                    help="nami; flat = K=1 baseline with the full model; flow-only = stages with the full model")
+    ap.add_argument("--cuts", help="stage cut points over the single blocks, e.g. 1,4,7 (paper Fig. 7)")
+    ap.add_argument("--window-ratios", help="time-window ratios of the stages, e.g. 1:1:1 (paper Fig. 8)")
+    ap.add_argument("--resolution", type=int, default=d.resolution, help="training image size (pixels)")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    ap.add_argument("--max-steps", type=int, default=d.max_steps, help="training steps")
+    ap.add_argument("--warmup", type=int, default=d.warmup, help="linear lr warm-up steps")
+    ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    ap.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm")
+    ap.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    ap.add_argument("--stage-mix", default=d.stage_mix,
+                    help="stage sampling ratios per phase, low->high resolution (paper: 4:2:1,2:4:1,1:2:4)")
+    ap.add_argument("--mix-fractions", default=d.mix_fractions, help="share of the steps per phase")
+    ap.add_argument("--final-lr-scale", type=float, default=d.final_lr_scale, help="lr factor of the last phase")
+    ap.add_argument("--stage-weights", help="loss weights w_k of Eq. 4, e.g. 1,1,1")
+    ap.add_argument("--caption-dropout", type=float, default=d.caption_dropout)
+    ap.add_argument("--start", default=d.start, choices=("bridge", "pyramid"),
+                    help="start point of stage k>1: BridgeFlow (paper) or Pyramid Flow's analytic one")
+    ap.add_argument("--bridge-steps", type=int, default=d.bridge_steps, help="BridgeFlow pre-training steps")
+    ap.add_argument("--bridge-lr", type=float, default=d.bridge_lr)
+    ap.add_argument("--text-encoder", help="local transformers encoder folder (default: all-MiniLM-L6-v2)")
+    ap.add_argument("--text-len", type=int, default=d.text_len, help="text tokens per prompt")
+    ap.add_argument("--out", help="output folder (default runs/shapes-<size>[-<mode>])")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    ap.add_argument("--stop-after", type=int, help="stop with a checkpoint at this step (resume later)")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids")
+    ap.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints")
+    ap.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast (default off on CPU: slower than fp32 on CPUs without AMX)")
+    a = ap.parse_args(argv)
+    names = {f.name for f in fields(TrainConfig)}
+    kw = {k: v for k, v in vars(a).items() if k in names and v is not None}
+    kw["cuts"] = parse_ints(a.cuts, "--cuts") if a.cuts else None
+    kw["window_ratios"] = parse_ints(a.window_ratios, "--window-ratios") if a.window_ratios else None
+    kw["stage_weights"] = tuple(float(w) for w in a.stage_weights.split(",")) if a.stage_weights else None
+    if a.out is None:
+        kw["out"] = f"runs/shapes-{a.size}" + ("" if a.mode == "nami" else f"-{a.mode}")
+    return TrainConfig(**kw)
+
+
+if __name__ == "__main__":
+    config = parse_args()
+    try:
+        main(config)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
