@@ -285,22 +285,21 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope(ids: torch.Tensor, axes_dim, theta: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """3-axis rotary embedding: ids (L, 3) -> cos, sin of shape (L, head_dim/2)."""
+def rope(ids: torch.Tensor, axes_dim, theta: int) -> torch.Tensor:
+    """3-axis rotary embedding: ids (L, 3) -> unit complex rotations e^{i·pos·ω}, (L, head_dim/2)."""
     angles = []
     for i, dim in enumerate(axes_dim):
         freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
         angles.append(ids[:, i].double()[:, None] * freqs[None])  # (L, dim/2)
     angles = torch.cat(angles, dim=-1).float()
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, pe) -> torch.Tensor:
-    """Rotate adjacent feature pairs (x0, x1) of x (B, heads, L, hd) by the angles in pe."""
-    cos, sin = pe
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, heads, L, hd/2) each
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent feature pairs (x0, x1) of x (B, heads, L, hd) as complex numbers x0 + i·x1:
+    (x0·cos − x1·sin, x0·sin + x1·cos), the pairing of FLUX."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, heads, L, hd/2)
+    return torch.view_as_real(xc * pe).flatten(-2).type_as(x)
 
 
 def image_ids(h: int, w: int, device=None) -> torch.Tensor:
@@ -319,9 +318,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).type_as(x)
 
 
 def layer_norm(x):
@@ -330,7 +327,8 @@ def layer_norm(x):
 
 
 def modulate(x, shift, scale):
-    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+    """adaLN: LayerNorm(x)·(1 + scale) + shift, per sample."""
+    return torch.addcmul(shift[:, None], layer_norm(x), 1 + scale[:, None])
 
 
 class AdaNorm(nn.Module):
@@ -446,7 +444,10 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = self.norm(vec_act)
         h = modulate(x, shift, scale)
         mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
-        return x + gate[:, None] * self.proj_out(torch.cat([self.attn(h, pe), mlp], dim=-1))
+        # proj_out acts on [attn; mlp]: two matmuls on the halves of its weight spare the concat
+        D, W = x.shape[-1], self.proj_out.weight
+        out = F.linear(self.attn(h, pe), W[:, :D]) + F.linear(mlp, W[:, D:], self.proj_out.bias)
+        return torch.addcmul(x, gate[:, None], out)
 
 
 class MLPEmbedder(nn.Module):
@@ -488,6 +489,7 @@ class Nami(nn.Module):
             SingleStreamBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth_single))
         self.norm_out = AdaNorm(D, 2)  # chunks are (scale, shift), unlike the blocks
         self.proj_out = nn.Linear(D, cfg.in_channels * p * p)
+        self._pe_cache: dict = {}
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -507,6 +509,15 @@ class Nami(nn.Module):
         n_single = self.cfg.depth_single if stage is None else self.cfg.cuts[stage - 1]
         return self.cfg.depth_double, n_single
 
+    def positions(self, n_txt: int, h: int, w: int, device) -> torch.Tensor:
+        """RoPE rotations of [txt; img] (text ids all zero, image ids on the h×w grid), cached per
+        shape: every sampling step at one stage reuses them."""
+        key = (n_txt, h, w, str(device))
+        if key not in self._pe_cache:
+            ids = torch.cat([torch.zeros(n_txt, 3, dtype=torch.long, device=device), image_ids(h, w, device)])
+            self._pe_cache[key] = rope(ids, self.cfg.axes_dim, self.cfg.theta)
+        return self._pe_cache[key]
+
     def forward(self, x, tau, txt, pooled, stage: int | None = None):
         """x (B, C, H, W) at the stage's size, tau (B,) in [0, 1], txt (B, L, joint_attention_dim),
         pooled (B, pooled_projection_dim) -> velocity (B, C, H, W)."""
@@ -521,9 +532,7 @@ class Nami(nn.Module):
         img = self.x_embedder(patchify(x, p))                # (B, h·w, D)
         txt = self.context_embedder(txt)                     # (B, L, D)
         vec_act = F.silu(self.time_text_embed(tau, pooled))  # (B, D)
-        ids = torch.cat([torch.zeros(txt.shape[1], 3, dtype=torch.long, device=x.device),
-                         image_ids(h, w, x.device)])         # text ids are all zero
-        pe = rope(ids, self.cfg.axes_dim, self.cfg.theta)
+        pe = self.positions(txt.shape[1], h, w, x.device)
         n_double, n_single = self.blocks_run(stage)
         for block in self.transformer_blocks[:n_double]:
             img, txt = block(img, txt, vec_act, pe)

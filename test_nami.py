@@ -172,6 +172,23 @@ def test_untrained_model_predicts_zero_and_is_conditioned():
     assert not torch.allclose(v1, model(x, tau, txt * 0.5, pooled))  # text matters
 
 
+def test_rope_rotates_adjacent_pairs_by_position_times_frequency():
+    axes = (2, 4, 2)
+    ids = torch.tensor([[0, 3, 5], [0, 1, 2]])
+    pe = nami.rope(ids, axes, theta=100)
+    x = torch.randn(1, 1, 2, 8)
+    out = nami.apply_rope(x, pe)
+    # expected angle per pair: axis 0 (1 pair), axis 1 (2 pairs), axis 2 (1 pair); ω_j = θ^(−2j/dim)
+    for pos in range(2):
+        angles = [ids[pos, 0] * 1.0, ids[pos, 1] * 1.0, ids[pos, 1] * 100 ** (-2 / 4), ids[pos, 2] * 1.0]
+        for j, a in enumerate(angles):
+            x0, x1 = x[0, 0, pos, 2 * j], x[0, 0, pos, 2 * j + 1]
+            c, s = math.cos(float(a)), math.sin(float(a))
+            torch.testing.assert_close(out[0, 0, pos, 2 * j:2 * j + 2], torch.stack([x0 * c - x1 * s, x0 * s + x1 * c]))
+    # rotations keep norms and make attention scores depend on relative position only
+    torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1))
+
+
 def test_patchify_roundtrip_and_flux_packing_order():
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
     tokens = nami.patchify(x, 2)
