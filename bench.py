@@ -20,13 +20,8 @@ from bridgeflow import BridgeFlow
 
 
 def time_sampler(model, bridge, txt, pooled, res, steps, guidance, flat, dtype):
-    cfg = model.cfg
-    K = cfg.num_stages
-    eps = torch.randn(txt.shape[0], cfg.in_channels, res, res)
-    if flat:
-        windows, ranges, steps, full = [(1.0, 0.0)], [(1.0, 0.0)], [sum(steps)], True
-    else:
-        windows, ranges, full = nami.stage_windows(cfg.window_ratios), nami.tau_ranges(cfg.window_ratios), False
+    eps = torch.randn(txt.shape[0], model.cfg.in_channels, res, res)
+    windows, ranges, steps, full = nami.sampling_plan(model.cfg, steps, flat)
     velocity = nami.model_velocity(model, ranges, txt, pooled, torch.zeros_like(txt), torch.zeros_like(pooled),
                                    guidance, full, autocast=dtype == "bf16")
     marks = [time.perf_counter()]

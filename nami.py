@@ -619,6 +619,14 @@ def model_velocity(model, ranges, txt, pooled, txt_uncond=None, pooled_uncond=No
     return velocity
 
 
+def sampling_plan(cfg: NamiConfig, steps, flat: bool = False):
+    """(windows, τ ranges, steps per window, full_model) of the NAMI sampler, or of the flat
+    baseline: one window [1 → 0] with all sum(steps) steps and every block."""
+    if flat or cfg.num_stages == 1:
+        return [(1.0, 0.0)], [(1.0, 0.0)], [sum(steps)], True
+    return stage_windows(cfg.window_ratios, cfg.gamma), tau_ranges(cfg.window_ratios, cfg.gamma), list(steps), False
+
+
 @torch.no_grad()
 def generate(model, encoder, prompts, seeds, height, width, steps, guidance=3.0, negative="",
              bridge=None, flat=False, autocast=False, on_stage_end=None):
@@ -634,13 +642,10 @@ def generate(model, encoder, prompts, seeds, height, width, steps, guidance=3.0,
     txt_u, pooled_u = encoder.encode([negative] * len(prompts))
     eps = torch.stack([torch.randn(cfg.in_channels, height, width, generator=torch.Generator().manual_seed(int(s)))
                        for s in seeds]).to(device)
-    if flat or cfg.num_stages == 1:
-        windows, ranges, steps, full = [(1.0, 0.0)], [(1.0, 0.0)], [sum(steps)], True
-    else:
-        windows, ranges, full = stage_windows(cfg.window_ratios, cfg.gamma), tau_ranges(cfg.window_ratios, cfg.gamma), False
+    windows, ranges, steps, full = sampling_plan(cfg, steps, flat)
     velocity = model_velocity(model, ranges, txt.to(device), pooled.to(device), txt_u.to(device),
                               pooled_u.to(device), guidance, full, autocast)
-    return progressive_sample(velocity, eps, windows, list(steps), bridge, on_stage_end)
+    return progressive_sample(velocity, eps, windows, steps, bridge, on_stage_end)
 
 
 # ----------------------------------------------------------------------------------------------
