@@ -185,7 +185,7 @@ def test_rope_rotates_adjacent_pairs_by_position_times_frequency():
             x0, x1 = x[0, 0, pos, 2 * j], x[0, 0, pos, 2 * j + 1]
             c, s = math.cos(float(a)), math.sin(float(a))
             torch.testing.assert_close(out[0, 0, pos, 2 * j:2 * j + 2], torch.stack([x0 * c - x1 * s, x0 * s + x1 * c]))
-    # rotations keep norms and make attention scores depend on relative position only
+    # a rotation keeps the norm of every pair
     torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1))
 
 
