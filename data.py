@@ -1,0 +1,635 @@
+"""Your own images as NAMI training data: image folders, Algorithm 1's resolution rule, a cache.
+
+A data folder holds images with captions, found recursively, from either source:
+  - a same-named text file beside the image: cat.png + cat.txt
+  - a metadata.jsonl in any folder, one line per image: {"image": "sub/cat.png", "text": "a cat"}
+    (paths relative to that file's folder; "file_name", the Hugging Face key, is read too).
+    A manifest line wins over a .txt file for the same image.
+Every image is decoded once by `scan`; missing captions, unreadable or truncated files, images
+too small for stage 1 and files that are not images are skipped, and grayscale, palette, RGBA,
+16-bit and CMYK images are converted to 8-bit RGB (transparency over white). Each case is counted
+in one summary line, never passed over silently.
+
+Algorithm 1's rule [paper §3.4]: stage k trains only on images whose native (shorter) side is at
+least the stage's size, downsampled to it. `FolderDataset` returns every image at the full size R
+together with its highest allowed stage; `assign_stages` then picks a stage per sample of a batch.
+
+The cache holds VAE latents and text states in safetensors shards, keyed by text encoder, VAE,
+dtype, resolution and number of stages; `CachedDataset` refuses a cache whose key differs.
+
+    python data.py scan DATA_DIR --resolution 256 --stages 3      # what would be used, and why not
+    python data.py cache DATA_DIR --out CACHE_DIR --resolution 256 [--vae PATH] [--text-encoder PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import copy
+import hashlib
+import json
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MANIFEST = "metadata.jsonl"
+CACHE_FORMAT = 1  # bump when the layout of the shards or of cache.json changes
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# What Pillow's decoders raise on a broken file, depending on the format and where it breaks
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error,
+                 Image.DecompressionBombError)
+
+# The summary line's wording, in its order; keys are those of scan's counts
+SKIPPED = {
+    "no caption": "without caption",
+    "empty caption": "with an empty caption",
+    "unreadable": "unreadable",
+    "too small": "too small",
+    "non-image": "non-image files",
+    "bad manifest line": f"bad {MANIFEST} lines",
+    "missing image": f"{MANIFEST} entries without an image",
+    "orphan caption": ".txt files without an image",
+}
+CONVERTED = ("grayscale", "palette", "RGBA", "16-bit", "CMYK", "EXIF-rotated")
+
+# ----------------------------------------------------------------------------------------------
+# 1. Reading one image
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_16_bit(im: Image.Image) -> bool:
+    """True for 16 bits per channel. Pillow reads 16-bit RGB(A) PNGs as 8-bit RGB(A) (keeping
+    the high byte, which is a correct rescale), so only the decoder's raw mode, readable before
+    load(), still tells the file's depth."""
+    return im.mode.startswith("I;16") or any(";16" in str(tile.args) for tile in im.tile)
+
+
+def _family(im: Image.Image) -> str | None:
+    """The conversion an image needs to become RGB, as named in the summary line."""
+    if im.mode == "F":
+        raise ValueError("32-bit float pixels (mode F) have no agreed range: save the image as 8 or 16 bit")
+    if im.mode.startswith("I"):
+        return None  # the 16-bit note says it
+    if im.mode in ("1", "L", "LA", "La"):
+        return "grayscale"
+    if im.mode in ("P", "PA"):
+        return "palette"
+    if im.mode in ("RGBA", "RGBa") or (im.mode == "RGB" and "transparency" in im.info):
+        return "RGBA"
+    return None if im.mode == "RGB" else im.mode  # CMYK, YCbCr, LAB, HSV
+
+
+def load_rgb(path) -> tuple[Image.Image, tuple[str, ...]]:
+    """Decode an image file fully into 8-bit RGB; returns (image, notes) where notes names each
+    conversion that happened ("16-bit", "grayscale", "palette", "RGBA", "CMYK", "EXIF-rotated").
+    Raises one of DECODE_ERRORS on a truncated, empty or unreadable file."""
+    with Image.open(path) as im:
+        deep = _is_16_bit(im)
+        im.load()  # decode everything now, so a truncated file fails here and not mid-training
+        notes = ["16-bit"] if deep or im.mode.startswith("I") else []
+        family = _family(im)
+        if family:
+            notes.append(family)
+        # Camera JPEGs store their rotation in EXIF: turn the pixels the way a viewer shows them
+        if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            im = ImageOps.exif_transpose(im)
+            notes.append("EXIF-rotated")
+        if im.mode.startswith("I"):
+            # 16-bit grey (I;16*, or I from older Pillow): 0..65535 -> 0..255 by v/257, so
+            # 65535 -> 255 and 257·k -> k exactly; a plain convert("L") would clip at 255
+            v = np.clip(np.asarray(im, dtype=np.float32), 0, 65535)
+            im = Image.fromarray(np.round(v / 257).astype(np.uint8))
+        if im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in im.info:
+            # Transparent pixels carry arbitrary colours; show them over white, as a viewer does
+            rgba = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return im.convert("RGB"), tuple(notes)
+
+
+def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+    """The centred square of side min(W, H), resized to size × size with Lanczos. Pillow widens
+    the filter by the downscaling factor (it antialiases), and reducing_gap first box-reduces by
+    an integer factor, which keeps large reductions fast and the result nearly exact."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2  # whole pixels: an equal-size crop stays exact
+    # Crop, then resize: resize(box=...) would let the filter read pixels outside the square
+    square = img.crop((left, top, left + side, top + side))
+    return square.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """8-bit RGB image -> (3, H, W) float32 in [−1, 1]."""
+    if img.mode != "RGB":
+        raise ValueError(f"to_tensor expects an RGB image, got mode {img.mode}: use load_rgb first")
+    x = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
+    return x.permute(2, 0, 1).float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Finding images and captions
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str       # the image file
+    rel: str        # its path below the data folder, with "/" (hashed by fingerprint)
+    caption: str
+    width: int      # native size, after EXIF rotation
+    height: int
+    bytes: int      # file size and modification time: a changed file changes the fingerprint
+    mtime_ns: int
+
+    @property
+    def native(self) -> int:
+        return min(self.width, self.height)
+
+
+class Counts(Counter):
+    """What scan found: how many of each outcome (a Counter), and in `.first` the first example
+    of each problem ("sub/metadata.jsonl:4"), so that the summary can point to it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.first = {}
+
+    def note(self, key: str, where: str | None = None):
+        self[key] += 1
+        if where is not None:
+            self.first.setdefault(key, where)
+
+
+def summary_line(counts: Counter) -> str:
+    """One line: images used, then what was skipped and what was converted, e.g.
+    `data: 1234 images, skipped 3 without caption, 2 unreadable (first: a.png: truncated); converted 4 grayscale`."""
+    first = getattr(counts, "first", {})
+    skipped = [f"{counts[k]} {words}" + (f" (first: {first[k]})" if k in first else "")
+               for k, words in SKIPPED.items() if counts[k]]
+    kinds = [k for k in CONVERTED if counts[k]]
+    kinds += sorted(k for k in counts if counts[k] and k not in CONVERTED and k not in SKIPPED and k != "images")
+    line = f"data: {counts['images']} images"
+    if skipped:
+        line += ", skipped " + ", ".join(skipped)
+    if kinds:
+        line += "; converted " + ", ".join(f"{counts[k]} {k}" for k in kinds)
+    return line
+
+
+def _key(path) -> str:
+    """One spelling per file, so that manifest paths and walked paths compare equal."""
+    return os.path.normpath(os.fspath(path))
+
+
+def read_manifest(path: Path, root: Path, counts: Counts) -> dict[str, str]:
+    """{image key: caption} from one metadata.jsonl; bad lines are counted, with the first one's
+    file:line kept for the summary."""
+    captions = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                image = entry.get("image", entry.get("file_name"))
+                text = entry["text"]
+                if not isinstance(image, str) or not isinstance(text, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError, AttributeError):
+                counts.note("bad manifest line", f"{path.relative_to(root).as_posix()}:{lineno}")
+                continue
+            captions[_key(path.parent / image)] = text
+    return captions
+
+
+def read_caption(path: Path) -> str | None:
+    """A .txt caption, or None if it is not valid UTF-8 (a caption guessed from bytes would be
+    trained on as if true)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def scan(root, min_size: int = 1, progress: bool = True) -> tuple[list[Item], Counts]:
+    """Walk `root` recursively and decode every captioned image once; returns (items, counts).
+    Images whose shorter side is below min_size are skipped ("too small"). Raises ValueError if
+    no image can be used, saying what was found."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder: give the folder that holds the images and captions")
+    counts = Counts()
+    images, texts, manifests = [], {}, []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()  # a fixed walk order: the same items in the same order on every machine
+        for name in sorted(files):
+            path = Path(folder) / name
+            ext = path.suffix.lower()
+            if ext in IMAGE_EXTS:
+                images.append(path)
+            elif ext == ".txt":
+                texts[_key(path.with_suffix(""))] = path
+            elif name == MANIFEST:
+                manifests.append(path)
+            else:
+                counts["non-image"] += 1
+    from_manifests = {}
+    for path in manifests:
+        from_manifests.update(read_manifest(path, root, counts))
+
+    image_keys = {_key(p) for p in images}
+    for key in from_manifests.keys() - image_keys:
+        counts.note("missing image", os.path.relpath(key, root))
+    used_texts = {_key(p.with_suffix("")) for p in images}
+    counts["orphan caption"] += sum(1 for k in texts if k not in used_texts)
+
+    items = []
+    for path in tqdm(images, desc="scan", unit="img", disable=not progress):
+        rel = path.relative_to(root).as_posix()
+        caption = from_manifests.get(_key(path))
+        if caption is None and _key(path.with_suffix("")) in texts:
+            caption = read_caption(texts[_key(path.with_suffix(""))])
+        if caption is None:
+            counts.note("no caption", rel)
+            continue
+        if not caption.strip():
+            counts.note("empty caption", rel)
+            continue
+        try:
+            img, notes = load_rgb(path)
+        except DECODE_ERRORS as e:
+            counts.note("unreadable", f"{rel}: {e}")
+            continue
+        if min(img.size) < min_size:
+            counts.note("too small", rel)
+            continue
+        counts.update(notes)
+        counts["images"] += 1
+        stat = path.stat()
+        items.append(Item(str(path), rel, caption.strip(), img.width, img.height, stat.st_size, stat.st_mtime_ns))
+    if not items:
+        raise ValueError(f"no usable image in {root} ({summary_line(counts)}"
+                         + (f"; images need a shorter side of at least {min_size} px" if min_size > 1 else "")
+                         + f"). The folder should hold images ({', '.join(sorted(IMAGE_EXTS))}), each with "
+                         f"a same-named .txt caption (cat.png + cat.txt) or a line in a {MANIFEST} "
+                         '({"image": "cat.png", "text": "a cat"})')
+    return items, counts
+
+
+def fingerprint(items: list[Item]) -> dict:
+    """The data a cache was built from: image count and a hash of (path, size, mtime, caption)."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.rel, it.bytes, it.mtime_ns, it.caption]).encode())
+    return {"count": len(items), "sha256": h.hexdigest()}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Algorithm 1's rule: which stages an image may train
+# ----------------------------------------------------------------------------------------------
+
+
+def stage_size(resolution: int, num_stages: int, k: int) -> int:
+    """Side of stage k (SPEC §1): R / 2^(K−k)."""
+    return resolution // 2 ** (num_stages - k)
+
+
+def max_stage(native: int, resolution: int, num_stages: int) -> int:
+    """The highest stage k whose size R / 2^(K−k) is at most the native (shorter) side; 0 if
+    even stage 1 is larger. [Algorithm 1: a stage uses only images at least its size]"""
+    return max((k for k in range(1, num_stages + 1) if stage_size(resolution, num_stages, k) <= native), default=0)
+
+
+def assign_stages(max_stages: list[int], counts: list[int]) -> list[int]:
+    """A stage per sample of one batch. counts[k−1] samples are wanted at stage k; no sample gets
+    a stage above its max_stage. Stages are filled from the highest down, each from the
+    unassigned samples allowed there in batch order; as every sample allowed at stage k is also
+    allowed below it, this meets every wanted count that any assignment could. Samples left over
+    (the high stages lacked images) go to the highest stage they are allowed."""
+    if any(m < 1 for m in max_stages):
+        raise ValueError(f"every sample needs max_stage >= 1, got {max_stages}: "
+                         "FolderDataset skips images too small for stage 1")
+    stages = [0] * len(max_stages)
+    for k in range(len(counts), 0, -1):
+        allowed = [i for i, m in enumerate(max_stages) if stages[i] == 0 and m >= k]
+        for i in allowed[:counts[k - 1]]:
+            stages[i] = k
+    return [s or min(m, len(counts)) for s, m in zip(stages, max_stages)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Datasets and the resumable sampler
+# ----------------------------------------------------------------------------------------------
+
+
+def mix_seed(*parts) -> int:
+    """A 64-bit seed from integers, e.g. (seed, epoch): unrelated streams for nearby inputs."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def _index_epoch(key) -> tuple[int, int]:
+    """Dataset keys are an index, or (index, epoch) from ResumableSampler(with_epoch=True)."""
+    return (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """The images of a data folder at training size R, each with its caption and max_stage.
+
+    An image whose highest allowed stage m is below K is resized to stage m's size and then
+    repeated 2^(K−m) times along each axis (nearest Up), so that Down^(K−m) of the returned
+    image (2×2 average pooling, SPEC §1) is exactly the image at stage m's size: stages ≤ m see
+    the native pixels downsampled, never an upsampled guess.
+
+    With flip=True, item (index, epoch) is mirrored left-right when a bit of
+    sha256(seed, index, epoch) is set: probability 1/2, a fresh draw each epoch, the same in
+    every worker and on resume. Pass keys (index, epoch) with ResumableSampler(with_epoch=True);
+    a plain index means epoch 0."""
+
+    def __init__(self, root, resolution: int, num_stages: int, flip: bool = False, progress: bool = True,
+                 seed: int = 0):
+        if num_stages < 1 or resolution % 2 ** (num_stages - 1):
+            raise ValueError(f"--resolution {resolution} must be divisible by 2^(stages−1) = "
+                             f"{2 ** (num_stages - 1)} for {num_stages} stages")
+        self.root, self.resolution, self.num_stages = Path(root), resolution, num_stages
+        self.flip, self.seed = flip, seed
+        self.items, self.counts = scan(root, min_size=stage_size(resolution, num_stages, 1), progress=progress)
+        print(summary_line(self.counts))
+        self.max_stages = [max_stage(it.native, resolution, num_stages) for it in self.items]
+
+    def __len__(self):
+        return len(self.items)
+
+    def load(self, index: int, flipped: bool = False) -> dict:
+        item, m = self.items[index], self.max_stages[index]
+        img, _ = load_rgb(item.path)
+        img = center_crop_resize(img, stage_size(self.resolution, self.num_stages, m))
+        if flipped:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = to_tensor(img)  # (3, s, s), s = stage m's size
+        f = 2 ** (self.num_stages - m)
+        x = x.repeat_interleave(f, dim=1).repeat_interleave(f, dim=2)  # (3, R, R), Up^(K−m)
+        return {"image": x, "caption": item.caption, "max_stage": m}
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = _index_epoch(key)
+        return self.load(index, flipped=self.flip and (mix_seed(self.seed, index, epoch) & 1) == 1)
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Endless epochs, each torch.randperm(n) from a generator seeded by (seed, epoch), starting
+    at global sample position `start`: a run resumed at step s with batch size B uses
+    start = s·B and sees exactly the order of a run that never stopped. It has no length; use
+    it with DataLoader(sampler=..., batch_size=B) and stop by step count.
+    with_epoch=True yields (index, epoch) pairs, which FolderDataset uses for its flips."""
+
+    def __init__(self, n: int, seed: int, start: int = 0, with_epoch: bool = False):
+        super().__init__()
+        if n <= 0 or start < 0:
+            raise ValueError(f"ResumableSampler needs n > 0 and start >= 0, got n={n}, start={start}")
+        self.n, self.seed, self.start, self.with_epoch = n, seed, start, with_epoch
+
+    def order(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+        return torch.randperm(self.n, generator=gen).tolist()
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start, self.n)
+        while True:
+            for i in self.order(epoch)[offset:]:
+                yield (i, epoch) if self.with_epoch else i
+            epoch, offset = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The cache: latents and text states in safetensors shards
+# ----------------------------------------------------------------------------------------------
+
+
+def cache_key(text_encoder, autoencoder, dtype: torch.dtype, resolution: int, num_stages: int = 3) -> dict:
+    """Everything the cached tensors depend on; a cache is used only if its key is equal.
+    (num_stages matters too: it decides which images are kept and their max_stage.)"""
+    return {"format": CACHE_FORMAT, "text_encoder": text_encoder.identity(), "vae": autoencoder.identity(),
+            "dtype": str(dtype).removeprefix("torch."), "resolution": resolution, "stages": num_stages}
+
+
+def cache_dtype(cache_dir) -> torch.dtype:
+    """The dtype a finished cache was built in (float32 when there is none yet: CachedDataset then
+    explains what is missing). Training accepts any dtype and reads float32."""
+    meta = Path(cache_dir) / "cache.json"
+    if not meta.is_file():
+        return torch.float32
+    return getattr(torch, json.loads(meta.read_text())["key"]["dtype"])
+
+
+def key_differences(built: dict, wanted: dict) -> list[str]:
+    """One phrase per field that differs between two cache keys."""
+    return [f"cache built with {name} {json.dumps(built.get(name))}, this run uses {json.dumps(wanted.get(name))}"
+            for name in sorted(set(built) | set(wanted), key=str) if built.get(name) != wanted.get(name)]
+
+
+def _device_of(autoencoder) -> torch.device:
+    """Where the autoencoder's inputs belong: its .device, else the device of the first parameter
+    of it or of its .model (a wrapped diffusers module), else the CPU (pixel space)."""
+    if hasattr(autoencoder, "device"):
+        return torch.device(autoencoder.device)
+    for module in (autoencoder, getattr(autoencoder, "model", None)):
+        if isinstance(module, torch.nn.Module):
+            for param in module.parameters():
+                return param.device
+    return torch.device("cpu")
+
+
+def _write_atomic(path: Path, write):
+    """write(tmp) then rename: a killed run leaves a hidden temp file, never a half-written one."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _clear_cache(out: Path):
+    """Remove an earlier cache in `out` (only the files this module writes), cache.json first:
+    until the new cache.json exists, the folder is an incomplete cache that CachedDataset refuses,
+    never old shards mixed with new ones."""
+    (out / "cache.json").unlink(missing_ok=True)
+    for pattern in ("shard-*.safetensors", "uncond.safetensors", ".tmp-*"):
+        for p in out.glob(pattern):
+            p.unlink()
+
+
+@torch.no_grad()
+def build_cache(dataset: FolderDataset, text_encoder, autoencoder, out_dir, dtype=torch.bfloat16,
+                shard_size: int = 1024, batch_size: int = 16, progress: bool = True, num_workers: int = 0) -> dict:
+    """Encode every image (no flips) and caption of `dataset` into out_dir/shard-NNNNN.safetensors
+    (latent (N, C, h, w), txt (N, L, D), pooled (N, P), max_stage (N,)), the empty prompt into
+    uncond.safetensors, and last cache.json {key, count, shards, data}. Returns cache.json's dict."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_cache(out)
+    plain = copy.copy(dataset)
+    plain.flip = False
+    loader = torch.utils.data.DataLoader(plain, batch_size=batch_size, num_workers=num_workers)
+    device = _device_of(autoencoder)
+    shards, buffer = [], []  # buffer: encoded batches not yet in a shard
+
+    def write_shard(rows: dict):
+        name = f"shard-{len(shards):05d}.safetensors"
+        _write_atomic(out / name, lambda tmp: save_file({k: v.contiguous() for k, v in rows.items()}, tmp))
+        shards.append({"file": name, "count": len(rows["max_stage"])})
+
+    bar = tqdm(total=len(dataset), desc="cache", unit="img", disable=not progress)
+    for batch in loader:
+        latent = autoencoder.encode(batch["image"].to(device))  # (B, C, R/f, R/f)
+        txt, pooled = text_encoder.encode(list(batch["caption"]))  # (B, L, D), (B, P)
+        buffer.append({"latent": latent.to("cpu", dtype), "txt": txt.to("cpu", dtype),
+                       "pooled": pooled.to("cpu", dtype), "max_stage": batch["max_stage"].long()})
+        rows = {k: torch.cat([b[k] for b in buffer]) for k in buffer[0]}
+        while len(rows["max_stage"]) >= shard_size:
+            write_shard({k: v[:shard_size] for k, v in rows.items()})
+            rows = {k: v[shard_size:] for k, v in rows.items()}
+        buffer = [rows]
+        bar.update(len(batch["caption"]))
+    bar.close()
+    if buffer and len(buffer[0]["max_stage"]):
+        write_shard(buffer[0])
+
+    # Paper §3.4: caption dropout trains on the empty prompt's embedding (the CFG unconditional)
+    txt, pooled = text_encoder.encode([""])
+    _write_atomic(out / "uncond.safetensors",
+                  lambda tmp: save_file({"txt": txt[0].to("cpu", dtype).contiguous(),
+                                         "pooled": pooled[0].to("cpu", dtype).contiguous()}, tmp))
+    meta = {"key": cache_key(text_encoder, autoencoder, dtype, dataset.resolution, dataset.num_stages),
+            "count": sum(s["count"] for s in shards), "shards": shards, "data": fingerprint(dataset.items)}
+    _write_atomic(out / "cache.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    return meta
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """A finished cache, checked against this run's key, read item by item from its shards
+    (safetensors memory maps: a large cache is never loaded whole). Items are float32 dicts
+    {latent (C, h, w), txt (L, D), pooled (P,), max_stage}; `.uncond` is (txt, pooled) of the
+    empty prompt. With expect_data (a fingerprint) it also refuses a cache of other data."""
+
+    def __init__(self, cache_dir, expect_key: dict, expect_data: dict | None = None):
+        self.dir = Path(cache_dir)
+        command = (f"`python data.py cache DATA_DIR --out {self.dir} --resolution {expect_key.get('resolution')} "
+                   f"--stages {expect_key.get('stages')}` with this run's --vae, --text-encoder and --dtype")
+        if not (self.dir / "cache.json").is_file():
+            raise ValueError(f"{self.dir} holds no finished cache (no cache.json: the caching run did not "
+                             f"finish, or this is not a cache folder): build it with {command}")
+        meta = json.loads((self.dir / "cache.json").read_text())
+        problems = key_differences(meta["key"], expect_key)
+        if expect_data is not None and meta["data"] != expect_data:
+            problems.append(f"cache built from {meta['data']['count']} images, the data folder now has "
+                            f"{expect_data['count']} (or changed files or captions)")
+        if problems:
+            raise ValueError(f"stale cache {self.dir}: " + "; ".join(problems) + f". Rebuild it with {command}")
+        missing = [s["file"] for s in meta["shards"] if not (self.dir / s["file"]).is_file()]
+        if missing or not (self.dir / "uncond.safetensors").is_file():
+            raise ValueError(f"{self.dir} lacks {missing or 'uncond.safetensors'}: rebuild it with {command}")
+        self.meta = meta
+        self.shards = [s["file"] for s in meta["shards"]]
+        self.ends = np.cumsum([s["count"] for s in meta["shards"]]).tolist()  # item index bounds per shard
+        self._open = {}
+
+    def __len__(self):
+        return self.meta["count"]
+
+    def _handle(self, shard: int):
+        # Opened on first use in each process: the handles cannot be pickled into DataLoader workers
+        if shard not in self._open:
+            self._open[shard] = safe_open(self.dir / self.shards[shard], framework="pt")
+        return self._open[shard]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_open": {}}
+
+    def __getitem__(self, key) -> dict:
+        index, _ = _index_epoch(key)
+        if not 0 <= index < len(self):
+            raise IndexError(f"cache item {index} out of range 0..{len(self) - 1}")
+        shard = bisect.bisect_right(self.ends, index)
+        row = index - (self.ends[shard - 1] if shard else 0)
+        h = self._handle(shard)
+        item = {name: h.get_slice(name)[row:row + 1][0].float() for name in ("latent", "txt", "pooled")}
+        item["max_stage"] = int(h.get_slice("max_stage")[row:row + 1][0])
+        return item
+
+    @property
+    def uncond(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with safe_open(self.dir / "uncond.safetensors", framework="pt") as f:
+            return f.get_tensor("txt").float(), f.get_tensor("pooled").float()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_scan(a):
+    min_size = stage_size(a.resolution, a.stages, 1) if a.resolution else 1
+    items, counts = scan(a.data, min_size=min_size)
+    print(summary_line(counts))
+    if a.resolution:
+        per = Counter(max_stage(it.native, a.resolution, a.stages) for it in items)
+        print("highest stage allowed (Algorithm 1): "
+              + ", ".join(f"stage {k} ({stage_size(a.resolution, a.stages, k)} px): {per[k]}"
+                          for k in range(1, a.stages + 1)))
+
+
+def cmd_cache(a):
+    import encoders  # here only: the rest of data.py works without it
+    dataset = FolderDataset(a.data, a.resolution, a.stages)  # scan first: data errors before model loading
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    autoencoder = encoders.load_autoencoder(a.vae, device=device)
+    multiple = autoencoder.factor * 2 * 2 ** (a.stages - 1)  # VAE factor · patch 2 · 2^(K−1), SPEC §1
+    if a.resolution % multiple:
+        lower = a.resolution // multiple * multiple
+        raise ValueError(f"--resolution {a.resolution} is not divisible by vae factor·patch·2^(stages−1) = {multiple}: "
+                         f"use {lower or multiple} or {lower + multiple}")
+    text_encoder = encoders.TextEncoder(a.text_encoder, max_len=a.text_len, device=device,
+                                        pooled_path=a.pooled_encoder, pooled_len=a.pooled_len)
+    meta = build_cache(dataset, text_encoder, autoencoder, a.out, DTYPES[a.dtype], batch_size=a.batch_size,
+                       num_workers=a.workers)
+    print(f"cache: {meta['count']} items in {len(meta['shards'])} shards -> {a.out}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("scan", help="count usable, skipped and converted images")
+    s.add_argument("data", help="data folder")
+    s.add_argument("--resolution", type=int, help="full training size: also skip images too small for stage 1")
+    s.add_argument("--stages", type=int, default=3, help="number of stages K")
+    c = sub.add_parser("cache", help="precompute VAE latents and text states")
+    c.add_argument("data", help="data folder")
+    c.add_argument("--out", required=True, help="cache folder")
+    c.add_argument("--resolution", type=int, required=True, help="full training size (pixels)")
+    c.add_argument("--stages", type=int, default=3, help="number of stages K")
+    c.add_argument("--vae", help="VAE folder (default: none, pixel space)")
+    c.add_argument("--text-encoder", help="text encoder folder (default: encoders.TextEncoder's)")
+    c.add_argument("--pooled-encoder", help="encoder folder of the pooled vector (default: the text encoder)")
+    c.add_argument("--text-len", type=int, default=16, help="text tokens per prompt (paper: 256)")
+    c.add_argument("--pooled-len", type=int, default=77, help="tokens of the pooled encoder (paper: 77)")
+    c.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="stored precision")
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
+    a = ap.parse_args(argv)
+    if (a.resolution is not None and a.resolution <= 0) or a.stages < 1:
+        raise SystemExit("error: --resolution and --stages must be positive")
+    try:
+        cmd_scan(a) if a.command == "scan" else cmd_cache(a)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
