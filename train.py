@@ -20,7 +20,10 @@ import copy
 import json
 import math
 import os
+import pickle
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -83,6 +86,7 @@ class TrainConfig:
     sample_every: int = 300
     ckpt_every: int = 300
     keep: int = 3                         # checkpoints kept
+    max_bad_steps: int = 5                # non-finite loss/gradient steps in a row before stopping
     log_every: int = 10
     bf16: bool | None = None              # bf16 autocast, fp32 master weights (default: on CUDA only;
                                           # on a CPU without AMX bf16 matmuls are slower than fp32)
@@ -101,12 +105,11 @@ def parse_ints(text, what):
         raise SystemExit(f"error: {what} must be integers separated by commas or colons, got {text!r}")
 
 
-def model_config(cfg: TrainConfig, encoder, autoencoder) -> nami.NamiConfig:
-    """The NamiConfig of this run: preset, mode, ablation overrides, the dims of the encoders
+def model_config(cfg: TrainConfig, text_dim: int, pooled_dim: int, channels: int) -> nami.NamiConfig:
+    """The NamiConfig of this run: preset, mode, ablation overrides, the widths of the encoders
     and the latent channels of the autoencoder."""
     base = nami.PRESETS[cfg.size]
-    overrides = dict(joint_attention_dim=encoder.dim, pooled_projection_dim=encoder.pooled_dim,
-                     in_channels=autoencoder.channels)
+    overrides = dict(joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim, in_channels=channels)
     if cfg.window_ratios is not None:
         overrides["window_ratios"] = cfg.window_ratios
     if cfg.cuts is not None:
@@ -119,31 +122,63 @@ def model_config(cfg: TrainConfig, encoder, autoencoder) -> nami.NamiConfig:
     return nami.get_config(cfg.size, **overrides)
 
 
+# Limits far beyond any sensible run: a value past them is a typo, caught before any work starts
+LIMITS = {"batch_size": 1 << 16, "max_steps": 10 ** 9, "text_len": 4096, "pooled_len": 4096, "resolution": 16384,
+          "sample_every": 10 ** 9, "ckpt_every": 10 ** 9, "keep": 1000, "log_every": 10 ** 9, "workers": 256,
+          "bridge_steps": 10 ** 8, "warmup": 10 ** 9, "max_bad_steps": 10 ** 6}
+
+
 def validate(cfg: TrainConfig):
-    """Check every setting before any work starts; raise ValueError saying what to change."""
+    """Check every setting before any work starts (no model or encoder is loaded yet); raise
+    ValueError saying what to change."""
     if cfg.size not in nami.PRESETS:
         raise ValueError(f"unknown preset --size {cfg.size!r}; choose one of {sorted(nami.PRESETS)}")
     if cfg.mode not in ("nami", "flat", "flow-only"):
         raise ValueError(f"--mode must be nami, flat or flow-only, got {cfg.mode!r}")
     if cfg.start not in ("bridge", "pyramid"):
         raise ValueError(f"--start must be bridge or pyramid, got {cfg.start!r}")
-    for name in ("batch_size", "max_steps", "text_len", "sample_every", "ckpt_every", "keep", "log_every"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if not 0 < cfg.lr < 1 or cfg.warmup < 0 or cfg.bridge_steps < 0 or not 0 <= cfg.caption_dropout < 1:
-        raise ValueError("need 0 < --lr < 1, --warmup >= 0, --bridge-steps >= 0, 0 <= --caption-dropout < 1")
-    if not 0 <= cfg.ema_decay < 1:
-        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
-    if cfg.data and cfg.cache:
-        raise ValueError("give --data (images, encoded on the fly) or --cache (precomputed), not both")
+    for name, limit in LIMITS.items():
+        value, least = getattr(cfg, name), 0 if name in ("workers", "bridge_steps", "warmup") else 1
+        if not least <= value <= limit:
+            raise ValueError(f"--{name.replace('_', '-')} must be between {least} and {limit}, got {value}")
+    checks = [(0 < cfg.lr < 1, f"--lr must be in (0, 1), got {cfg.lr}"),
+              (0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
+              (0 <= cfg.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {cfg.caption_dropout}"),
+              (0 < cfg.bridge_lr < 1, f"--bridge-lr must be in (0, 1), got {cfg.bridge_lr}"),
+              (0 <= cfg.weight_decay < 10, f"--weight-decay must be in [0, 10), got {cfg.weight_decay}"),
+              (0 < cfg.grad_clip <= 1e6, f"--grad-clip must be in (0, 1e6], got {cfg.grad_clip}"),
+              (0 < cfg.final_lr_scale <= 1, f"--final-lr-scale must be in (0, 1], got {cfg.final_lr_scale}"),
+              (cfg.stop_after is None or cfg.stop_after > 0, f"--stop-after must be positive, got {cfg.stop_after}"),
+              (not (cfg.data and cfg.cache), "give --data (images, encoded on the fly) or --cache (precomputed), not both"),
+              (not cfg.flip or bool(cfg.data), "--flip applies to --data images only (a cache holds unflipped latents)")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
     for flag, path in (("--data", cfg.data), ("--cache", cfg.cache), ("--vae", cfg.vae),
                        ("--text-encoder", cfg.text_encoder), ("--pooled-encoder", cfg.pooled_encoder)):
         if path is not None and not Path(path).is_dir():
             raise ValueError(f"{flag} {path}: no such folder")
-    if cfg.flip and not cfg.data:
-        raise ValueError("--flip applies to --data images only (a cache holds unflipped latents)")
-    if cfg.workers < 0 or cfg.pooled_len <= 0:
-        raise ValueError("need --workers >= 0 and --pooled-len > 0")
+    # cuts and window ratios must fit the preset (NamiConfig names what is wrong), the stage mix
+    # and the loss weights must have one value per stage
+    mcfg = model_config(cfg, 1, 1, 3)
+    stage_mix_schedule(cfg, mcfg.num_stages)
+    if cfg.vae is None:  # pixel space; with a VAE its factor is known once its config is read
+        nami.check_resolution(cfg.resolution, cfg.resolution, mcfg.size_multiple, "--resolution")
+    if cfg.stage_weights is not None and (len(cfg.stage_weights) != mcfg.num_stages or min(cfg.stage_weights) < 0):
+        raise ValueError(f"--stage-weights needs {mcfg.num_stages} non-negative values, got {cfg.stage_weights}")
+    check_writable(Path(cfg.out))
+
+
+def check_writable(out: Path):
+    """Create the output folder and write a probe file in it, so that a path that cannot be
+    written fails now, with the reason, not after hours of training."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written ({e.strerror or e}): choose another folder")
 
 
 def stage_mix_schedule(cfg: TrainConfig, num_stages: int):
@@ -190,8 +225,20 @@ def learning_rate(cfg: TrainConfig, step: int, schedule) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints (written to a temporary folder, then renamed: never partial)
+# checkpoints: never partial on disk. Each is written into a temporary folder, every file flushed
+# and fsynced, the folder renamed into place (atomic on POSIX) and the parent folder fsynced, so a
+# crash, a kill or a power cut leaves either the complete checkpoint or none.
 # ----------------------------------------------------------------------------------------------
+
+CKPT_FILES = ("weights.safetensors", "config.json", "train_state.pt")
+
+
+def fsync_path(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(out: Path, step, model, ema, bridge, opt, gen, cfg, mcfg, encoder, autoencoder, keep):
@@ -210,16 +257,78 @@ def save_checkpoint(out: Path, step, model, ema, bridge, opt, gen, cfg, mcfg, en
     torch.save({"optimizer": opt.state_dict(), "step": step, "generator": gen.get_state(),
                 "torch_rng": torch.get_rng_state(), "data_position": step * cfg.batch_size},
                tmp / "train_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(out.glob(f"{nami.CKPT_PREFIX}*"))[:-keep]:
+    for name in CKPT_FILES:
+        fsync_path(tmp / name)
+    fsync_path(tmp)
+    if final.exists():  # the same step saved again (e.g. a resumed run stopped at once): swap it
+        old = out / f".old-{final.name}"
         shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_path(out)
+    for stale in sorted(complete_checkpoints(out))[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoint folders holding all their files, oldest first (temporary folders of a save that
+    was interrupted are named .tmp-* and never match)."""
+    return sorted(p for p in out.glob(f"{nami.CKPT_PREFIX}*") if all((p / n).is_file() for n in CKPT_FILES))
+
+
 def latest_checkpoint(out: Path):
-    found = sorted(out.glob(f"{nami.CKPT_PREFIX}*/train_state.pt"))
-    return found[-1].parent if found else None
+    found = complete_checkpoints(out)
+    return found[-1] if found else None
+
+
+def remove_interrupted_saves(out: Path):
+    for tmp in list(out.glob(f".tmp-{nami.CKPT_PREFIX}*")) + list(out.glob(f".old-{nami.CKPT_PREFIX}*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on safely (non-finite steps, a checkpoint that cannot be written)."""
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step, write a final
+    checkpoint and return; a second signal interrupts at once (the previous handlers return)."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self.request)
+
+    def request(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        tqdm.write(f"{self.signal}: stopping after this step with a checkpoint (send it again to stop at once)")
+        self.restore()
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+
+def all_finite(*modules) -> bool:
+    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
+
+
+def truncate_log(path: Path, step: int):
+    """Drop log lines written after the checkpoint a run resumes from (a killed run logged steps
+    that the resumed run repeats), so the log reads as one uninterrupted run."""
+    if path.is_file():
+        def keep(line):
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except json.JSONDecodeError:  # a line cut short by the kill
+                return False
+        path.write_text("".join(l + "\n" for l in path.read_text().splitlines() if keep(l)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,18 +410,20 @@ def main(cfg: TrainConfig) -> dict:
     validate(cfg)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device, cfg.pooled_encoder, cfg.pooled_len)
     autoencoder = load_autoencoder(cfg.vae, device)
-    mcfg = model_config(cfg, encoder, autoencoder)
     f = autoencoder.factor  # pixels per latent cell
-    nami.check_resolution(cfg.resolution, cfg.resolution, f * mcfg.size_multiple, "--resolution")
+    multiple = f * model_config(cfg, 1, 1, 3).size_multiple
+    nami.check_resolution(cfg.resolution, cfg.resolution, multiple, "--resolution")
+    encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device, cfg.pooled_encoder, cfg.pooled_len)
+    mcfg = model_config(cfg, encoder.dim, encoder.pooled_dim, autoencoder.channels)
     schedule = stage_mix_schedule(cfg, mcfg.num_stages)
     K = mcfg.num_stages
     weights = cfg.stage_weights or (1.0,) * K
-    if len(weights) != K:
-        raise ValueError(f"--stage-weights needs {K} values, got {weights}")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    remove_interrupted_saves(out)
+    if not cfg.resume and latest_checkpoint(out) is not None:
+        raise ValueError(f"{out} already holds a run ({latest_checkpoint(out).name}): pass --resume to continue "
+                         "it, or choose another --out (nothing is overwritten)")
 
     # Algorithm 1, line 2: K time windows (corrected starts, SPEC §2) and their τ ranges
     windows = nami.stage_windows(mcfg.window_ratios, mcfg.gamma)
@@ -338,11 +449,16 @@ def main(cfg: TrainConfig) -> dict:
         nami.load_state(ema, parts["ema"], f"{ckpt} (ema)")
         nami.load_state(bridge, parts["bridge"], f"{ckpt} (bridge)")
         bridge.requires_grad_(False)
-        state = torch.load(ckpt / "train_state.pt", weights_only=True)
+        try:  # weights_only: a file crafted to run code when unpickled is refused, not run
+            state = torch.load(ckpt / "train_state.pt", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{ckpt / 'train_state.pt'} holds more than tensors and plain data, so it was "
+                             f"refused (weights_only loading; nothing in it was run): {str(e).splitlines()[0]}")
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
+        truncate_log(out / "log.jsonl", step)
         print(f"resumed from {ckpt} at step {step}")
     elif K > 1:
         # Paper §4.3: pre-train every BridgeFlow map with MSE (lr 1e-3), then freeze it
@@ -365,79 +481,112 @@ def main(cfg: TrainConfig) -> dict:
     log = (out / "log.jsonl").open("a")
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.size}/{cfg.mode}", disable=not cfg.progress)
     all_losses, t_last, seen = [], time.perf_counter(), 0
+    skipped, bad_in_row, stop = 0, 0, StopRequest()
     last = cfg.max_steps if cfg.stop_after is None else min(cfg.stop_after, cfg.max_steps)
-    while step < last:
-        ratios = next(r for a, b, r in schedule if a <= step < b)
-        lr = learning_rate(cfg, step, schedule)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        model.train()
-        # Algorithm 1, line 5: sample a batch of full-size images x'_1 (as latents)
-        x_full, txt, pooled, max_stage = batches.next()
-        # Paper §3.4: drop 10 % of the captions (the empty prompt is the unconditional input)
-        drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout).to(device)
-        txt = torch.where(drop[:, None, None], batches.uncond[0], txt)
-        pooled = torch.where(drop[:, None], batches.uncond[1], pooled)
-        eps_full = torch.randn(x_full.shape, generator=gen).to(device)
-        t_all = nami.logit_normal(cfg.batch_size, gen).to(device)  # SD3 logit-normal t' per sample
-        counts = stage_counts(ratios, cfg.batch_size)
-        if int(max_stage.min()) < K:
-            # Algorithm 1: a stage trains only on images at least its size; order the batch by stage
-            stages = data.assign_stages(max_stage.tolist(), counts)
-            order = sorted(range(cfg.batch_size), key=lambda i: stages[i])
-            x_full, txt, pooled = x_full[order], txt[order], pooled[order]
-            counts = [stages.count(k) for k in range(1, K + 1)]
-        stage_loss, total, first = {}, 0.0, 0
-        for k in range(1, K + 1):  # line 5: for each time window [t_(k−1), t_k] in the batch
-            n = counts[k - 1]
-            if n == 0:
-                continue
-            idx = slice(first, first + n)
-            first += n
-            # line 6: Down(x'_1) until it is at stage k's resolution; the coupled noise likewise
-            x = nami.image_pyramid(x_full[idx], K)[k - 1]
-            eps = nami.noise_pyramid(eps_full[idx], K)[k - 1]
-            # lines 7-13: start point (ε_1, or BridgeFlow(Up(end point of stage k−1))), end point
-            x_s, x_e = nami.stage_points(x, eps, k, windows, bridge, cfg.start)
-            # line 14: Eq. 3, x̂_t = t'·x̂_s + (1 − t')·x̂_e, at τ(k, t') for the model
-            t = t_all[idx]
-            x_t = nami.interpolate(x_s, x_e, t)
-            tau = nami.stage_tau(t, ranges[k - 1])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                v = model(x_t, tau, txt[idx], pooled[idx], stage=None if cfg.mode == "flat" else k)
-            # line 16: Eq. 4, ‖(x̂_s − x̂_e) − v_θk(x̂_t, t')‖²
-            loss_k = nami.flow_loss(v, nami.flow_target(x_s, x_e))
-            stage_loss[k] = loss_k.item()
-            total = total + weights[k - 1] * loss_k  # line 18: weight the windows' losses
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        # EMA of the weights (used for sampling), with DiT-style warm-up of the decay
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-        step += 1
-        seen += cfg.batch_size
-        all_losses.append(total.item())
-        bar.update(1)
-        bar.set_postfix({f"L{k}": f"{l:.3f}" for k, l in stage_loss.items()})
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            now = time.perf_counter()
-            record = {"step": step, "loss": total.item(), **{f"loss_stage{k}": l for k, l in stage_loss.items()},
-                      "lr": lr, "grad_norm": grad_norm.item(), "ratios": list(ratios),
-                      "images_per_s": seen / (now - t_last)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            t_last, seen = now, 0
-        if step % cfg.sample_every == 0 or step == cfg.max_steps:
-            save_samples(out / "samples" / f"step-{step:07d}.png", ema, bridge, encoder, autoencoder,
-                         batches.prompts, cfg)
-        if step % cfg.ckpt_every == 0 or step == last:
-            save_checkpoint(out, step, model, ema, bridge, opt, gen, cfg, mcfg, encoder, autoencoder, cfg.keep)
-    bar.close()
-    log.close()
-    return {"losses": all_losses, "out": out}
+    try:
+        while step < last and not stop.signal:
+            ratios = next(r for a, b, r in schedule if a <= step < b)
+            lr = learning_rate(cfg, step, schedule)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            model.train()
+            # Algorithm 1, line 5: sample a batch of full-size images x'_1 (as latents)
+            x_full, txt, pooled, max_stage = batches.next()
+            # Paper §3.4: drop 10 % of the captions (the empty prompt is the unconditional input)
+            drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout).to(device)
+            txt = torch.where(drop[:, None, None], batches.uncond[0], txt)
+            pooled = torch.where(drop[:, None], batches.uncond[1], pooled)
+            eps_full = torch.randn(x_full.shape, generator=gen).to(device)
+            t_all = nami.logit_normal(cfg.batch_size, gen).to(device)  # SD3 logit-normal t' per sample
+            counts = stage_counts(ratios, cfg.batch_size)
+            if int(max_stage.min()) < K:
+                # Algorithm 1: a stage trains only on images at least its size; order the batch by stage
+                stages = data.assign_stages(max_stage.tolist(), counts)
+                order = sorted(range(cfg.batch_size), key=lambda i: stages[i])
+                x_full, txt, pooled = x_full[order], txt[order], pooled[order]
+                counts = [stages.count(k) for k in range(1, K + 1)]
+            stage_loss, total, first = {}, 0.0, 0
+            for k in range(1, K + 1):  # line 5: for each time window [t_(k−1), t_k] in the batch
+                n = counts[k - 1]
+                if n == 0:
+                    continue
+                idx = slice(first, first + n)
+                first += n
+                # line 6: Down(x'_1) until it is at stage k's resolution; the coupled noise likewise
+                x = nami.image_pyramid(x_full[idx], K)[k - 1]
+                eps = nami.noise_pyramid(eps_full[idx], K)[k - 1]
+                # lines 7-13: start point (ε_1, or BridgeFlow(Up(end point of stage k−1))), end point
+                x_s, x_e = nami.stage_points(x, eps, k, windows, bridge, cfg.start)
+                # line 14: Eq. 3, x̂_t = t'·x̂_s + (1 − t')·x̂_e, at τ(k, t') for the model
+                t = t_all[idx]
+                x_t = nami.interpolate(x_s, x_e, t)
+                tau = nami.stage_tau(t, ranges[k - 1])
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    v = model(x_t, tau, txt[idx], pooled[idx], stage=None if cfg.mode == "flat" else k)
+                # line 16: Eq. 4, ‖(x̂_s − x̂_e) − v_θk(x̂_t, t')‖²
+                loss_k = nami.flow_loss(v, nami.flow_target(x_s, x_e))
+                stage_loss[k] = loss_k.item()
+                total = total + weights[k - 1] * loss_k  # line 18: weight the windows' losses
+            opt.zero_grad(set_to_none=True)
+            bad = next((f"stage {k} loss" for k, l in stage_loss.items() if not math.isfinite(l)), None)
+            if bad is None:
+                total.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if not torch.isfinite(grad_norm):
+                    bad = f"gradient (stages {sorted(stage_loss)})"
+            if bad is not None:
+                # NaN guard: skip the update (weights, optimizer state and EMA stay as they were)
+                skipped, bad_in_row = skipped + 1, bad_in_row + 1
+                opt.zero_grad(set_to_none=True)
+                tqdm.write(f"step {step + 1}: non-finite {bad}, update skipped ({bad_in_row} in a row)")
+                if bad_in_row >= cfg.max_bad_steps:
+                    good = latest_checkpoint(out)
+                    raise TrainingStopped(
+                        f"{bad_in_row} steps in a row with a non-finite loss or gradient, the last at step {step + 1} "
+                        f"({bad}); last good checkpoint: {good or 'none'}. Lower --lr, check the data, then resume "
+                        "with --resume")
+            else:
+                bad_in_row = 0
+                opt.step()
+                # EMA of the weights (used for sampling), with DiT-style warm-up of the decay
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+            step += 1
+            seen += cfg.batch_size
+            all_losses.append(total.item())
+            bar.update(1)
+            bar.set_postfix({f"L{k}": f"{l:.3f}" for k, l in stage_loss.items()})
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                record = {"step": step, "loss": total.item(), **{f"loss_stage{k}": l for k, l in stage_loss.items()},
+                          "lr": lr, "grad_norm": grad_norm.item() if bad is None else None, "ratios": list(ratios),
+                          "skipped_steps": skipped,
+                          "images_per_s": seen / (now - t_last)}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                t_last, seen = now, 0
+            if step % cfg.sample_every == 0 or step == cfg.max_steps:
+                save_samples(out / "samples" / f"step-{step:07d}.png", ema, bridge, encoder, autoencoder,
+                             batches.prompts, cfg)
+            if step % cfg.ckpt_every == 0 or step == last or stop.signal:
+                if not all_finite(model, ema):
+                    raise TrainingStopped(f"non-finite weights at step {step}: no checkpoint written; the last good one "
+                                          f"is {latest_checkpoint(out) or 'none'}")
+                try:
+                    save_checkpoint(out, step, model, ema, bridge, opt, gen, cfg, mcfg, encoder, autoencoder, cfg.keep)
+                except OSError as e:
+                    remove_interrupted_saves(out)
+                    raise TrainingStopped(f"could not write the checkpoint of step {step} to {out} ({e}); the previous "
+                                          f"checkpoint {latest_checkpoint(out) or '(none)'} is intact. Free space or fix "
+                                          "the folder, then run again with --resume")
+    finally:  # also on an error: the handlers go back, the log is closed
+        stop.restore()
+        bar.close()
+        log.close()
+    if stop.signal:
+        print(f"stopped by {stop.signal} at step {step}: checkpoint {latest_checkpoint(out)}; continue with --resume")
+    return {"losses": all_losses, "out": out, "skipped_steps": skipped, "stopped_by": stop.signal}
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -485,6 +634,9 @@ def parse_args(argv=None) -> TrainConfig:
     ap.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids")
     ap.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints")
     ap.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
+    ap.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
+                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast (default off on CPU: slower than fp32 on CPUs without AMX)")
     a = ap.parse_args(argv)
@@ -503,5 +655,5 @@ if __name__ == "__main__":
     config = parse_args()
     try:
         main(config)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError, TrainingStopped) as e:
         raise SystemExit(f"error: {e}")
