@@ -269,9 +269,18 @@ def save_checkpoint(out: Path, step, model, ema, bridge, opt, gen, cfg, mcfg, en
     else:
         os.replace(tmp, final)
     fsync_path(out)
-    for stale in sorted(complete_checkpoints(out))[:-keep]:
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in complete_checkpoints(out)[:-keep]:
+        discard(stale)
     return final
+
+
+def discard(ckpt: Path):
+    """Delete an old checkpoint without ever leaving it half deleted under its own name: rename it
+    first (atomic), then delete (a kill during the delete leaves a .old-* folder, removed later)."""
+    old = ckpt.parent / f".old-{ckpt.name}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(ckpt, old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
