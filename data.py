@@ -5,10 +5,10 @@ A data folder holds images with captions, found recursively, from either source:
   - a metadata.jsonl in any folder, one line per image: {"image": "sub/cat.png", "text": "a cat"}
     (paths relative to that file's folder; "file_name", the Hugging Face key, is read too).
     A manifest line wins over a .txt file for the same image.
-Every image is decoded once by `scan`; missing captions, unreadable or truncated files, images
-too small for stage 1 and files that are not images are skipped, and grayscale, palette, RGBA,
-16-bit and CMYK images are converted to 8-bit RGB (transparency over white). Each case is counted
-in one summary line, never passed over silently.
+Every image is decoded once by `scan`; missing captions or ones that are not UTF-8, unreadable
+or truncated files, images too small for stage 1 and files that are not images are skipped, and
+grayscale, palette, RGBA, 16-bit and CMYK images are converted to 8-bit RGB (transparency over
+white). Each case is counted in one summary line, never passed over silently.
 
 Algorithm 1's rule [paper §3.4]: stage k trains only on images whose native (shorter) side is at
 least the stage's size, downsampled to it. `FolderDataset` returns every image at the full size R
@@ -52,12 +52,14 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.
 SKIPPED = {
     "no caption": "without caption",
     "empty caption": "with an empty caption",
+    "bad caption": "with a caption that is not UTF-8 text or cannot be read",
     "unreadable": "unreadable",
     "too small": "too small",
     "non-image": "non-image files",
     "bad manifest line": f"bad {MANIFEST} lines",
     "missing image": f"{MANIFEST} entries without an image",
     "orphan caption": ".txt files without an image",
+    "duplicate caption": "second .txt captions of one image (a.txt and a.TXT)",
 }
 CONVERTED = ("grayscale", "palette", "RGBA", "16-bit", "CMYK", "EXIF-rotated")
 
@@ -88,6 +90,17 @@ def _family(im: Image.Image) -> str | None:
     return None if im.mode == "RGB" else im.mode  # CMYK, YCbCr, LAB, HSV
 
 
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation: 2-8 rotate or mirror; 1 (upright) when there is none, when its value
+    means nothing, or when the EXIF block is damaged, which a viewer ignores too: the pixels
+    are fine, so the image is used as stored rather than skipped as unreadable."""
+    try:
+        value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except DECODE_ERRORS:  # Pillow's TIFF parser: SyntaxError or struct.error on garbage
+        return 1
+    return value if value in range(2, 9) else 1
+
+
 def load_rgb(path) -> tuple[Image.Image, tuple[str, ...]]:
     """Decode an image file fully into 8-bit RGB; returns (image, notes) where notes names each
     conversion that happened ("16-bit", "grayscale", "palette", "RGBA", "CMYK", "EXIF-rotated").
@@ -100,7 +113,7 @@ def load_rgb(path) -> tuple[Image.Image, tuple[str, ...]]:
         if family:
             notes.append(family)
         # Camera JPEGs store their rotation in EXIF: turn the pixels the way a viewer shows them
-        if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        if _orientation(im) != 1:
             im = ImageOps.exif_transpose(im)
             notes.append("EXIF-rotated")
         if im.mode.startswith("I"):
@@ -192,31 +205,41 @@ def _key(path) -> str:
 
 def read_manifest(path: Path, root: Path, counts: Counts) -> dict[str, str]:
     """{image key: caption} from one metadata.jsonl; bad lines are counted, with the first one's
-    file:line kept for the summary."""
+    file:line kept for the summary. A line that is not UTF-8 is bad, as a .txt caption would be
+    (one guessed from bytes would be trained on as if true); a byte-order mark is allowed."""
     captions = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    where = path.relative_to(root).as_posix()
+    try:
+        f = open(path, "rb")  # bytes: each line is decoded on its own, so one bad line costs one line
+    except OSError as e:
+        counts.note("bad manifest line", f"{where}: {e.strerror or e}")
+        return captions
+    with f:
+        for lineno, raw in enumerate(f, 1):
             try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                if not line.strip():
+                    continue
                 entry = json.loads(line)
                 image = entry.get("image", entry.get("file_name"))
                 text = entry["text"]
                 if not isinstance(image, str) or not isinstance(text, str):
                     raise TypeError
-            except (ValueError, KeyError, TypeError, AttributeError):
-                counts.note("bad manifest line", f"{path.relative_to(root).as_posix()}:{lineno}")
+            # RecursionError: json gives up on deeply nested garbage ([[[[…) that way
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                counts.note("bad manifest line", f"{where}:{lineno}")
                 continue
             captions[_key(path.parent / image)] = text
     return captions
 
 
 def read_caption(path: Path) -> str | None:
-    """A .txt caption, or None if it is not valid UTF-8 (a caption guessed from bytes would be
-    trained on as if true)."""
+    """A .txt caption (a leading byte-order mark, as some Windows editors write, dropped), or None
+    if it is not valid UTF-8 (a caption guessed from bytes would be trained on as if true) or
+    cannot be read (a broken link, no permission)."""
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
+        return path.read_text(encoding="utf-8-sig")
+    except (UnicodeDecodeError, OSError):
         return None
 
 
@@ -228,7 +251,7 @@ def scan(root, min_size: int = 1, progress: bool = True) -> tuple[list[Item], Co
     if not root.is_dir():
         raise ValueError(f"{root} is not a folder: give the folder that holds the images and captions")
     counts = Counts()
-    images, texts, manifests = [], {}, []
+    images, texts, manifests, second_texts = [], {}, [], []
     for folder, dirs, files in os.walk(root):
         dirs.sort()  # a fixed walk order: the same items in the same order on every machine
         for name in sorted(files):
@@ -237,7 +260,11 @@ def scan(root, min_size: int = 1, progress: bool = True) -> tuple[list[Item], Co
             if ext in IMAGE_EXTS:
                 images.append(path)
             elif ext == ".txt":
-                texts[_key(path.with_suffix(""))] = path
+                key = _key(path.with_suffix(""))
+                if key in texts:  # a.TXT beside a.txt: the first in sorted order is the caption
+                    second_texts.append(path)
+                else:
+                    texts[key] = path
             elif name == MANIFEST:
                 manifests.append(path)
             else:
@@ -251,6 +278,11 @@ def scan(root, min_size: int = 1, progress: bool = True) -> tuple[list[Item], Co
         counts.note("missing image", os.path.relpath(key, root))
     used_texts = {_key(p.with_suffix("")) for p in images}
     counts["orphan caption"] += sum(1 for k in texts if k not in used_texts)
+    for path in second_texts:
+        if _key(path.with_suffix("")) in used_texts:
+            counts.note("duplicate caption", path.relative_to(root).as_posix())
+        else:
+            counts["orphan caption"] += 1
 
     items = []
     for path in tqdm(images, desc="scan", unit="img", disable=not progress):
@@ -258,6 +290,9 @@ def scan(root, min_size: int = 1, progress: bool = True) -> tuple[list[Item], Co
         caption = from_manifests.get(_key(path))
         if caption is None and _key(path.with_suffix("")) in texts:
             caption = read_caption(texts[_key(path.with_suffix(""))])
+            if caption is None:
+                counts.note("bad caption", texts[_key(path.with_suffix(""))].relative_to(root).as_posix())
+                continue
         if caption is None:
             counts.note("no caption", rel)
             continue

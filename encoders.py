@@ -67,6 +67,29 @@ def load_transformers_encoder(path, dtype, device):
     return tokenizer, model.to(device).eval().requires_grad_(False)
 
 
+def check_prompt(prompt, what: str = "prompt"):
+    """Refuse, saying why, a prompt the tokenizers cannot take: anything but a str, or a str with
+    lone surrogates, which is what Python makes of command-line bytes that are not UTF-8 (the
+    tokenizers then fail with a TypeError that names no prompt). Everything else is accepted:
+    any script, emoji, control characters, the empty prompt, any length (truncated)."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"{what} must be a str, got {type(prompt).__name__}: {prompt!r:.80}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid text: character {e.start} is {prompt[e.start]!r}, a byte that is "
+                         f"not UTF-8 ({prompt[:80]!r}): pass the prompt as UTF-8") from None
+
+
+def check_positions(model, length: int, path, what: str):
+    """An encoder with learnt positions (BERT, CLIP) has max_position_embeddings of them; asking
+    for more tokens would fail deep inside it. T5's relative positions have no such limit."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        raise ValueError(f"{what} = {length}, but the encoder at {path} has {limit} positions: "
+                         f"use {limit} tokens or fewer")
+
+
 class TextEncoder:
     """Frozen text encoder(s): encode(prompts) -> txt (B, max_len, dim), pooled (B, pooled_dim),
     both float32. Results are cached per prompt (captions repeat in the built-in data).
@@ -84,10 +107,12 @@ class TextEncoder:
         self.path = str(path or default_text_encoder_path())
         self.tokenizer, self.model = load_transformers_encoder(self.path, dtype, device)
         self.dim = self.model.config.hidden_size
+        check_positions(self.model, max_len, self.path, "max_len (--text-len)")
         self.pooled_path = str(pooled_path) if pooled_path else None
         if self.pooled_path:
             self.pooled_tokenizer, self.pooled_model = load_transformers_encoder(self.pooled_path, dtype, device)
             self.pooled_dim = self.pooled_model.config.hidden_size
+            check_positions(self.pooled_model, pooled_len, self.pooled_path, "pooled_len (--pooled-len)")
         else:
             self.pooled_dim = self.dim
         self.max_len, self.pooled_len, self.pad, self.device = max_len, pooled_len, pad, device
@@ -130,7 +155,10 @@ class TextEncoder:
     def encode(self, prompts):
         new = sorted({p for p in prompts if p not in self.cache})
         for p in new:
-            n_tokens = len(self.tokenizer(p)["input_ids"])
+            check_prompt(p)
+            # verbose=False: transformers' own warning here ("will result in indexing errors")
+            # does not apply, the prompt is truncated below and we say so
+            n_tokens = len(self.tokenizer(p, verbose=False)["input_ids"])
             if n_tokens > self.max_len:
                 warnings.warn(f"prompt has {n_tokens} tokens; truncated to {self.max_len}: {p[:80]!r}…")
         for i in range(0, len(new), 64):

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from safetensors import SafetensorError
 
 import nami
 import shapes
 from bridgeflow import BridgeFlow
-from encoders import TextEncoder, load_autoencoder
+from encoders import TextEncoder, check_prompt, load_autoencoder
 
 
 def load_model(ckpt, use_ema=True, text_encoder=None, pooled_encoder=None, vae=None, size=None, device="cpu"):
@@ -34,6 +37,10 @@ def load_model(ckpt, use_ema=True, text_encoder=None, pooled_encoder=None, vae=N
     newest below a folder). The encoders and VAE are the ones the checkpoint records, or local
     copies given by the flags; a copy with another architecture or width is refused."""
     folder, config, parts = nami.load_checkpoint(ckpt)
+    for part in ("ema" if use_ema else "model", "bridge"):
+        if part not in parts:  # else a KeyError from deep in here
+            raise ValueError(f"{folder}/weights.safetensors holds no {part}.* tensors (only {sorted(parts)}): "
+                             "the checkpoint is incomplete; use another one (--ckpt)")
     mcfg = nami.NamiConfig.from_dict(config["model"])
     preset = config["train"]["size"]
     if size is not None and size != preset:
@@ -90,16 +97,26 @@ def read_state_dict(path: Path) -> dict:
     file crafted to run code is refused, not executed); DDP/FSDP wrappers are unwrapped."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}): download or copy it again")
     try:
         try:  # memory-mapped: a 2B state dict is not read into memory twice
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds more than tensors and was refused (weights_only loading): {str(e)[:200]}")
+        raise ValueError(f"{path} was refused: weights_only loading reads tensors and plain data only, and this "
+                         f"file holds something else or is not a PyTorch file ({nami.unpickling_refusal(e)}); "
+                         "nothing in it was run")
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:  # cut short, empty, not a torch file
+        raise ValueError(f"{path} is not a readable PyTorch file ({type(e).__name__}: {str(e)[:120]}): "
+                         "download or copy it again")
     while isinstance(sd, dict) and len(sd) == 1 and next(iter(sd)) in ("module", "state_dict", "model"):
         sd = next(iter(sd.values()))
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict of named tensors")
     return sd
 
 
@@ -161,12 +178,127 @@ def load_released(weights, device="cpu"):
     return model, bridge, encoder, autoencoder, info
 
 
+# Bounds of the command line, far past any sensible use: a value beyond them is a typo, refused
+# before anything is loaded rather than ending in an out-of-memory error or a huge file
+MAX_IMAGES, MAX_STEPS, MAX_CFG = 256, 1000, 50.0
+MAX_SIDE = 8192        # pixels per side of a generated image (8 times the paper's 1024)
+MAX_PNG_SIDE = 16384   # pixels per side of one image after --upscale
+MAX_SEED = 2 ** 63     # seeds are non-negative 64-bit integers, as torch.Generator takes them
+
+
 def parse_res(text):
     try:
         w, h = (int(v) for v in text.lower().split("x"))
-        return w, h
     except ValueError:
         raise ValueError(f"--res must look like WxH, e.g. 32x32, got {text!r}")
+    if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE):
+        raise ValueError(f"--res {text}: each side must be between 1 and {MAX_SIDE} pixels")
+    return w, h
+
+
+def parse_steps(text):
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--steps must be integers separated by commas, e.g. 10,10,10, got {text!r}")
+    if min(steps) < 1 or max(steps) > MAX_STEPS:
+        raise ValueError(f"--steps {text}: each stage needs between 1 and {MAX_STEPS} Euler steps")
+    return steps
+
+
+def check_out(out: str) -> Path:
+    """--out must be a .png file name in a folder that exists or can be made, and can be written:
+    checked (and the folder made) before sampling, so that a run never ends without its picture."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder: give a file name, e.g. {path / 'sample.png'}")
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: sample.py writes PNG (prompt and settings go in its text chunks); "
+                         "give a file name ending in .png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):  # a folder can exist and still refuse writes
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in {path.parent} ({e.strerror or e}): choose another folder")
+    return path
+
+
+def check_flags(a):
+    """Every check that needs no checkpoint, done before anything is read or loaded."""
+    if a.weights and a.ckpt:
+        raise ValueError("give --weights (the released folder) or --ckpt (our checkpoint), not both")
+    if a.weights:
+        for flag, value in (("--text-encoder", a.text_encoder), ("--pooled-encoder", a.pooled_encoder),
+                            ("--vae", a.vae), ("--size", a.size), ("--no-ema", a.no_ema)):
+            if value:  # silently ignoring it would sample with something the user did not ask for
+                raise ValueError(f"{flag} applies to --ckpt checkpoints; --weights uses the encoders, VAE and "
+                                 "weights inside its folder")
+    if not 1 <= a.n <= MAX_IMAGES:
+        raise ValueError(f"-n must be between 1 and {MAX_IMAGES}, got {a.n}")
+    if a.cfg is not None and not 0 <= a.cfg <= MAX_CFG:  # NaN fails this too
+        raise ValueError(f"--cfg must be between 0 and {MAX_CFG:g} (1 = no guidance), got {a.cfg}")
+    if not 0 <= a.seed <= MAX_SEED - a.n:
+        raise ValueError(f"--seed must be between 0 and 2**63 − n (image i uses seed + i), got {a.seed}")
+    if a.upscale is not None and not 1 <= a.upscale <= MAX_PNG_SIDE:
+        raise ValueError(f"--upscale must be a whole zoom factor from 1 to {MAX_PNG_SIDE}, got {a.upscale}")
+    check_prompt(a.prompt, "the prompt")
+    check_prompt(a.negative, "--negative")
+    if a.steps is not None:
+        parse_steps(a.steps)
+    if a.res:
+        parse_res(a.res)
+
+
+def read_plan(a) -> dict:
+    """What sampling needs to know before any weights are read, from the config files alone:
+    the checkpoint folder (resolved once, so that a checkpoint written meanwhile is not picked
+    up halfway), the number of stages K, the multiple each side of --res must be, and the
+    defaults of --res, --steps and --cfg."""
+    if a.weights:
+        root = Path(a.weights)
+        try:  # the release is K = 3 with 2x2 patches; the VAE sets the pixels per latent cell
+            vae = json.loads((root / "vae" / "config.json").read_text())
+            factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        except (OSError, ValueError, KeyError, TypeError):
+            factor = None  # load_released explains what is missing or wrong
+        return {"folder": root, "K": 3, "multiple": factor and factor * 2 * 2 ** 2, "resolution": RELEASE_RES,
+                "steps": RELEASE_STEPS, "cfg": RELEASE_CFG}
+    folder = nami.find_checkpoint(a.ckpt)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        mcfg = nami.NamiConfig.from_dict(config["model"])
+        factor = (config.get("vae") or {}).get("factor") or 1  # no VAE: pixel space
+        resolution = config["resolution"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder}/config.json is missing or damaged ({type(e).__name__}: {e}): "
+                         "use another checkpoint (--ckpt) or train one with `python train.py`")
+    K = mcfg.num_stages
+    return {"folder": folder, "K": K, "multiple": factor * mcfg.size_multiple, "resolution": (resolution,) * 2,
+            "steps": [10] * K, "cfg": 3.0}
+
+
+def png_info(fields: dict) -> PngInfo:
+    r"""PNG text chunks recording how a picture was made: one iTXt chunk (UTF-8) per field, so
+    that any prompt is kept as typed, in any script, with emoji and control characters (tEXt
+    holds Latin-1 only). The PNG specification allows no NUL in a text chunk, and readers in C
+    stop at one, so a NUL is written as U+2400 "␀", the symbol for it: a prompt that had NULs
+    comes back with value.replace("\u2400", "\0")."""
+    meta = PngInfo()
+    for key, value in fields.items():
+        meta.add_itxt(key, str(value).replace("\0", "\u2400"))
+    return meta
+
+
+def save_png(picture: Image.Image, out: Path, meta: PngInfo):
+    """Write to a temporary file beside `out`, then rename it: an earlier picture at `out` is
+    replaced by a complete new one or kept, never left half-written."""
+    tmp = out.with_name(f".tmp-{out.name}")
+    try:
+        picture.save(tmp, format="PNG", pnginfo=meta)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv=None):
@@ -188,32 +320,40 @@ def main(argv=None):
     ap.add_argument("--text-encoder", help="local text encoder folder (default: the one the checkpoint names)")
     ap.add_argument("--pooled-encoder", help="local pooled (CLIP-style) encoder folder (default: the checkpoint's)")
     ap.add_argument("--vae", help="local diffusers AutoencoderKL folder (default: the checkpoint's)")
-    ap.add_argument("--size", help="expected preset; an error if the checkpoint holds another")
+    ap.add_argument("--size", choices=sorted(nami.PRESETS),
+                    help="expected preset; an error if the checkpoint holds another")
     ap.add_argument("--upscale", type=int, default=None, help="nearest-neighbour zoom of the PNG (default: to ≥256 px)")
     a = ap.parse_args(argv)
     try:
-        if a.n < 1 or a.n > 256:
-            raise ValueError(f"-n must be between 1 and 256, got {a.n}")
-        if a.cfg is not None and not 0 <= a.cfg <= 50:
-            raise ValueError(f"--cfg must be between 0 and 50, got {a.cfg}")
-        if a.weights and a.ckpt:
-            raise ValueError("give --weights (the released folder) or --ckpt (our checkpoint), not both")
+        # 1. the flags alone, 2. against the checkpoint's config files, 3. only then load weights
+        check_flags(a)
+        out_png = check_out(a.out)
+        plan = read_plan(a)
+        K = plan["K"]
+        steps = plan["steps"] if a.steps is None else parse_steps(a.steps)
+        if len(steps) != K:
+            raise ValueError(f"--steps needs {K} counts between 1 and {MAX_STEPS} (one per stage), got {a.steps}")
+        guidance = plan["cfg"] if a.cfg is None else a.cfg
+        w, h = parse_res(a.res) if a.res else plan["resolution"]
+        if plan["multiple"]:
+            nami.check_resolution(h, w, plan["multiple"], "--res")
+        zoom = a.upscale or max(1, -(-256 // max(w, h)))
+        if zoom * max(w, h) > MAX_PNG_SIDE:
+            raise ValueError(f"--upscale {zoom} makes {w * zoom}x{h * zoom} pixels per image, more than "
+                             f"{MAX_PNG_SIDE} per side: use --upscale {max(1, MAX_PNG_SIDE // max(w, h))} or less")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if a.weights:
             model, bridge, encoder, autoencoder, info = load_released(a.weights, device)
         else:
             model, bridge, encoder, autoencoder, info = load_model(
-                a.ckpt, not a.no_ema, a.text_encoder, a.pooled_encoder, a.vae, a.size, device)
-        K = model.cfg.num_stages
-        steps = info["steps"] if a.steps is None else parse_steps(a.steps)
-        if len(steps) != K or min(steps) < 1 or max(steps) > 1000:
-            raise ValueError(f"--steps needs {K} counts between 1 and 1000 (one per stage), got {a.steps}")
-        guidance = info["cfg"] if a.cfg is None else a.cfg
-        w, h = parse_res(a.res) if a.res else info["resolution"]
+                plan["folder"], not a.no_ema, a.text_encoder, a.pooled_encoder, a.vae, a.size, device)
         f = autoencoder.factor
         nami.check_resolution(h, w, f * model.cfg.size_multiple, "--res")
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}")
+    except SafetensorError as e:  # nami.load_checkpoint's weights.safetensors, cut short or overwritten
+        raise SystemExit(f"error: {plan['folder']}: a .safetensors file there is damaged ({e}): use another "
+                         "checkpoint (--ckpt) or copy it again")
 
     seeds = list(range(a.seed, a.seed + a.n))
     marks = [time.perf_counter()]
@@ -232,23 +372,12 @@ def main(argv=None):
         row = [shapes.to_image(out[i]).resize((w, h), Image.NEAREST) for out in decoded]
         images.append(shapes.grid(row, ncols=len(row), pad=1) if len(row) > 1 else row[0])
     picture = shapes.grid(images, ncols=min(a.n, 8 if a.show_stages else 4)) if a.n > 1 else images[0]
-    zoom = a.upscale or max(1, -(-256 // max(w, h)))
     picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST)
-    meta = PngInfo()
-    for key, value in {"prompt": a.prompt, "negative": a.negative, "seed": a.seed, "n": a.n, "steps": steps,
-                       "cfg": guidance, "sampler": "flat" if a.flat else "nami", "resolution": f"{w}x{h}",
-                       "checkpoint": info["folder"], "ema": not a.no_ema}.items():
-        meta.add_text(key, str(value))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    picture.save(a.out, pnginfo=meta)
-    print(f"wrote {a.out}")
-
-
-def parse_steps(text):
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--steps must be integers separated by commas, e.g. 10,10,10, got {text!r}")
+    meta = png_info({"prompt": a.prompt, "negative": a.negative, "seed": a.seed, "n": a.n, "steps": steps,
+                     "cfg": guidance, "sampler": "flat" if a.flat else "nami", "resolution": f"{w}x{h}",
+                     "checkpoint": info["folder"], "ema": not a.no_ema})
+    save_png(picture, out_png, meta)
+    print(f"wrote {out_png}")
 
 
 if __name__ == "__main__":

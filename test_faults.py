@@ -22,29 +22,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import encoders
 import nami
 import train
+from conftest import tiny_encoder
 
 ROOT = Path(__file__).parent
 RUN = dict(size="tiny", resolution=16, batch_size=8, warmup=2, bridge_steps=5, text_len=16, sample_every=10 ** 6)
 
 
-def tiny_encoder(folder: Path) -> str:
-    """A tiny BERT with the default tokenizer, saved to a local folder (fast to load)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-    if not (folder / "config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(str(encoders.default_text_encoder_path()), local_files_only=True)
-        tok.save_pretrained(folder)
-        torch.manual_seed(0)
-        BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             intermediate_size=64)).save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    return tiny_encoder(tmp_path_factory.mktemp("encoder"))
+def encoder(encoder_dir):
+    return encoder_dir
 
 
 def config(out, encoder, **kw) -> train.TrainConfig:

@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -293,7 +292,7 @@ def test_cfg_with_guidance_one_equals_the_conditional_velocity():
 # ---------------------------------------------------------------------------------------------
 
 def test_bridgeflow_gradient_training_matches_closed_form():
-    K, windows = 3, nami.stage_windows()
+    windows = nami.stage_windows()
     g = torch.Generator().manual_seed(7)
     x = shapes.batch(0, 0, 64, 16)[0]
     eps = torch.randn(x.shape, generator=g)
@@ -346,19 +345,6 @@ def test_shapes_world_is_deterministic_complete_and_keeps_heldout_pairs_out():
 # ---------------------------------------------------------------------------------------------
 # training, resume, sampling CLI (tiny model, tiny local text encoder)
 # ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def encoder_dir(tmp_path_factory):
-    """A tiny BERT saved to a local folder: exercises the --text-encoder PATH loading path."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-    folder = tmp_path_factory.mktemp("tiny_encoder")
-    tok = AutoTokenizer.from_pretrained(str(encoders.default_text_encoder_path()), local_files_only=True)
-    tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(folder)
-    return str(folder)
-
 
 def tiny_run(out, encoder_dir, **kw):
     base = dict(size="tiny", resolution=16, batch_size=8, max_steps=6, warmup=2, bridge_steps=5, text_len=16,
