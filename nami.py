@@ -14,12 +14,14 @@ Latents are unpacked (B, C, H, W); the model packs 2×2 patches only inside its 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # 1. Configuration and presets
@@ -489,6 +491,7 @@ class Nami(nn.Module):
         self.norm_out = AdaNorm(D, 2)  # chunks are (scale, shift), unlike the blocks
         self.proj_out = nn.Linear(D, cfg.in_channels * p * p)
         self._pe_cache: dict = {}
+        self.checkpointing = False  # activation checkpointing per block while training (train.py flag)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -517,6 +520,13 @@ class Nami(nn.Module):
             self._pe_cache[key] = rope(ids, self.cfg.axes_dim, self.cfg.theta)
         return self._pe_cache[key]
 
+    def run_block(self, block, *args):
+        """A block, or with checkpointing on (and gradients needed) the block recomputed in
+        backward instead of keeping its activations: the same result for less memory."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def forward(self, x, tau, txt, pooled, stage: int | None = None):
         """x (B, C, H, W) at the stage's size, tau (B,) in [0, 1], txt (B, L, joint_attention_dim),
         pooled (B, pooled_projection_dim) -> velocity (B, C, H, W)."""
@@ -534,10 +544,10 @@ class Nami(nn.Module):
         pe = self.positions(txt.shape[1], h, w, x.device)
         n_double, n_single = self.blocks_run(stage)
         for block in self.transformer_blocks[:n_double]:
-            img, txt = block(img, txt, vec_act, pe)
+            img, txt = self.run_block(block, img, txt, vec_act, pe)
         tokens = torch.cat([txt, img], dim=1)
         for block in self.single_transformer_blocks[:n_single]:
-            tokens = block(tokens, vec_act, pe)
+            tokens = self.run_block(block, tokens, vec_act, pe)
         img = tokens[:, txt.shape[1]:]
         scale, shift = self.norm_out(vec_act)
         img = self.proj_out(modulate(img, shift, scale))      # (B, h·w, C·p·p)
@@ -701,9 +711,21 @@ def load_checkpoint(path):
     config = json.loads((folder / "config.json").read_text())
     parts: dict[str, dict] = {}
     for key, value in load_file(folder / "weights.safetensors").items():
+        if "." not in key:
+            raise ValueError(f"{folder}/weights.safetensors holds a tensor {key!r} outside the model./ema./bridge. "
+                             "parts: not a checkpoint of train.py")
         part, name = key.split(".", 1)
         parts.setdefault(part, {})[name] = value
     return folder, config, parts
+
+
+def unpickling_refusal(e: Exception) -> str:
+    """What torch's weights_only error says the file holds ("Unsupported global: GLOBAL exec was
+    not an allowed global by default"), without the rest of it: terminal escape codes, and the
+    advice to load the file with weights_only=False, which is what a crafted file wants."""
+    reason = str(e).split("WeightsUnpickler error:")[-1]
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", reason).strip().split(". ")[0].split("\n")[0]
+    return reason[:300]
 
 
 def load_state(module: nn.Module, state_dict: dict, what: str, assign: bool = False):

@@ -29,11 +29,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
 import nami
+import parallel
 import shapes
 from bridgeflow import BridgeFlow, pretrain
 from encoders import TextEncoder, load_autoencoder
@@ -90,6 +92,11 @@ class TrainConfig:
     log_every: int = 10
     bf16: bool | None = None              # bf16 autocast, fp32 master weights (default: on CUDA only;
                                           # on a CPU without AMX bf16 matmuls are slower than fp32)
+    parallel: str | None = None           # ddp | fsdp under torchrun (default: fsdp for 0.6b/2b, else ddp)
+    micro_batch: int | None = None        # samples per rank per forward; batch_size = micro · ranks ·
+                                          # accumulation steps (default: batch_size / ranks, no accumulation)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30 % more time
+    compile: bool = False                 # torch.compile each block (one graph per stage resolution)
     progress: bool = True
 
 
@@ -149,8 +156,12 @@ def validate(cfg: TrainConfig):
               (0 < cfg.grad_clip <= 1e6, f"--grad-clip must be in (0, 1e6], got {cfg.grad_clip}"),
               (0 < cfg.final_lr_scale <= 1, f"--final-lr-scale must be in (0, 1], got {cfg.final_lr_scale}"),
               (cfg.stop_after is None or cfg.stop_after > 0, f"--stop-after must be positive, got {cfg.stop_after}"),
+              (0 <= cfg.seed < 2 ** 63, f"--seed must be between 0 and 2^63 − 1, got {cfg.seed}"),
               (not (cfg.data and cfg.cache), "give --data (images, encoded on the fly) or --cache (precomputed), not both"),
-              (not cfg.flip or bool(cfg.data), "--flip applies to --data images only (a cache holds unflipped latents)")]
+              (not cfg.flip or bool(cfg.data), "--flip applies to --data images only (a cache holds unflipped latents)"),
+              (cfg.parallel in (None, "ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {cfg.parallel}"),
+              (cfg.micro_batch is None or 1 <= cfg.micro_batch <= cfg.batch_size,
+               f"--micro-batch must be between 1 and --batch-size {cfg.batch_size}, got {cfg.micro_batch}")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -187,7 +198,11 @@ def stage_mix_schedule(cfg: TrainConfig, num_stages: int):
         return [(0, cfg.max_steps, (1,))]
     phases = [parse_ints(p, "--stage-mix") for p in cfg.stage_mix.split(",")] if "," in cfg.stage_mix and ":" in cfg.stage_mix \
         else [parse_ints(cfg.stage_mix, "--stage-mix")]
-    fracs = [float(f) for f in cfg.mix_fractions.split(",")] if len(phases) > 1 else [1.0]
+    try:
+        fracs = [float(f) for f in cfg.mix_fractions.split(",")] if len(phases) > 1 else [1.0]
+    except ValueError:
+        raise ValueError(f"--mix-fractions must be numbers separated by commas, e.g. 0.48,0.32,0.2, "
+                         f"got {cfg.mix_fractions!r}")
     if len(fracs) != len(phases) or any(len(p) != num_stages for p in phases) or any(min(p) < 0 or sum(p) == 0 for p in phases):
         raise ValueError(f"--stage-mix {cfg.stage_mix!r} with --mix-fractions {cfg.mix_fractions!r} must give "
                          f"one fraction per phase and {num_stages} non-negative ratios per phase")
@@ -241,25 +256,65 @@ def fsync_path(path: Path):
         os.close(fd)
 
 
-def save_checkpoint(out: Path, step, model, ema, bridge, opt, gen, cfg, mcfg, encoder, autoencoder, keep):
+def fsync_tree(folder: Path):
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
+        fsync_path(path)
+    fsync_path(folder)
+
+
+def save_checkpoint(out: Path, step, model, ema, bridge, opt, gen, cfg, mcfg, encoder, autoencoder, dist_,
+                    sharded: bool):
+    """Write ckpt-<step>/: weights.safetensors (full model, EMA and BridgeFlow, which sample.py reads
+    on one device), config.json, train_state.pt (step, RNG, data position; the optimizer too unless
+    sharded) and, for FSDP2, dcp/ (model, EMA and optimizer shards written by every rank with
+    torch.distributed.checkpoint). Collective: every rank calls it; the main rank writes the files."""
     final = out / f"{nami.CKPT_PREFIX}{step:07d}"
     tmp = out / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    if dist_.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    parallel.barrier()
+    if sharded:
+        parallel.save_sharded(tmp / "dcp", model, ema, opt)
+    model_sd = parallel.full_state_dict(model) if sharded else model.state_dict()
+    ema_sd = parallel.full_state_dict(ema) if sharded else ema.state_dict()
+    error = None
+    if dist_.main:
+        try:
+            write_checkpoint_files(tmp, final, step, model_sd, ema_sd, bridge, None if sharded else opt, gen, cfg,
+                                   mcfg, encoder, autoencoder)
+        except OSError as e:
+            error = f"{e}"
+    error = parallel.broadcast_object(error)
+    if error is not None:
+        if dist_.main:
+            remove_interrupted_saves(out)
+        raise TrainingStopped(f"could not write the checkpoint of step {step} to {out} ({error}); the previous "
+                              f"checkpoint {latest_checkpoint(out) or '(none)'} is intact. Free space or fix "
+                              "the folder, then run again with --resume")
+    if dist_.main:
+        for stale in complete_checkpoints(out)[:-cfg.keep]:
+            discard(stale)
+    parallel.barrier()
+    return final
+
+
+def write_checkpoint_files(tmp, final, step, model_sd, ema_sd, bridge, opt, gen, cfg, mcfg, encoder, autoencoder):
+    tensors = {f"model.{k}": v for k, v in model_sd.items()}
+    tensors.update({f"ema.{k}": v for k, v in ema_sd.items()})
     tensors.update({f"bridge.{k}": v for k, v in bridge.state_dict().items()})
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / "weights.safetensors")
     config = {"model": mcfg.to_dict(), "train": asdict(cfg), "step": step,
               "text_encoder": encoder.identity(), "vae": autoencoder.identity(),
               "resolution": cfg.resolution, "channels": mcfg.in_channels, "mode": cfg.mode}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    torch.save({"optimizer": opt.state_dict(), "step": step, "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "data_position": step * cfg.batch_size},
-               tmp / "train_state.pt")
-    for name in CKPT_FILES:
-        fsync_path(tmp / name)
-    fsync_path(tmp)
+    state = {"step": step, "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+             "data_position": step * cfg.batch_size}
+    if opt is not None:
+        state["optimizer"] = opt.state_dict()
+    torch.save(state, tmp / "train_state.pt")
+    fsync_tree(tmp)
+    out = final.parent
     if final.exists():  # the same step saved again (e.g. a resumed run stopped at once): swap it
         old = out / f".old-{final.name}"
         shutil.rmtree(old, ignore_errors=True)
@@ -269,9 +324,6 @@ def save_checkpoint(out: Path, step, model, ema, bridge, opt, gen, cfg, mcfg, en
     else:
         os.replace(tmp, final)
     fsync_path(out)
-    for stale in complete_checkpoints(out)[:-keep]:
-        discard(stale)
-    return final
 
 
 def discard(ckpt: Path):
@@ -325,7 +377,7 @@ class StopRequest:
 
 
 def all_finite(*modules) -> bool:
-    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
+    return all(bool(torch.isfinite(parallel.local(p)).all()) for m in modules for p in m.parameters())
 
 
 def truncate_log(path: Path, step: int):
@@ -345,28 +397,42 @@ def truncate_log(path: Path, step: int):
 # ----------------------------------------------------------------------------------------------
 
 
-def data_batch(cfg: TrainConfig, position: int, n: int):
-    """n images (n, 3, R, R) in [−1, 1] and captions of the built-in data, from sample `position`."""
-    images, samples = shapes.batch(cfg.seed, position, n, cfg.resolution)
+def data_batch(cfg: TrainConfig, positions):
+    """Images (n, 3, R, R) in [−1, 1] and captions of the built-in data at the given positions."""
+    samples = [shapes.make_sample(cfg.seed, p) for p in positions]
+    images = torch.stack([shapes.to_tensor(shapes.render(s, cfg.resolution)) for s in samples])
     return images, [s.caption for s in samples]
 
 
+def micro_batches(batch_size: int, micro: int, world: int, rank: int) -> list[list[int]]:
+    """Which samples of a global batch this rank computes, one list per accumulation step: sample i
+    of the batch belongs to micro-batch i mod R (R = ranks · accumulation steps, strided so that
+    every micro-batch draws from the whole batch), and rank r computes micro-batches r, r+W, …"""
+    R = batch_size // micro
+    return [list(range(j * world + rank, batch_size, R)) for j in range(R // world)]
+
+
 class Batches:
-    """Training batches as latents at the full training size, from the built-in shapes data, an
-    image folder (--data, encoded on the fly) or a cache (--cache, encoded once by data.py).
+    """Training micro-batches as latents at the full training size, from the built-in shapes data,
+    an image folder (--data, encoded on the fly) or a cache (--cache, encoded once by data.py).
 
-    next() -> x (B, C, H, W), txt (B, L, D), pooled (B, P), max_stage (B,): the highest stage
-    each image may train at (Algorithm 1: only images at least as large as the stage).
-    `start` is the sample position, so a resumed run continues the same data order; `stream`
-    separates independent streams (BridgeFlow pre-training draws its own)."""
+    next() -> x (n, C, H, W), txt (n, L, D), pooled (n, P), max_stage (n,) — the highest stage
+    each image may train at (Algorithm 1: only images at least as large as the stage) — and the
+    global sample positions (which seed each sample's noise). Each call returns this rank's next
+    micro-batch (see micro_batches); one global batch per step, the same global batches whatever
+    the number of ranks. `start_step` makes a resumed run continue the same data order; `stream`
+    separates independent streams (BridgeFlow pre-training draws its own, unsplit)."""
 
-    def __init__(self, cfg: TrainConfig, encoder, autoencoder, num_stages, device, start=0, stream=0):
+    def __init__(self, cfg: TrainConfig, encoder, autoencoder, num_stages, device, start_step=0, stream=0,
+                 slots=None):
         self.cfg, self.encoder, self.autoencoder, self.K, self.device = cfg, encoder, autoencoder, num_stages, device
-        self.position = start + stream * 10_000_000
+        B = cfg.batch_size
+        self.slots = slots or [list(range(B))]
+        self.step, self.offset = start_step, stream * 10_000_000
+        self.queue: list = []
         self.prompts = SAMPLE_PROMPTS
         self.loader = None
         if cfg.data or cfg.cache:
-            import data
             if cfg.cache:
                 key = data.cache_key(encoder, autoencoder, data.cache_dtype(cfg.cache), cfg.resolution, num_stages)
                 dataset = data.CachedDataset(cfg.cache, key)
@@ -375,39 +441,109 @@ class Batches:
                 dataset = data.FolderDataset(cfg.data, cfg.resolution, num_stages, flip=cfg.flip,
                                              progress=cfg.progress, seed=cfg.seed)
                 self.prompts = [dataset.items[i].caption for i in range(min(8, len(dataset)))]
-            sampler = data.ResumableSampler(len(dataset), cfg.seed + stream, start, with_epoch=cfg.flip)
+            order = iter(data.ResumableSampler(len(dataset), cfg.seed + stream, start_step * B, with_epoch=cfg.flip))
+
+            def this_ranks_keys():  # the global order, B keys per step, cut into this rank's micro-batches
+                while True:
+                    keys = [next(order) for _ in range(B)]
+                    for slot in self.slots:
+                        yield from (keys[i] for i in slot)
             self.loader = iter(torch.utils.data.DataLoader(
-                dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                dataset, batch_size=len(self.slots[0]), sampler=this_ranks_keys(), num_workers=cfg.workers,
                 pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
         if not cfg.cache:
             self.uncond = tuple(u.to(device) for u in encoder.encode([""]))
 
     def next(self, text: bool = True):
         """text=False skips encoding the captions (BridgeFlow pre-training needs images only)."""
-        n = self.cfg.batch_size
+        if not self.queue:
+            self.queue = [[self.offset + self.step * self.cfg.batch_size + i for i in slot] for slot in self.slots]
+            self.step += 1
+        positions = self.queue.pop(0)
         if self.loader is None:     # built-in data: rendered at the full size, every stage allowed
-            images, captions = data_batch(self.cfg, self.position, n)
-            self.position += n
-            max_stage = torch.full((n,), self.K)
+            images, captions = data_batch(self.cfg, positions)
+            max_stage = torch.full((len(positions),), self.K)
         else:
             batch = next(self.loader)
             max_stage = batch["max_stage"]
             if self.cfg.cache:
                 x = batch["latent"].to(self.device)
-                return x, batch["txt"].to(self.device), batch["pooled"].to(self.device), max_stage
+                return x, batch["txt"].to(self.device), batch["pooled"].to(self.device), max_stage, positions
             images, captions = batch["image"], batch["caption"]
         x = self.autoencoder.encode(images.to(self.device))
         if not text:
-            return x, None, None, max_stage
+            return x, None, None, max_stage, positions
         txt, pooled = self.encoder.encode(list(captions))
-        return x, txt.to(self.device), pooled.to(self.device), max_stage
+        return x, txt.to(self.device), pooled.to(self.device), max_stage, positions
 
 
-def save_samples(path: Path, ema, bridge, encoder, autoencoder, prompts, cfg: TrainConfig):
+def sample_randomness(cfg: TrainConfig, positions, shape, device):
+    """Per sample, from a generator seeded by (seed, position): the caption-dropout coin, ε_K at
+    full size and t' ~ logit-normal (SD3). A sample draws the same numbers on whichever rank and
+    in whichever micro-batch it lands, so a run on N ranks repeats the one-process run."""
+    drop, eps, t = [], [], []
+    for p in positions:
+        g = torch.Generator().manual_seed(data.mix_seed(cfg.seed, "noise", p))
+        drop.append(bool(torch.rand((), generator=g) < cfg.caption_dropout))
+        eps.append(torch.randn(shape, generator=g))
+        t.append(nami.logit_normal(1, g))
+    return torch.tensor(drop, device=device), torch.stack(eps).to(device), torch.cat(t).to(device)
+
+
+class FlowLoss(nn.Module):
+    """Algorithm 1, lines 6-18, on one micro-batch ordered by stage (counts[k−1] samples at stage
+    k). Returns the weighted loss scaled so that summing it over micro-batches and averaging the
+    gradients over ranks (what DDP and FSDP2 do) gives the gradient of Eq. 4 on the whole global
+    batch (totals[k−1] samples at stage k), and the per-stage sums of the sample losses (for the
+    log). One module, so that DDP sees one forward per backward. every_stage (FSDP2) runs a stage
+    this micro-batch lacks on one sample with weight 0: all ranks then run the same blocks."""
+
+    def __init__(self, model, bridge, windows, ranges, weights, cfg: TrainConfig, autocast: bool, world: int,
+                 every_stage: bool):
+        super().__init__()
+        self.model, self.bridge = model, bridge
+        self.windows, self.ranges, self.weights = windows, ranges, weights
+        self.flat, self.start, self.autocast = cfg.mode == "flat", cfg.start, autocast
+        self.world, self.every_stage = world, every_stage
+
+    def forward(self, x_full, txt, pooled, eps_full, t_all, counts, totals):
+        K = len(self.windows)
+        loss, sums, first = 0.0, [], 0
+        for k in range(1, K + 1):  # line 5: for each time window [t_(k−1), t_k] in the batch
+            n = counts[k - 1]
+            if totals[k - 1] == 0 or (n == 0 and not self.every_stage):
+                sums.append(torch.zeros((), device=x_full.device))
+                continue
+            idx = slice(first, first + n) if n else slice(0, 1)
+            first += n
+            # line 6: Down(x'_1) until it is at stage k's resolution; the coupled noise likewise
+            x = nami.image_pyramid(x_full[idx], K)[k - 1]
+            eps = nami.noise_pyramid(eps_full[idx], K)[k - 1]
+            # lines 7-13: start point (ε_1, or BridgeFlow(Up(end point of stage k−1))), end point
+            x_s, x_e = nami.stage_points(x, eps, k, self.windows, self.bridge, self.start)
+            # line 14: Eq. 3, x̂_t = t'·x̂_s + (1 − t')·x̂_e, at τ(k, t') for the model
+            t = t_all[idx]
+            x_t = nami.interpolate(x_s, x_e, t)
+            tau = nami.stage_tau(t, self.ranges[k - 1])
+            with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                v = self.model(x_t, tau, txt[idx], pooled[idx], stage=None if self.flat else k)
+            # line 16: Eq. 4, ‖(x̂_s − x̂_e) − v_θk(x̂_t, t')‖², as a sum over this micro-batch's samples
+            stage_sum = nami.flow_loss(v, nami.flow_target(x_s, x_e)) * n
+            sums.append(stage_sum.detach())
+            # line 18: weight the windows' losses; the mean over stage k's samples of the global batch
+            loss = loss + self.weights[k - 1] * stage_sum / totals[k - 1]
+        return loss * self.world, torch.stack(sums)
+
+
+def save_samples(path: Path, ema, bridge, encoder, autoencoder, prompts, cfg: TrainConfig, write: bool = True):
+    """A grid of the EMA model's samples of fixed prompts and seeds. Every rank samples (FSDP2
+    shards the EMA too, so its forward is collective); only the main rank writes."""
     ema.eval()
     f = autoencoder.factor
     x = nami.generate(ema, encoder, prompts, range(len(prompts)), cfg.resolution // f, cfg.resolution // f,
                       [10] * ema.cfg.num_stages, guidance=3.0, bridge=bridge)[-1]
+    if not write:
+        return
     size = max(64, cfg.resolution)
     images = [shapes.to_image(im).resize((size, size), 0) for im in autoencoder.decode(x)]  # 0 = nearest
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -415,10 +551,18 @@ def save_samples(path: Path, ema, bridge, encoder, autoencoder, prompts, cfg: Tr
 
 
 def main(cfg: TrainConfig) -> dict:
-    """Run BridgeFlow pre-training and Algorithm 1; returns {"losses": [...], "out": folder}."""
+    """Run BridgeFlow pre-training and Algorithm 1; returns {"losses": [...], "out": folder, ...}.
+    Under torchrun every rank calls it; only the main rank logs, samples to disk and prints."""
     validate(cfg)
+    dist_ = parallel.init_distributed()
+    device, world = dist_.device, dist_.world
+    micro = cfg.micro_batch or cfg.batch_size // world
+    if cfg.batch_size % (micro * world):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {micro} × {world} ranks")
+    accumulation = cfg.batch_size // (micro * world)
+    strategy = cfg.parallel or parallel.default_strategy(cfg.size)
+    sharded = strategy == "fsdp" and dist_.active
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autoencoder = load_autoencoder(cfg.vae, device)
     f = autoencoder.factor  # pixels per latent cell
     multiple = f * model_config(cfg, 1, 1, 3).size_multiple
@@ -429,10 +573,12 @@ def main(cfg: TrainConfig) -> dict:
     K = mcfg.num_stages
     weights = cfg.stage_weights or (1.0,) * K
     out = Path(cfg.out)
-    remove_interrupted_saves(out)
+    if dist_.main:
+        remove_interrupted_saves(out)
     if not cfg.resume and latest_checkpoint(out) is not None:
         raise ValueError(f"{out} already holds a run ({latest_checkpoint(out).name}): pass --resume to continue "
                          "it, or choose another --out (nothing is overwritten)")
+    autocast = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
 
     # Algorithm 1, line 2: K time windows (corrected starts, SPEC §2) and their τ ranges
     windows = nami.stage_windows(mcfg.window_ratios, mcfg.gamma)
@@ -441,113 +587,101 @@ def main(cfg: TrainConfig) -> dict:
     # Algorithm 1, line 3: θ_k = m_1 ⊕ … ⊕ m_k, one model whose stage k stops at cut point c_k
     model = nami.Nami(mcfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
+    model.checkpointing = cfg.activation_checkpointing
+    if cfg.compile:
+        parallel.compile_blocks(model)
+    if sharded:  # FSDP2: bf16 compute, fp32 master weights and gradient reduction
+        parallel.shard_model(model, bf16=autocast)
+        parallel.shard_model(ema, bf16=autocast)
     bridge = BridgeFlow(mcfg.in_channels, [(s, s) for s in sizes]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # BridgeFlow pre-training's noise
     step = 0
 
     ckpt = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
+    if cfg.resume and ckpt is None and dist_.main:
         print(f"--resume: no checkpoint in {out}/, starting from scratch")
     if ckpt is not None:
-        _, saved, parts = nami.load_checkpoint(ckpt)
-        if saved["model"] != mcfg.to_dict():
-            raise ValueError(f"{ckpt} was trained with model config {saved['model']}, not {mcfg.to_dict()}: "
-                             "use the same --size/--mode/--cuts/--window-ratios, or another --out")
-        nami.load_state(model, parts["model"], f"{ckpt} (model)")
-        nami.load_state(ema, parts["ema"], f"{ckpt} (ema)")
-        nami.load_state(bridge, parts["bridge"], f"{ckpt} (bridge)")
-        bridge.requires_grad_(False)
-        try:  # weights_only: a file crafted to run code when unpickled is refused, not run
-            state = torch.load(ckpt / "train_state.pt", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{ckpt / 'train_state.pt'} holds more than tensors and plain data, so it was "
-                             f"refused (weights_only loading; nothing in it was run): {str(e).splitlines()[0]}")
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
-        truncate_log(out / "log.jsonl", step)
-        print(f"resumed from {ckpt} at step {step}")
+        step = load_for_resume(ckpt, mcfg, model, ema, bridge, opt, gen, sharded)
+        if dist_.main:
+            truncate_log(out / "log.jsonl", step)
+            print(f"resumed from {ckpt} at step {step}")
     elif K > 1:
-        # Paper §4.3: pre-train every BridgeFlow map with MSE (lr 1e-3), then freeze it
+        # Paper §4.3: pre-train every BridgeFlow map with MSE (lr 1e-3), then freeze it. Every rank
+        # trains the same map on the same data; rank 0's copy is then broadcast.
         bridge_data = Batches(cfg, encoder, autoencoder, K, device, stream=1)
 
         def bridge_batch(i):
             x = bridge_data.next(text=False)[0]
             return x, torch.randn(x.shape, generator=gen).to(device)
-        bar = tqdm(total=cfg.bridge_steps, desc="BridgeFlow", disable=not cfg.progress, leave=False)
+        bar = tqdm(total=cfg.bridge_steps, desc="BridgeFlow", disable=not (cfg.progress and dist_.main), leave=False)
         losses = pretrain(bridge, bridge_batch, windows, cfg.bridge_steps, cfg.bridge_lr,
                           progress=lambda i, l: (bar.update(1), bar.set_postfix(mse=f"{sum(l):.4f}")))
         bar.close()
-        print(f"BridgeFlow pre-trained: W = {[round(w, 3) for w in bridge.scale.tolist()]}, MSE per jump = "
-              f"{[round(l, 4) for l in losses]}")
+        parallel.broadcast_module(bridge)
+        if dist_.main:
+            print(f"BridgeFlow pre-trained: W = {[round(w, 3) for w in bridge.scale.tolist()]}, MSE per jump = "
+                  f"{[round(l, 4) for l in losses]}")
     else:
         bridge.requires_grad_(False)
 
-    autocast = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
-    batches = Batches(cfg, encoder, autoencoder, K, device, start=step * cfg.batch_size)
-    log = (out / "log.jsonl").open("a")
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.size}/{cfg.mode}", disable=not cfg.progress)
+    loss_module = FlowLoss(model, bridge, windows, ranges, weights, cfg, autocast and not sharded, world, sharded)
+    step_loss = parallel.wrap_ddp(loss_module, device) if dist_.active and not sharded else loss_module
+    batches = Batches(cfg, encoder, autoencoder, K, device, start_step=step,
+                      slots=micro_batches(cfg.batch_size, micro, world, dist_.rank))
+    log = (out / "log.jsonl").open("a") if dist_.main else None
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.size}/{cfg.mode}",
+               disable=not (cfg.progress and dist_.main))
     all_losses, t_last, seen = [], time.perf_counter(), 0
     skipped, bad_in_row, stop = 0, 0, StopRequest()
     last = cfg.max_steps if cfg.stop_after is None else min(cfg.stop_after, cfg.max_steps)
     try:
-        while step < last and not stop.signal:
+        while step < last:
             ratios = next(r for a, b, r in schedule if a <= step < b)
             lr = learning_rate(cfg, step, schedule)
             for group in opt.param_groups:
                 group["lr"] = lr
             model.train()
-            # Algorithm 1, line 5: sample a batch of full-size images x'_1 (as latents)
-            x_full, txt, pooled, max_stage = batches.next()
-            # Paper §3.4: drop 10 % of the captions (the empty prompt is the unconditional input)
-            drop = (torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout).to(device)
-            txt = torch.where(drop[:, None, None], batches.uncond[0], txt)
-            pooled = torch.where(drop[:, None], batches.uncond[1], pooled)
-            eps_full = torch.randn(x_full.shape, generator=gen).to(device)
-            t_all = nami.logit_normal(cfg.batch_size, gen).to(device)  # SD3 logit-normal t' per sample
-            counts = stage_counts(ratios, cfg.batch_size)
-            if int(max_stage.min()) < K:
-                # Algorithm 1: a stage trains only on images at least its size; order the batch by stage
-                stages = data.assign_stages(max_stage.tolist(), counts)
-                order = sorted(range(cfg.batch_size), key=lambda i: stages[i])
-                x_full, txt, pooled = x_full[order], txt[order], pooled[order]
-                counts = [stages.count(k) for k in range(1, K + 1)]
-            stage_loss, total, first = {}, 0.0, 0
-            for k in range(1, K + 1):  # line 5: for each time window [t_(k−1), t_k] in the batch
-                n = counts[k - 1]
-                if n == 0:
-                    continue
-                idx = slice(first, first + n)
-                first += n
-                # line 6: Down(x'_1) until it is at stage k's resolution; the coupled noise likewise
-                x = nami.image_pyramid(x_full[idx], K)[k - 1]
-                eps = nami.noise_pyramid(eps_full[idx], K)[k - 1]
-                # lines 7-13: start point (ε_1, or BridgeFlow(Up(end point of stage k−1))), end point
-                x_s, x_e = nami.stage_points(x, eps, k, windows, bridge, cfg.start)
-                # line 14: Eq. 3, x̂_t = t'·x̂_s + (1 − t')·x̂_e, at τ(k, t') for the model
-                t = t_all[idx]
-                x_t = nami.interpolate(x_s, x_e, t)
-                tau = nami.stage_tau(t, ranges[k - 1])
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    v = model(x_t, tau, txt[idx], pooled[idx], stage=None if cfg.mode == "flat" else k)
-                # line 16: Eq. 4, ‖(x̂_s − x̂_e) − v_θk(x̂_t, t')‖²
-                loss_k = nami.flow_loss(v, nami.flow_target(x_s, x_e))
-                stage_loss[k] = loss_k.item()
-                total = total + weights[k - 1] * loss_k  # line 18: weight the windows' losses
+            # Algorithm 1, line 5: sample a batch of full-size images x'_1 (as latents): this rank's
+            # micro-batches of the global batch, each with its samples' noise, t' and caption dropout
+            work, counted = [], torch.zeros(K)
+            for _ in range(accumulation):
+                x_full, txt, pooled, max_stage, positions = batches.next()
+                drop, eps_full, t_all = sample_randomness(cfg, positions, x_full.shape[1:], device)
+                # Paper §3.4: drop 10 % of the captions (the empty prompt is the unconditional input)
+                txt = torch.where(drop[:, None, None], batches.uncond[0], txt)
+                pooled = torch.where(drop[:, None], batches.uncond[1], pooled)
+                counts = stage_counts(ratios, len(positions))
+                stages = [k for k in range(1, K + 1) for _ in range(counts[k - 1])]
+                if int(max_stage.min()) < K:
+                    # Algorithm 1: a stage trains only on images at least its size
+                    stages = data.assign_stages(max_stage.tolist(), counts)
+                    counts = [stages.count(k) for k in range(1, K + 1)]
+                order = sorted(range(len(positions)), key=lambda i: stages[i])  # the batch by stage
+                work.append((x_full[order], txt[order], pooled[order], eps_full[order], t_all[order], counts))
+                counted += torch.tensor(counts, dtype=torch.float)
+            totals = parallel.all_sum(counted).tolist()  # samples per stage in the global batch
             opt.zero_grad(set_to_none=True)
+            sums = torch.zeros(K, device=device)
+            for j, (x_full, txt, pooled, eps_full, t_all, counts) in enumerate(work):
+                parallel.set_gradient_sync(step_loss, model, j == len(work) - 1)
+                loss, stage_sums = step_loss(x_full, txt, pooled, eps_full, t_all, counts, totals)
+                loss.backward()
+                sums += stage_sums
+            sums = parallel.all_sum(sums).cpu()
+            stage_loss = {k: sums[k - 1].item() / totals[k - 1] for k in range(1, K + 1) if totals[k - 1] > 0}
+            total = sum(weights[k - 1] * l for k, l in stage_loss.items())
             bad = next((f"stage {k} loss" for k, l in stage_loss.items() if not math.isfinite(l)), None)
             if bad is None:
-                total.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                grad_norm = parallel.full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
                 if not torch.isfinite(grad_norm):
                     bad = f"gradient (stages {sorted(stage_loss)})"
             if bad is not None:
                 # NaN guard: skip the update (weights, optimizer state and EMA stay as they were)
                 skipped, bad_in_row = skipped + 1, bad_in_row + 1
                 opt.zero_grad(set_to_none=True)
-                tqdm.write(f"step {step + 1}: non-finite {bad}, update skipped ({bad_in_row} in a row)")
+                if dist_.main:
+                    tqdm.write(f"step {step + 1}: non-finite {bad}, update skipped ({bad_in_row} in a row)")
                 if bad_in_row >= cfg.max_bad_steps:
                     good = latest_checkpoint(out)
                     raise TrainingStopped(
@@ -557,45 +691,74 @@ def main(cfg: TrainConfig) -> dict:
             else:
                 bad_in_row = 0
                 opt.step()
-                # EMA of the weights (used for sampling), with DiT-style warm-up of the decay
+                # EMA of the weights (used for sampling), with DiT-style warm-up of the decay; on
+                # each rank's shards under FSDP2
                 decay = min(cfg.ema_decay, (1 + step) / (10 + step))
                 with torch.no_grad():
-                    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+                    torch._foreach_lerp_([parallel.local(p) for p in ema.parameters()],
+                                         [parallel.local(p) for p in model.parameters()], 1 - decay)
             step += 1
             seen += cfg.batch_size
-            all_losses.append(total.item())
+            all_losses.append(total)
             bar.update(1)
             bar.set_postfix({f"L{k}": f"{l:.3f}" for k, l in stage_loss.items()})
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if dist_.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 now = time.perf_counter()
-                record = {"step": step, "loss": total.item(), **{f"loss_stage{k}": l for k, l in stage_loss.items()},
+                record = {"step": step, "loss": total, **{f"loss_stage{k}": l for k, l in stage_loss.items()},
                           "lr": lr, "grad_norm": grad_norm.item() if bad is None else None, "ratios": list(ratios),
-                          "skipped_steps": skipped,
-                          "images_per_s": seen / (now - t_last)}
+                          "skipped_steps": skipped, "images_per_s": seen / (now - t_last)}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 t_last, seen = now, 0
             if step % cfg.sample_every == 0 or step == cfg.max_steps:
                 save_samples(out / "samples" / f"step-{step:07d}.png", ema, bridge, encoder, autoencoder,
-                             batches.prompts, cfg)
-            if step % cfg.ckpt_every == 0 or step == last or stop.signal:
-                if not all_finite(model, ema):
-                    raise TrainingStopped(f"non-finite weights at step {step}: no checkpoint written; the last good one "
-                                          f"is {latest_checkpoint(out) or 'none'}")
-                try:
-                    save_checkpoint(out, step, model, ema, bridge, opt, gen, cfg, mcfg, encoder, autoencoder, cfg.keep)
-                except OSError as e:
-                    remove_interrupted_saves(out)
-                    raise TrainingStopped(f"could not write the checkpoint of step {step} to {out} ({e}); the previous "
-                                          f"checkpoint {latest_checkpoint(out) or '(none)'} is intact. Free space or fix "
-                                          "the folder, then run again with --resume")
+                             batches.prompts, cfg, write=dist_.main)
+            stopping = parallel.all_sum(torch.tensor(float(stop.signal is not None))).item() > 0  # all ranks agree
+            if step % cfg.ckpt_every == 0 or step == last or stopping:
+                if parallel.all_sum(torch.tensor(float(not all_finite(model, ema)))).item() > 0:
+                    raise TrainingStopped(f"non-finite weights at step {step}: no checkpoint written; the last good "
+                                          f"one is {latest_checkpoint(out) or 'none'}")
+                save_checkpoint(out, step, model, ema, bridge, opt, gen, cfg, mcfg, encoder, autoencoder, dist_,
+                                sharded)
+            if stopping:
+                break
     finally:  # also on an error: the handlers go back, the log is closed
         stop.restore()
         bar.close()
-        log.close()
-    if stop.signal:
+        if log is not None:
+            log.close()
+    if stop.signal and dist_.main:
         print(f"stopped by {stop.signal} at step {step}: checkpoint {latest_checkpoint(out)}; continue with --resume")
     return {"losses": all_losses, "out": out, "skipped_steps": skipped, "stopped_by": stop.signal}
+
+
+def load_for_resume(ckpt: Path, mcfg, model, ema, bridge, opt, gen, sharded: bool) -> int:
+    """Restore model, EMA, BridgeFlow, optimizer and RNG from a checkpoint; returns its step. A dcp/
+    folder (FSDP2 runs) loads on any number of ranks, sharded or not; otherwise the full weights."""
+    _, saved, parts = nami.load_checkpoint(ckpt)
+    if saved["model"] != mcfg.to_dict():
+        raise ValueError(f"{ckpt} was trained with model config {saved['model']}, not {mcfg.to_dict()}: "
+                         "use the same --size/--mode/--cuts/--window-ratios, or another --out")
+    nami.load_state(bridge, parts["bridge"], f"{ckpt} (bridge)")
+    bridge.requires_grad_(False)
+    try:  # weights_only: a file crafted to run code when unpickled is refused, not run
+        state = torch.load(ckpt / "train_state.pt", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{ckpt / 'train_state.pt'} holds more than tensors and plain data, so it was "
+                         f"refused (weights_only loading; nothing in it was run): {nami.unpickling_refusal(e)}")
+    if (ckpt / "dcp").is_dir():
+        parallel.load_sharded(ckpt / "dcp", model, ema, opt)
+    elif sharded:
+        parallel.load_full(model, parts["model"])
+        parallel.load_full(ema, parts["ema"])
+        print(f"{ckpt} holds unsharded weights: loaded into FSDP2; the optimizer state starts afresh")
+    else:
+        nami.load_state(model, parts["model"], f"{ckpt} (model)")
+        nami.load_state(ema, parts["ema"], f"{ckpt} (ema)")
+        opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"]
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -643,9 +806,17 @@ def parse_args(argv=None) -> TrainConfig:
     ap.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids")
     ap.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints")
     ap.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
+    ap.add_argument("--log-every", type=int, default=d.log_every, help="steps between log.jsonl lines")
     ap.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
                     help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    ap.add_argument("--parallel", choices=("ddp", "fsdp"),
+                    help="under torchrun: DDP or FSDP2 (default: fsdp for 0.6b and 2b, ddp for the small presets)")
+    ap.add_argument("--micro-batch", type=int, help="samples per rank per forward; gradient accumulation makes up "
+                    "the rest of --batch-size (default: batch-size / ranks)")
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="recompute each block's activations in backward (less memory, more time)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast (default off on CPU: slower than fp32 on CPUs without AMX)")
     a = ap.parse_args(argv)
@@ -653,7 +824,10 @@ def parse_args(argv=None) -> TrainConfig:
     kw = {k: v for k, v in vars(a).items() if k in names and v is not None}
     kw["cuts"] = parse_ints(a.cuts, "--cuts") if a.cuts else None
     kw["window_ratios"] = parse_ints(a.window_ratios, "--window-ratios") if a.window_ratios else None
-    kw["stage_weights"] = tuple(float(w) for w in a.stage_weights.split(",")) if a.stage_weights else None
+    try:
+        kw["stage_weights"] = tuple(float(w) for w in a.stage_weights.split(",")) if a.stage_weights else None
+    except ValueError:
+        raise SystemExit(f"error: --stage-weights must be numbers separated by commas, e.g. 1,1,1, got {a.stage_weights!r}")
     if a.out is None:
         name = Path(a.data or a.cache).resolve().name if (a.data or a.cache) else "shapes"
         kw["out"] = f"runs/{name}-{a.size}" + ("" if a.mode == "nami" else f"-{a.mode}")
@@ -666,3 +840,5 @@ if __name__ == "__main__":
         main(config)
     except (ValueError, FileNotFoundError, ImportError, TrainingStopped) as e:
         raise SystemExit(f"error: {e}")
+    finally:
+        parallel.shutdown()

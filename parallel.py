@@ -1,0 +1,189 @@
+"""Scale-out for train.py with PyTorch's own engine: torchrun's environment, DDP or FSDP2,
+activation checkpointing, torch.compile, and sharded checkpoints with torch.distributed.checkpoint.
+
+    torchrun --nproc_per_node 8 train.py --size 2b ...            # one node, FSDP2 (the default for 0.6b/2b)
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv-endpoint HOST:29500 train.py --size 2b ...
+    torchrun --nproc_per_node 2 train.py --size small --parallel ddp   # DDP (default for the small presets)
+
+Without torchrun (no RANK in the environment) everything here is a no-op: one process, no
+process group, the plain model.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class Dist:
+    """Where this process sits: rank, world size, local rank and its device."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1 or dist.is_initialized()
+
+
+def init_distributed() -> Dist:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group (NCCL on GPUs,
+    gloo on CPUs); without them, a single process on the best device."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, local, device)
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def default_strategy(preset: str) -> str:
+    """FSDP2 where the model is too large to replicate comfortably, DDP for the small presets."""
+    return "fsdp" if preset in ("0.6b", "2b") else "ddp"
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over all ranks (itself when there is one process)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def broadcast_module(module: nn.Module, src: int = 0):
+    """Rank src's parameters and buffers on every rank (BridgeFlow after its pre-training)."""
+    if dist.is_initialized():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrapping: DDP replicates the whole loss module; FSDP2 shards each transformer block, then the root
+# ----------------------------------------------------------------------------------------------
+
+
+def shard_model(model: nn.Module, bf16: bool):
+    """FSDP2: fully_shard every double and single block, then the root (embedders and head), with
+    bf16 compute and fp32 gradient reduction when bf16 is on (master weights stay fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    # Stages stop after different single blocks, and on a data folder a rank may lack a stage:
+    # unused blocks then contribute zero gradients, so every rank runs the same collectives.
+    model.set_reduce_scatter_unused_params(True)
+    return model
+
+
+def wrap_ddp(loss_module: nn.Module, device: torch.device):
+    """DDP around the module whose one forward runs all stages of a step (several forwards of the
+    model per backward are fine for DDP only inside one wrapped forward). Stages use different
+    numbers of blocks, hence find_unused_parameters."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=True)
+
+
+def set_gradient_sync(wrapped: nn.Module, model: nn.Module, sync: bool):
+    """Gradient accumulation without communication on all but the last micro-batch."""
+    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2
+        model.set_requires_gradient_sync(sync)
+    elif hasattr(wrapped, "require_backward_grad_sync"):  # DDP (what its no_sync() context sets)
+        wrapped.require_backward_grad_sync = sync
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a DTensor (e.g. FSDP2's gradient norm), the tensor itself otherwise."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory and speed: activation checkpointing and torch.compile, per block
+# ----------------------------------------------------------------------------------------------
+
+
+def compile_blocks(model: nn.Module):
+    """torch.compile each block (as torchtitan does): one graph per stage resolution, reused
+    every step; the Python stage loop around the blocks stays eager."""
+    for blocks in (model.transformer_blocks, model.single_transformer_blocks):
+        for block in blocks:
+            block.compile(dynamic=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: sharded with torch.distributed.checkpoint (resumable on any number of ranks)
+# ----------------------------------------------------------------------------------------------
+
+
+def save_sharded(folder, model, ema, opt):
+    """Every rank writes its shards of model, EMA and optimizer state into `folder`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    state = {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
+             "optim": get_optimizer_state_dict(model, opt)}
+    dcp.save(state, checkpoint_id=str(folder))
+
+
+def load_sharded(folder, model, ema, opt):
+    """Read a DCP checkpoint into this run's model, EMA and optimizer, whatever the number of
+    ranks that wrote it or reads it now (also a single process without a process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    state = {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
+             "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_model_state_dict(model, state["model"])
+    set_model_state_dict(ema, state["ema"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def full_state_dict(module: nn.Module) -> dict:
+    """The whole, unsharded state dict on CPU (gathered on every rank for FSDP2 modules), for the
+    single-file safetensors export that sample.py reads on one device."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank src's Python object on every rank (e.g. the error of a save that only rank 0 does)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def load_full(module: nn.Module, state_dict: dict):
+    """Unsharded weights (a one-process checkpoint) into a module, sharded or not."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(module, state_dict, options=StateDictOptions(full_state_dict=True))
