@@ -1,15 +1,24 @@
-"""Sampling time of NAMI against the flat baseline with the same total steps (paper Table 2).
+"""Benchmarks. Sampling: NAMI against the flat baseline with the same total steps (paper
+Table 2). Training (--train): samples/s, image tokens/s, peak memory and MFU of Algorithm 1.
 
     python bench.py                                  # default CPU preset at 32², 10+10+10 steps, CFG 3
-    python bench.py --size 2b --res 1024 --cfg 1 --repeat 3 --dtype bf16
+    python bench.py --size 2b --res 1024 --cfg 1 --repeat 3 --dtype bf16     # GPU: paper Table 2
+    python bench.py --train                          # training throughput of the default preset
+    python bench.py --train --size 2b --res 1024 --batch 8 --mix 1:2:4 --dtype bf16 --activation-checkpointing
 
+--res is in pixels; the 16-channel presets (0.6b, 2b) work on FLUX-VAE latents, 8× smaller.
 Times depend only on the shapes, so the weights are random (the DiT init is replaced by
 non-zero values so that no kernel sees special inputs). Both samplers run in the same process,
 alternating, after a warm-up; medians of --repeat runs are printed.
+
+MFU = model FLOPs per second / the device's peak. The FLOPs of one training step (forward and
+backward) are counted by torch.utils.flop_counter; the peak is measured in the same run with a
+large matrix product in bf16 and in fp32 (the training dtype's is used).
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -20,39 +29,158 @@ from bridgeflow import BridgeFlow
 
 
 def time_sampler(model, bridge, txt, pooled, res, steps, guidance, flat, dtype):
-    eps = torch.randn(txt.shape[0], model.cfg.in_channels, res, res)
+    eps = torch.randn(txt.shape[0], model.cfg.in_channels, res, res, device=txt.device)
     windows, ranges, steps, full = nami.sampling_plan(model.cfg, steps, flat)
     velocity = nami.model_velocity(model, ranges, txt, pooled, torch.zeros_like(txt), torch.zeros_like(pooled),
                                    guidance, full, autocast=dtype == "bf16")
+    sync(eps.device)
     marks = [time.perf_counter()]
     nami.progressive_sample(velocity, eps, windows, steps, None if flat else bridge,
-                            on_stage_end=lambda k, x: marks.append(time.perf_counter()))
+                            on_stage_end=lambda k, x: (sync(x.device), marks.append(time.perf_counter())))
     return [b - a for a, b in zip(marks[:-1], marks[1:])]
+
+
+def latent_factor(cfg: nami.NamiConfig) -> int:
+    """Pixels per latent cell: 8 for FLUX-VAE latents (16 channels), 1 in pixel space."""
+    return 8 if cfg.in_channels == 16 else 1
+
+
+def bench_config(size: str) -> nami.NamiConfig:
+    return nami.get_config(size, in_channels=3) if size in ("small", "base", "tiny") else nami.get_config(size)
+
+
+def random_model(cfg, device):
+    torch.manual_seed(0)
+    model = nami.Nami(cfg).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_flops(device, dtype, n=4096 if torch.cuda.is_available() else 2048, repeat=5):
+    """The device's measured peak: the median FLOP/s of an n×n×n matrix product."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync(device)
+        times.append((time.perf_counter() - t) / 4)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # peak RSS of the process (KiB -> GiB)
+
+
+def train_bench(a):
+    """Time Algorithm 1's training step (FlowLoss forward + backward + AdamW) on random data."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = bench_config(a.size)
+    K, f = cfg.num_stages, latent_factor(cfg)
+    res = a.res // f
+    nami.check_resolution(a.res, a.res, f * cfg.size_multiple, "--res")
+    model = random_model(cfg, device).train()
+    model.checkpointing = a.activation_checkpointing
+    if a.compile:
+        for blocks in (model.transformer_blocks, model.single_transformer_blocks):
+            for block in blocks:
+                block.compile(dynamic=False)
+    bridge = BridgeFlow(cfg.in_channels, [(res // 2 ** (K - k),) * 2 for k in range(1, K + 1)]).to(device)
+    bridge.requires_grad_(False)
+    windows, ranges = nami.stage_windows(cfg.window_ratios, cfg.gamma), nami.tau_ranges(cfg.window_ratios, cfg.gamma)
+    loss_fn = nami.FlowLoss(model, bridge, windows, ranges, (1.0,) * K, autocast=a.dtype == "bf16")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ratios = [int(r) for r in a.mix.split(":")]
+    if len(ratios) != K:
+        raise SystemExit(f"error: --mix needs {K} ratios, got {a.mix}")
+    counts = [round(a.batch * r / sum(ratios)) for r in ratios]
+    counts[-1] = a.batch - sum(counts[:-1])
+    B = a.batch
+    x = torch.randn(B, cfg.in_channels, res, res, device=device)
+    eps, t = torch.randn_like(x), torch.rand(B, device=device)
+    txt = torch.randn(B, a.text_len, cfg.joint_attention_dim, device=device)
+    pooled = torch.randn(B, cfg.pooled_projection_dim, device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss, _ = loss_fn(x, txt, pooled, eps, t, counts, counts)
+        loss.backward()
+        opt.step()
+
+    for _ in range(a.warmup):
+        step()
+    model.checkpointing = False  # model FLOPs: the recomputation of checkpointing is not counted
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = loss_fn(x, txt, pooled, eps, t, counts, counts)
+        loss.backward()
+    flops = counter.get_total_flops()
+    model.checkpointing = a.activation_checkpointing
+    times = []
+    for _ in range(a.repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    step_time = statistics.median(times)
+    peaks = {d: peak_flops(device, getattr(torch, d)) for d in ("bfloat16", "float32")}
+    peak = peaks["bfloat16" if a.dtype == "bf16" else "float32"]
+    tokens = sum(n * (res // 2 ** (K - k) // cfg.patch_size) ** 2 for k, n in enumerate(counts, 1))
+    print(f"train {a.size} at {a.res}² (latent {res}²), batch {B} as {counts} over the stages (mix {a.mix}), "
+          f"{a.dtype}, activation checkpointing {a.activation_checkpointing}, compile {a.compile}, "
+          f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"torch {torch.__version__}, median of {a.repeat} steps")
+    print("| step | samples/s | image tokens/s | model TFLOP/step | achieved TFLOP/s | peak bf16 / fp32 TFLOP/s (measured) | MFU | peak memory |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {step_time:.3f} s | {B / step_time:.1f} | {tokens / step_time:,.0f} | {flops / 1e12:.3f} | "
+          f"{flops / step_time / 1e12:.3f} | {peaks['bfloat16'] / 1e12:.2f} / {peaks['float32'] / 1e12:.2f} | "
+          f"{100 * flops / step_time / peak:.1f} % | {peak_memory_gb(device):.2f} GiB |")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", action="store_true", help="training throughput and MFU instead of sampling time")
     ap.add_argument("--size", default="small", choices=sorted(nami.PRESETS))
-    ap.add_argument("--res", type=int, default=32)
+    ap.add_argument("--res", type=int, default=32, help="image side in pixels")
     ap.add_argument("--steps", default="10,10,10")
     ap.add_argument("--cfg", type=float, default=3.0, help="guidance (1 = no CFG, half the batch)")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default: 1 sampling, 32 training)")
+    ap.add_argument("--mix", default="1:2:4", help="--train: samples per stage, low -> high (paper's last phase)")
+    ap.add_argument("--warmup", type=int, default=3, help="--train: untimed steps first")
+    ap.add_argument("--activation-checkpointing", action="store_true", help="--train: recompute blocks in backward")
+    ap.add_argument("--compile", action="store_true", help="--train: torch.compile each block")
     ap.add_argument("--text-len", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     a = ap.parse_args(argv)
-    cfg = nami.get_config(a.size, in_channels=3) if a.size in ("small", "base", "tiny") else nami.get_config(a.size)
-    torch.manual_seed(0)
-    model = nami.Nami(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    K = cfg.num_stages
-    bridge = BridgeFlow(cfg.in_channels, [(a.res // 2 ** (K - k),) * 2 for k in range(1, K + 1)])
+    if a.train:
+        a.batch = a.batch or 32
+        return train_bench(a)
+    a.batch = a.batch or 1
+    cfg = bench_config(a.size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = random_model(cfg, device).eval()
+    K, f = cfg.num_stages, latent_factor(cfg)
+    nami.check_resolution(a.res, a.res, f * cfg.size_multiple, "--res")
+    res = a.res // f
+    bridge = BridgeFlow(cfg.in_channels, [(res // 2 ** (K - k),) * 2 for k in range(1, K + 1)]).to(device)
     steps = [int(s) for s in a.steps.split(",")]
-    txt = torch.randn(a.batch, a.text_len, cfg.joint_attention_dim)
-    pooled = torch.randn(a.batch, cfg.pooled_projection_dim)
-    args = (model, bridge, txt, pooled, a.res, steps, a.cfg)
+    txt = torch.randn(a.batch, a.text_len, cfg.joint_attention_dim, device=device)
+    pooled = torch.randn(a.batch, cfg.pooled_projection_dim, device=device)
+    args = (model, bridge, txt, pooled, res, steps, a.cfg)
     time_sampler(*args, False, a.dtype), time_sampler(*args, True, a.dtype)  # warm-up
     runs = {"nami": [], "flat": []}
     for _ in range(a.repeat):
@@ -61,7 +189,8 @@ def main(argv=None):
     med = {name: [statistics.median(r[i] for r in rs) for i in range(len(rs[0]))] for name, rs in runs.items()}
     tot = {name: statistics.median(sum(r) for r in rs) for name, rs in runs.items()}
     print(f"{a.size} at {a.res}², steps {steps}, cfg {a.cfg}, batch {a.batch}, {a.dtype}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {a.repeat}")
+          f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}, "
+          f"median of {a.repeat}")
     sizes = [a.res // 2 ** (K - k) for k in range(1, K + 1)]
     print("| sampler | " + " | ".join(f"stage {k} ({s}²)" for k, s in enumerate(sizes, 1)) + " | total | reduction |")
     print("|---" * (K + 3) + "|")

@@ -596,6 +596,56 @@ def convert_diffusers_flux(state_dict: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Algorithm 1's loss on one (micro-)batch: shared by train.py and bench.py
+# ----------------------------------------------------------------------------------------------
+
+
+class FlowLoss(nn.Module):
+    """Algorithm 1, lines 6-18, on one micro-batch ordered by stage (counts[k−1] samples at stage
+    k). Returns the weighted loss scaled so that summing it over micro-batches and averaging the
+    gradients over ranks (what DDP and FSDP2 do) gives the gradient of Eq. 4 on the whole global
+    batch (totals[k−1] samples at stage k), and the per-stage sums of the sample losses (for the
+    log). One module, so that DDP sees one forward per backward. every_stage (FSDP2) runs a stage
+    this micro-batch lacks on one sample with weight 0: all ranks then run the same blocks."""
+
+    def __init__(self, model, bridge, windows, ranges, weights, flat: bool = False, start: str = "bridge",
+                 autocast: bool = False, world: int = 1, every_stage: bool = False):
+        super().__init__()
+        self.model, self.bridge = model, bridge
+        self.windows, self.ranges, self.weights = windows, ranges, weights
+        self.flat, self.start, self.autocast = flat, start, autocast
+        self.world, self.every_stage = world, every_stage
+
+    def forward(self, x_full, txt, pooled, eps_full, t_all, counts, totals):
+        K = len(self.windows)
+        loss, sums, first = 0.0, [], 0
+        for k in range(1, K + 1):  # line 5: for each time window [t_(k−1), t_k] in the batch
+            n = counts[k - 1]
+            if totals[k - 1] == 0 or (n == 0 and not self.every_stage):
+                sums.append(torch.zeros((), device=x_full.device))
+                continue
+            idx = slice(first, first + n) if n else slice(0, 1)
+            first += n
+            # line 6: Down(x'_1) until it is at stage k's resolution; the coupled noise likewise
+            x = image_pyramid(x_full[idx], K)[k - 1]
+            eps = noise_pyramid(eps_full[idx], K)[k - 1]
+            # lines 7-13: start point (ε_1, or BridgeFlow(Up(end point of stage k−1))), end point
+            x_s, x_e = stage_points(x, eps, k, self.windows, self.bridge, self.start)
+            # line 14: Eq. 3, x̂_t = t'·x̂_s + (1 − t')·x̂_e, at τ(k, t') for the model
+            t = t_all[idx]
+            x_t = interpolate(x_s, x_e, t)
+            tau = stage_tau(t, self.ranges[k - 1])
+            with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                v = self.model(x_t, tau, txt[idx], pooled[idx], stage=None if self.flat else k)
+            # line 16: Eq. 4, ‖(x̂_s − x̂_e) − v_θk(x̂_t, t')‖², as a sum over this micro-batch's samples
+            stage_sum = flow_loss(v, flow_target(x_s, x_e)) * n
+            sums.append(stage_sum.detach())
+            # line 18: weight the windows' losses; the mean over stage k's samples of the global batch
+            loss = loss + self.weights[k - 1] * stage_sum / totals[k - 1]
+        return loss * self.world, torch.stack(sums)
+
+
+# ----------------------------------------------------------------------------------------------
 # 4. Sampling (paper §3.5): progressive Euler with BridgeFlow at each jump, batched CFG
 # ----------------------------------------------------------------------------------------------
 
