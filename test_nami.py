@@ -663,3 +663,13 @@ def test_train_on_an_image_folder_equals_training_on_its_cache(tmp_path, encoder
     assert folder["losses"] == pytest.approx(cached["losses"], rel=1e-4)
     with pytest.raises(ValueError, match="stale cache"):
         train.main(tiny_run(tmp_path / "c", encoder_dir, cache=str(tmp_path / "cache"), workers=0, text_len=8))
+
+
+def test_flop_count_of_2b_at_1024_matches_spec_section_7():
+    """SPEC §7: 10+10+10 steps vs 30, 256 text tokens, batch 1: NAMI 158, flow only 174, flat 392 TFLOP
+    (counted on the meta device: no memory needed for 2B parameters)."""
+    import bench
+    flops = bench.flops_table(bench.argparse.Namespace(size="2b", res=1024, steps="10,10,10", text_len=256))
+    assert flops["NAMI"] / 1e12 == pytest.approx(158.3, rel=2e-3)
+    assert flops["flow only"] / 1e12 == pytest.approx(173.8, rel=2e-3)
+    assert flops["flat"] / 1e12 == pytest.approx(391.8, rel=2e-3)

@@ -2,16 +2,18 @@
 progressive rectified flow transformer), on the built-in shapes data or an image folder.
 
     python train.py                          # default CPU preset, ~15 min on 2 cores
-    python train.py --size base --max-steps 12000 --out runs/shapes-base   # the longer recipe
+    python train.py --max-steps 7000 --ema-decay 0.999 --out runs/shapes-small-long   # the longer recipe
     python train.py --mode flat              # the flat baseline (K = 1, full model)
     python train.py --resume                 # continue the run in --out where it stopped
     python train.py --size 0.6b --data DIR --vae VAE --text-encoder MT5 --pooled-encoder MCLIP \
         --text-len 256 --resolution 1024      # real data in the FLUX VAE's latent space
     python data.py cache DIR --out CACHE ...  # then train with --cache CACHE instead of --data DIR
+    torchrun --nproc_per_node 8 train.py --size 2b ...   # DDP / FSDP2 (see parallel.py)
 
 Writes to --out: log.jsonl (metrics), samples/step-NNNNNNN.png (fixed prompts and seeds),
 ckpt-NNNNNNN/ (weights.safetensors: model, EMA and BridgeFlow; config.json; train_state.pt:
-optimizer, step, RNG and data position). `main(TrainConfig(...))` is importable.
+optimizer, step, RNG and data position; dcp/ under FSDP2). Checkpoints are never partial on
+disk; a killed run continues with --resume. `main(TrainConfig(...))` is importable.
 """
 from __future__ import annotations
 

@@ -1,0 +1,226 @@
+"""Tests of eval.py, the GenEval-style judge of the shapes world: it passes real renders and
+fails renders that break their prompt in one way, the detector reads hand-built pictures right,
+the Fréchet distance orders real and degraded images, and `python eval.py --ckpt` prints the
+table for a tiny checkpoint trained here. Run: python -m pytest -q test_eval.py  (CPU, ~20 s)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as ev
+import sample
+import shapes
+import train
+
+ROOT = Path(__file__).parent
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge on real renders and on renders that break the prompt
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=[(32, 100), (64, 40)], ids=["32px", "64px"])
+def calibration(request):
+    size, n = request.param
+    return ev.calibrate(n, size, seed=123)  # not the prompt set's seed: the thresholds were set on seed 7
+
+
+def test_real_renders_pass_the_judge_in_every_category(calibration):
+    for cat, rate in calibration["real"].items():
+        assert rate >= 0.98, f"{cat}: {rate:.3f} of real {calibration['size']}px renders pass; misses: {calibration['misses'][:5]}"
+
+
+def test_every_kind_of_broken_render_fails(calibration):
+    assert set(calibration["broken"]) == set(ev.BREAKS)
+    for kind, rate in calibration["broken"].items():
+        assert calibration["n_broken"][kind] >= 10
+        assert rate >= 0.95, f"{kind}: only {rate:.3f} of broken {calibration['size']}px renders fail"
+
+
+def test_each_break_changes_what_its_name_says():
+    rng = np.random.default_rng(0)
+    pos = shapes.make_sample(1, 0, "train", "position")
+    swapped = ev.break_sample(pos, "swap", rng)
+    assert [o.box for o in swapped.objects] == [o.box for o in pos.objects][::-1]
+    assert not shapes.satisfies(pos.prompt["relation"], swapped.objects[0].box, swapped.objects[1].box)
+    count = shapes.make_sample(1, 0, "train", "counting")
+    n = count.prompt["objects"][0]["count"]
+    assert len(ev.break_sample(count, "drop", rng).objects) == n - 1
+    assert len(ev.break_sample(count, "extra", rng).objects) == n + 1
+    col = shapes.make_sample(1, 0, "train", "colors")
+    assert ev.break_sample(col, "color", rng).objects[0].color != col.objects[0].color
+    assert ev.break_sample(col, "swap", rng) is None  # no relation to swap
+    assert len(count.objects) == n  # the original is left alone
+
+
+# ---------------------------------------------------------------------------------------------
+# The detector on hand-built pictures
+# ---------------------------------------------------------------------------------------------
+
+def picture(objects, background=0.2, size=32):
+    s = shapes.Sample("", "", [shapes.Shape(*o) for o in objects], background)
+    return shapes.render(s, size)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_detector_reads_colour_shape_and_box(size):
+    objects = [("circle", "red", (0.05, 0.05, 0.4, 0.4)), ("square", "blue", (0.55, 0.1, 0.9, 0.45)),
+               ("triangle", "white", (0.3, 0.55, 0.7, 0.95))]
+    found = ev.detect(picture(objects, background=0.4, size=size))  # white on the lightest background
+    assert sorted((d.color, d.shape) for d in found) == sorted((c, s) for s, c, _ in objects)
+    for shape, color, box in objects:
+        d = next(d for d in found if d.color == color)
+        assert all(abs(a - b) < 0.1 for a, b in zip(d.box, box)), (d, box)  # square inset, triangle base
+        assert 0 < d.area < (box[2] - box[0]) * (box[3] - box[1])
+
+
+def test_detector_counts_four_small_objects_of_one_colour_at_the_generators_margin():
+    side, gap = 0.2, 0.031  # the generator keeps 0.03 between boxes; 0.2 is its smallest counting size
+    for shape in shapes.SHAPES:
+        boxes = [(x, y, x + side, y + side) for x in (0.25, 0.25 + side + gap) for y in (0.25, 0.25 + side + gap)]
+        found = ev.detect(picture([(shape, "yellow", b) for b in boxes]))
+        assert [(d.color, d.shape) for d in found] == [("yellow", shape)] * 4
+
+
+def test_tensor_pil_and_array_inputs_agree_and_tiny_or_broken_images_do_not_crash():
+    img = picture([("triangle", "green", (0.2, 0.2, 0.8, 0.8))])
+    as_pil, as_tensor = ev.detect(img), ev.detect(shapes.to_tensor(img))
+    assert as_pil == as_tensor == ev.detect(np.asarray(img)) and as_pil[0].shape == "triangle"
+    for size in (1, 2, 4, 16):
+        ev.detect(picture([("circle", "red", (0.2, 0.2, 0.8, 0.8))], size=size))
+    ev.detect(torch.randn(3, 16, 16))
+    assert ev.detect(torch.full((3, 8, 8), float("nan"))) == []
+    ev.features(torch.randn(2, 3, 1, 1))
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        ev.detect(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="empty"):
+        ev.detect(torch.zeros(3, 0, 8))
+
+
+def test_judge_rules():
+    D = ev.Detection
+    red_circle, blue_sq = D("red", "circle", (0.1, 0.4, 0.3, 0.6), 0.04), D("blue", "square", (0.6, 0.4, 0.8, 0.6), 0.04)
+    assert ev.judge([red_circle], {"objects": [{"shape": "circle"}]})
+    assert not ev.judge([red_circle], {"objects": [{"shape": "circle"}, {"shape": "square"}]})
+    assert ev.judge([red_circle, blue_sq], {"objects": [{"shape": "circle", "color": "red"}]})  # extras allowed
+    assert not ev.judge([red_circle], {"objects": [{"shape": "circle", "color": "blue"}]})
+    two = {"objects": [{"shape": "circle", "color": None, "count": 2}]}
+    assert not ev.judge([red_circle], two) and ev.judge([red_circle, red_circle], two)
+    assert not ev.judge([red_circle] * 3, two)  # counting is exact
+    two_blue = {"objects": [{"shape": "circle", "color": "blue", "count": 2}]}
+    assert not ev.judge([red_circle, red_circle], two_blue)
+    left = {"objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}], "relation": "left of"}
+    assert ev.judge([red_circle, blue_sq], left)
+    assert not ev.judge([red_circle, blue_sq], {**left, "relation": "right of"})
+    assert not ev.judge([red_circle, blue_sq], {**left, "relation": "above"})
+    assert not ev.judge([red_circle], left)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance
+# ---------------------------------------------------------------------------------------------
+
+def test_frechet_distance_of_commuting_gaussians_has_its_closed_form():
+    # Σ1, Σ2 diagonal: FD = |μ1 − μ2|² + Σ_i (σ1_i − σ2_i)²; the sample estimate converges to it
+    g = np.random.default_rng(0)
+    s1, s2, mu = np.array([1.0, 2.0, 0.5]), np.array([0.5, 2.0, 1.5]), np.array([1.0, -1.0, 0.0])
+    a, b = g.normal(size=(200_000, 3)) * s1, g.normal(size=(200_000, 3)) * s2 + mu
+    assert ev.frechet_distance(a, b) == pytest.approx((mu ** 2).sum() + ((s1 - s2) ** 2).sum(), rel=0.02)
+    assert abs(ev.frechet_distance(a, a)) < 1e-8
+    with pytest.raises(ValueError):
+        ev.frechet_distance(a[:1], b)
+
+
+def blur(x, sigma):
+    """Separable Gaussian blur of (N, 3, H, W)."""
+    r = max(1, math.ceil(3 * sigma))
+    k = torch.exp(-torch.arange(-r, r + 1).float() ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).repeat(3, 1, 1, 1)  # (3, 1, 1, 2r + 1)
+    x = F.pad(x, (r, r, r, r), mode="reflect")
+    return F.conv2d(F.conv2d(x, k, groups=3), k.transpose(2, 3), groups=3)
+
+
+def test_frechet_distance_is_small_between_real_sets_and_grows_with_degradation():
+    real_a, _ = shapes.batch(11, 0, 300, 32)
+    real_b, _ = shapes.batch(12, 0, 300, 32)  # another seed: disjoint samples
+    fa = ev.features(real_a)
+    real = ev.frechet_distance(fa, ev.features(real_b))
+    g = torch.Generator().manual_seed(0)
+    degraded = {
+        "noise 0.1": real_b + 0.1 * torch.randn(real_b.shape, generator=g),
+        "colour shift 0.25": real_b + torch.tensor([0.25, -0.25, 0.0]).view(1, 3, 1, 1),
+        "blur σ=1": blur(real_b, 1.0),
+    }
+    for name, x in degraded.items():
+        fd = ev.frechet_distance(fa, ev.features(x.clamp(-1, 1)))
+        assert fd > 5 * real, f"{name}: FD {fd:.3f} vs real-vs-real {real:.3f}"
+    by_blur = [ev.frechet_distance(fa, ev.features(blur(real_b, s))) for s in (0.5, 0.75, 1.0, 1.5, 2.0)]
+    assert real < by_blur[0] and by_blur == sorted(by_blur), (real, by_blur)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark, end to end on a tiny checkpoint
+# ---------------------------------------------------------------------------------------------
+
+def test_prompt_set_is_fixed_and_holds_every_category_and_the_heldout_pairs():
+    items = ev.prompt_set(3)
+    assert [s.caption for _, s in items] == [s.caption for _, s in ev.prompt_set(3)]
+    assert [s.category for split, s in items if split == "train"] == [c for c in shapes.CATEGORIES for _ in range(3)]
+    held = [s for split, s in items if split == "heldout"]
+    assert [s.category for s in held] == [c for c in ev.HELDOUT_CATEGORIES for _ in range(3)]
+    for s in held:  # each names a held-out pair in its prompt
+        assert any((o.get("color"), o["shape"]) in shapes.HELDOUT_PAIRS for o in s.prompt["objects"])
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, encoder_dir):
+    out = tmp_path_factory.mktemp("tiny_eval_run")
+    train.main(train.TrainConfig(size="tiny", resolution=16, batch_size=8, max_steps=2, bridge_steps=5,
+                                 text_encoder=encoder_dir, out=str(out), ckpt_every=2, sample_every=1000,
+                                 progress=False))
+    return out / "ckpt-0000002"
+
+
+def test_evaluate_is_importable_and_scores_every_prompt(tiny_ckpt):
+    model, bridge, encoder, autoencoder, info = sample.load_model(tiny_ckpt)
+    result = ev.evaluate(model, bridge, encoder, autoencoder, info["resolution"], per_category=2, steps=[2, 2, 2],
+                         batch_size=7, return_images=True)
+    assert set(result["categories"]) == set(shapes.CATEGORIES)
+    assert all(a["n"] == 2 for a in result["categories"].values())
+    assert result["overall"] == pytest.approx(np.mean([a["accuracy"] for a in result["categories"].values()]))
+    assert set(result["heldout"]["categories"]) == set(ev.HELDOUT_CATEGORIES) and result["heldout"]["n"] == 8
+    assert math.isfinite(result["fd"]) and result["images"].shape == (20, 3, 16, 16)
+    assert len(result["samples"]) == 20 and result["settings"]["sampler"] == "nami"
+    json.dumps({k: v for k, v in result.items() if k != "images"})  # the rest is plain data
+
+
+def test_eval_cli_prints_the_table(tiny_ckpt, tmp_path):
+    out = tmp_path / "eval-out"
+    run = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tiny_ckpt), "--per-category", "2", "--steps", "2,2,2",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("|")[1].strip() for line in run.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0] == "category" and rows[1:7] == list(shapes.CATEGORIES)
+    assert rows[7].startswith("**overall**") and rows[8].startswith("held-out pairs")
+    assert "Fréchet distance" in run.stdout
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["settings"]["steps"] == [2, 2, 2] and len(saved["samples"]) == 20
+    assert (out / "samples.png").is_file()
+
+
+def test_eval_cli_refuses_bad_flags_before_loading_anything(tmp_path, capsys):
+    for argv, message in ((["--per-category", "0"], "--per-category"), (["--cfg", "nan"], "--cfg"),
+                          (["--steps", "a,b"], "--steps"), (["--calibrate", "0"], "--calibrate"),
+                          (["--calibrate", "3", "--res", "x"], "--res")):
+        with pytest.raises(SystemExit, match=message):
+            ev.main(argv + ["--ckpt", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        ev.main(["--ckpt", str(tmp_path / "nowhere")])
