@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 import data
 import encoders
 import sample
+import conftest
 import train
 
 # No example database in the repository; a failure prints the example that falsified it.
@@ -52,10 +53,7 @@ def ran(name: str, n: int, at_least: int):
 
 
 def tiny_run(out, encoder_dir, **kw):
-    base = dict(size="tiny", resolution=16, batch_size=8, max_steps=2, warmup=1, bridge_steps=5, text_len=16,
-                text_encoder=encoder_dir, out=str(out), sample_every=1000, ckpt_every=2, progress=False)
-    base.update(kw)
-    return train.TrainConfig(**base)
+    return conftest.tiny_run(out, encoder_dir, **{"max_steps": 2, "warmup": 1, "ckpt_every": 2, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import encoders
 import nami
 import shapes
 import train
+from conftest import tiny_run
 
 ROOT = Path(__file__).parent
 
@@ -346,11 +347,6 @@ def test_shapes_world_is_deterministic_complete_and_keeps_heldout_pairs_out():
 # training, resume, sampling CLI (tiny model, tiny local text encoder)
 # ---------------------------------------------------------------------------------------------
 
-def tiny_run(out, encoder_dir, **kw):
-    base = dict(size="tiny", resolution=16, batch_size=8, max_steps=6, warmup=2, bridge_steps=5, text_len=16,
-                text_encoder=encoder_dir, out=str(out), sample_every=1000, ckpt_every=3, progress=False)
-    base.update(kw)
-    return train.TrainConfig(**base)
 
 
 def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():

@@ -316,14 +316,9 @@ def write_checkpoint_files(tmp, final, step, model_sd, ema_sd, bridge, opt, gen,
     torch.save(state, tmp / "train_state.pt")
     fsync_tree(tmp)
     out = final.parent
-    if final.exists():  # the same step saved again (e.g. a resumed run stopped at once): swap it
-        old = out / f".old-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    if final.exists():  # the same step saved again (e.g. a resumed run stopped at once)
+        discard(final)
+    os.replace(tmp, final)
     fsync_path(out)
 
 
