@@ -201,7 +201,12 @@ def to_image(x: torch.Tensor) -> Image.Image:
 
 def batch(seed: int, start: int, n: int, size: int = 32, split: str = "train"):
     """Samples start..start+n−1: images (n, 3, size, size) in [−1, 1] and their Sample records."""
-    samples = [make_sample(seed, i, split) for i in range(start, start + n)]
+    return batch_at(seed, range(start, start + n), size, split)
+
+
+def batch_at(seed: int, indices, size: int = 32, split: str = "train"):
+    """The samples at these indices (any order): images (n, 3, size, size) in [−1, 1] and records."""
+    samples = [make_sample(seed, i, split) for i in indices]
     images = torch.stack([to_tensor(render(s, size)) for s in samples])
     return images, samples
 

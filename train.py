@@ -393,13 +393,6 @@ def truncate_log(path: Path, step: int):
 # ----------------------------------------------------------------------------------------------
 
 
-def data_batch(cfg: TrainConfig, positions):
-    """Images (n, 3, R, R) in [−1, 1] and captions of the built-in data at the given positions."""
-    samples = [shapes.make_sample(cfg.seed, p) for p in positions]
-    images = torch.stack([shapes.to_tensor(shapes.render(s, cfg.resolution)) for s in samples])
-    return images, [s.caption for s in samples]
-
-
 def micro_batches(batch_size: int, micro: int, world: int, rank: int) -> list[list[int]]:
     """Which samples of a global batch this rank computes, one list per accumulation step: sample i
     of the batch belongs to micro-batch i mod R (R = ranks · accumulation steps, strided so that
@@ -457,7 +450,8 @@ class Batches:
             self.step += 1
         positions = self.queue.pop(0)
         if self.loader is None:     # built-in data: rendered at the full size, every stage allowed
-            images, captions = data_batch(self.cfg, positions)
+            images, samples = shapes.batch_at(self.cfg.seed, positions, self.cfg.resolution)
+            captions = [s.caption for s in samples]
             max_stage = torch.full((len(positions),), self.K)
         else:
             batch = next(self.loader)
