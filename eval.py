@@ -423,7 +423,7 @@ def generate_images(model, bridge, encoder, autoencoder, captions, seeds, resolu
     """Captions -> decoded images (N, 3, H, W) in [−1, 1] on the CPU, batch_size prompts at a time."""
     w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
     f = autoencoder.factor
-    steps = list(steps or [10] * model.cfg.num_stages)
+    steps = list(steps or nami.default_steps(model.cfg.num_stages))
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(captions), batch_size):
@@ -465,14 +465,14 @@ def evaluate(model, bridge, encoder, autoencoder, resolution, per_category: int 
              guidance: float = 3.0, seed: int = SEED, flat: bool = False, heldout: bool = True,
              batch_size: int = 64, return_images: bool = False) -> dict:
     """Sample the prompt set with the model and score it. resolution: pixels, an int or (W, H)
-    (sample.load_model's info["resolution"]); steps: Euler steps per stage (default 10 each;
-    flat=True runs their sum in one window). Noise seed of prompt j is j. Returns
+    (sample.load_model's info["resolution"]); steps: Euler steps per stage (default 30 in all,
+    10 each for K = 3; flat=True runs their sum in one window). Noise seed of prompt j is j. Returns
     {"categories": {cat: {"accuracy", "n"}}, "overall": mean of the six accuracies,
      "heldout": {"accuracy": mean over its categories, "n", "categories"}, "fd": float,
      "samples": [per prompt: caption, category, split, passed, detections], "settings": {...},
      "seconds": sampling time} (+ "images": (N, 3, H, W) tensor if return_images)."""
     items = prompt_set(per_category, seed, heldout)
-    steps = list(steps or [10] * model.cfg.num_stages)
+    steps = list(steps or nami.default_steps(model.cfg.num_stages))
     t0 = time.perf_counter()
     images = generate_images(model, bridge, encoder, autoencoder, [s.caption for _, s in items],
                              list(range(len(items))), resolution, steps, guidance, flat, batch_size)
@@ -544,7 +544,7 @@ def main(argv=None):
     ap.add_argument("--flat", action="store_true", help="the flat baseline sampler of the same checkpoint (same total steps)")
     ap.add_argument("--per-category", type=int, default=50, help="prompts per category (and per held-out category)")
     ap.add_argument("--no-heldout", action="store_true", help="leave out the held-out colour-shape pairs")
-    ap.add_argument("--steps", help="Euler steps per stage, e.g. 10,10,10 (default 10 per stage)")
+    ap.add_argument("--steps", help="Euler steps per stage, e.g. 10,10,10 (default 30 in all: 10 per stage for 3 stages)")
     ap.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
     ap.add_argument("--seed", type=int, default=SEED, help="seed of the prompt set (noise seed of prompt j is j)")
     ap.add_argument("--batch-size", type=int, default=64, help="prompts sampled at once")

@@ -703,6 +703,12 @@ def model_velocity(model, ranges, txt, pooled, txt_uncond=None, pooled_uncond=No
     return velocity
 
 
+def default_steps(num_stages: int, total: int = 30) -> list[int]:
+    """Euler steps per stage when none are given: 30 in all (the release's 10+10+10), split as
+    evenly as possible, so that a flat (K = 1) model gets the same 30 steps as the NAMI sampler."""
+    return [total // num_stages + (k < total % num_stages) for k in range(num_stages)]
+
+
 def sampling_plan(cfg: NamiConfig, steps, flat: bool = False):
     """(windows, τ ranges, steps per window, full_model) of the NAMI sampler, or of the flat
     baseline: one window [1 → 0] with all sum(steps) steps and every block."""

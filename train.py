@@ -486,7 +486,7 @@ def save_samples(path: Path, ema, bridge, encoder, autoencoder, prompts, cfg: Tr
     ema.eval()
     f = autoencoder.factor
     x = nami.generate(ema, encoder, prompts, range(len(prompts)), cfg.resolution // f, cfg.resolution // f,
-                      [10] * ema.cfg.num_stages, guidance=3.0, bridge=bridge)[-1]
+                      nami.default_steps(ema.cfg.num_stages), guidance=3.0, bridge=bridge)[-1]
     if not write:
         return
     size = max(64, cfg.resolution)
