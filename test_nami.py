@@ -669,3 +669,18 @@ def test_flop_count_of_2b_at_1024_matches_spec_section_7():
     assert flops["NAMI"] / 1e12 == pytest.approx(158.3, rel=2e-3)
     assert flops["flow only"] / 1e12 == pytest.approx(173.8, rel=2e-3)
     assert flops["flat"] / 1e12 == pytest.approx(391.8, rel=2e-3)
+
+
+def test_sampling_benchmark_times_every_stage_of_both_samplers(capsys):
+    """bench.py's Table-2 path runs NAMI and flat in one process and reports one time per stage."""
+    import bench
+    r = bench.main(["--size", "tiny", "--res", "32", "--steps", "1,1,2", "--repeat", "2", "--warmup", "0", "--cfg", "1"])
+    assert len(r["stages"]) == 3 and r["nami"] == pytest.approx(sum(r["stages"]))  # median of 2 = mean: adds up
+    assert "| flat |" in capsys.readouterr().out
+
+
+def test_default_steps_give_every_sampler_the_same_30_steps():
+    """A flat (K = 1) checkpoint must not be sampled with fewer steps than NAMI's 10+10+10."""
+    assert nami.default_steps(3) == [10, 10, 10] and nami.default_steps(1) == [30]
+    assert all(sum(nami.default_steps(k)) == 30 and max(nami.default_steps(k)) - min(nami.default_steps(k)) <= 1
+               for k in range(1, 7))
