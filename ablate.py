@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ FIGURES = {
         "1:1:1": dict(window_ratios=(1, 1, 1)), "2:1:1": dict(window_ratios=(2, 1, 1)),
         "1:2:1": dict(window_ratios=(1, 2, 1)), "1:1:2": dict(window_ratios=(1, 1, 2))}),
 }
+NOTES = "## What it shows"  # a section written by hand below the generated tables: kept on re-runs
 DEFAULT_STEPS = {6: 600, 7: 900, 8: 900}  # sized for about an hour per figure on 2 CPU cores
 
 
@@ -46,15 +48,22 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("²", "")).strip("-")
 
 
-def train_variant(out: Path, overrides: dict, a) -> None:
-    """Train (or resume) one variant up to the budget, keeping every checkpoint for scoring."""
+def train_variant(out: Path, overrides: dict, a) -> float:
+    """Train (or resume) one variant up to the budget, keeping every checkpoint for scoring.
+    Returns the training minutes of the run so far (kept in train_minutes.txt across resumes)."""
+    minutes_file = out / "train_minutes.txt"
+    before = float(minutes_file.read_text()) if minutes_file.is_file() else None
     done = train.latest_checkpoint(out)
     if done is not None and int(done.name.split("-")[1]) >= a.steps:
-        return
+        return float("nan") if before is None else before  # nan: trained before minutes were kept
     cfg = train.TrainConfig(size=a.size, max_steps=a.steps, ckpt_every=a.eval_every, keep=1000,
                             sample_every=a.steps, out=str(out), resume=done is not None, seed=a.seed,
                             progress=not a.quiet, **overrides)
+    t = time.perf_counter()
     train.main(cfg)
+    minutes = (before or 0.0) + (time.perf_counter() - t) / 60
+    minutes_file.write_text(f"{minutes:.2f}\n")
+    return minutes
 
 
 def score_checkpoints(out: Path, a) -> list[dict]:
@@ -96,8 +105,8 @@ def plot(figure: int, title: str, runs: dict, path: Path):
 def table(figure: int, title: str, runs: dict, a, minutes: dict) -> str:
     categories = [c for c in next(iter(runs.values()))[-1]["categories"]]
     lines = [f"# Fig. {figure} at small scale — {title}", "",
-             f"`python ablate.py --figure {figure} --steps {a.steps} --eval-every {a.eval_every}` "
-             f"(preset {a.size}, batch 32, judge on {a.per_category} prompts per category, seed {a.eval_seed}).",
+             f"`python ablate.py {a.command}` (preset {a.size}, batch 32, judge on {a.per_category} prompts per "
+             f"category, seed {a.eval_seed}).",
              "Scores of the last checkpoint of each run; the curves are in "
              f"[fig{figure}.png](fig{figure}.png).", "",
              "| variant | " + " | ".join(c.replace("_", " ") for c in categories) +
@@ -107,7 +116,7 @@ def table(figure: int, title: str, runs: dict, a, minutes: dict) -> str:
         last = scores[-1]
         held = last["heldout"]["accuracy"] if last.get("heldout") else float("nan")
         lines.append(f"| {name} | " + " | ".join(f"{last['categories'][c]['accuracy']:.2f}" for c in categories) +
-                     f" | {last['overall']:.3f} | {held:.2f} | {last['fd']:.2f} | {minutes.get(name, 0):.1f} |")
+                     f" | {last['overall']:.3f} | {held:.2f} | {last['fd']:.2f} | {minutes.get(name, float('nan')):.1f} |")
     lines += ["", "| variant | " + " | ".join(f"step {s['step']}" for s in next(iter(runs.values()))) + " |",
               "|---" * (len(next(iter(runs.values()))) + 1) + "|"]
     for name, scores in runs.items():
@@ -132,6 +141,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     a.steps = a.steps or DEFAULT_STEPS[a.figure]
     a.eval_every = a.eval_every or max(1, a.steps // 3)
+    a.command = " ".join(f"'{v}'" if " " in v else v for v in (argv if argv is not None else sys.argv[1:]))
     if a.steps <= 0 or a.eval_every <= 0 or a.per_category <= 0:
         raise SystemExit("error: --steps, --eval-every and --per-category must be positive")
     title, variants = FIGURES[a.figure]
@@ -144,14 +154,15 @@ def main(argv=None):
     runs, minutes = {}, {}
     for name, overrides in variants.items():
         out = Path(a.out) / f"fig{a.figure}" / slug(name)
-        t = time.perf_counter()
-        train_variant(out, overrides, a)
-        minutes[name] = (time.perf_counter() - t) / 60
+        minutes[name] = train_variant(out, overrides, a)
         runs[name] = score_checkpoints(out, a)
         print(f"{name}: " + ", ".join(f"step {s['step']}: {s['overall']:.3f} / FD {s['fd']:.1f}" for s in runs[name]))
     results = Path(a.results)
     plot(a.figure, title, runs, results / f"fig{a.figure}.png")
-    (results / f"fig{a.figure}.md").write_text(table(a.figure, title, runs, a, minutes))
+    md = results / f"fig{a.figure}.md"
+    old = md.read_text() if md.is_file() else ""
+    notes = old[old.index(NOTES):] if NOTES in old else ""  # the reader's commentary survives a re-run
+    md.write_text(table(a.figure, title, runs, a, minutes) + ("\n" + notes if notes else ""))
     print(f"wrote {results / f'fig{a.figure}.png'} and {results / f'fig{a.figure}.md'}")
 
 
