@@ -418,12 +418,12 @@ def prompt_set(per_category: int = 50, seed: int = SEED, heldout: bool = True) -
 
 
 @torch.no_grad()
-def generate_images(model, bridge, encoder, autoencoder, captions, seeds, resolution, steps=None, guidance=3.0,
+def generate_images(model, bridge, encoder, autoencoder, captions, seeds, resolution, steps, guidance=3.0,
                     flat=False, batch_size=64) -> torch.Tensor:
-    """Captions -> decoded images (N, 3, H, W) in [−1, 1] on the CPU, batch_size prompts at a time."""
+    """Captions -> decoded images (N, 3, H, W) in [−1, 1] on the CPU, batch_size prompts at a time
+    (steps: Euler steps per stage, as evaluate resolved them)."""
     w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
     f = autoencoder.factor
-    steps = list(steps or nami.default_steps(model.cfg.num_stages))
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(captions), batch_size):

@@ -66,7 +66,8 @@ def load_model(ckpt, use_ema=True, text_encoder=None, pooled_encoder=None, vae=N
     K, res = mcfg.num_stages, config["resolution"] // autoencoder.factor
     bridge = BridgeFlow(mcfg.in_channels, [(res // 2 ** (K - k),) * 2 for k in range(1, K + 1)])
     nami.load_state(bridge, parts["bridge"], f"{folder} (BridgeFlow)")
-    info = {"folder": str(folder), "resolution": (config["resolution"],) * 2, "steps": nami.default_steps(K), "cfg": 3.0}
+    info = {"folder": str(folder), "resolution": (config["resolution"],) * 2, "steps": nami.default_steps(K),
+            "cfg": 3.0}
     return model.to(device).eval(), bridge.to(device).eval(), encoder, autoencoder, info
 
 
@@ -307,7 +308,8 @@ def main(argv=None):
     ap.add_argument("--ckpt", help="checkpoint folder, or a run folder (its newest checkpoint); default: newest under runs/")
     ap.add_argument("--weights", help="the authors' released NAMI-2B folder (layout in README) instead of --ckpt")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
-    ap.add_argument("--steps", default=None, help="Euler steps per stage, e.g. 10,10,10 (default 30 in all: 10 per stage for 3 stages)")
+    ap.add_argument("--steps", default=None,
+                    help="Euler steps per stage, e.g. 10,10,10 (default 30 in all: 10 per stage for 3 stages)")
     ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale g (1 = off; default 3)")
     ap.add_argument("--negative", default="", help="negative prompt (the unconditional half of CFG)")
     ap.add_argument("--res", help="WxH in pixels (default: the training resolution; 1024x1024 for --weights)")

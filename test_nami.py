@@ -348,7 +348,6 @@ def test_shapes_world_is_deterministic_complete_and_keeps_heldout_pairs_out():
 # ---------------------------------------------------------------------------------------------
 
 
-
 def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     cfg = nami.get_config("tiny", joint_attention_dim=8, pooled_projection_dim=8)
