@@ -279,13 +279,16 @@ def test_cfg_with_guidance_one_equals_the_conditional_velocity():
     cfg = nami.get_config("tiny")
     model = randomize(nami.Nami(cfg), seed=6)
     x, tau, txt, pooled = inputs(cfg, seed=6)
-    txt_u, pooled_u = torch.randn_like(txt), torch.randn_like(pooled)
+    g = torch.Generator().manual_seed(7)
+    txt_u, pooled_u = torch.randn(txt.shape, generator=g), torch.randn(pooled.shape, generator=g)
     v_c = model(x, tau, txt, pooled, stage=2)
     v_u = model(x, tau, txt_u, pooled_u, stage=2)
     torch.testing.assert_close(nami.guided_velocity(model, x, tau, txt, pooled, txt_u, pooled_u, 1.0, 2), v_c,
                                rtol=1e-5, atol=1e-5)
+    # the batched conditional + unconditional pass differs from two passes by float rounding,
+    # which the guidance scale amplifies: 1e-4 (a wrong formula is off by O(1))
     torch.testing.assert_close(nami.guided_velocity(model, x, tau, txt, pooled, txt_u, pooled_u, 3.0, 2),
-                               v_u + 3.0 * (v_c - v_u), rtol=1e-5, atol=1e-5)
+                               v_u + 3.0 * (v_c - v_u), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
