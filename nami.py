@@ -96,6 +96,9 @@ PRESETS: dict[str, dict] = {
     # CPU presets (text dims of all-MiniLM-L6-v2)
     "small": dict(hidden_size=192, num_heads=3, depth_double=2, depth_single=6, cuts=(2, 4, 6),
                   axes_dim=(16, 24, 24)),
+    # mini: the recipe search's smaller model for the 15-minute budget (results/recipes.md)
+    "mini": dict(hidden_size=128, num_heads=2, depth_double=2, depth_single=6, cuts=(2, 4, 6),
+                 axes_dim=(16, 24, 24)),
     "base": dict(hidden_size=256, num_heads=4, depth_double=2, depth_single=8, cuts=(2, 5, 8),
                  axes_dim=(16, 24, 24)),
     "tiny": dict(hidden_size=64, num_heads=2, depth_double=1, depth_single=3, cuts=(1, 2, 3),

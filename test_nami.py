@@ -229,6 +229,18 @@ def test_parameter_counts_match_a_diffusers_flux_of_the_same_shape(name, expecte
     assert set(model.state_dict()) == set(nami.convert_diffusers_flux(ref.state_dict()))
 
 
+def test_every_preset_is_a_valid_flux_layout_and_the_cpu_presets_grow_in_order():
+    counts = {}
+    for name in nami.PRESETS:
+        cfg = nami.get_config(name)  # NamiConfig checks heads, RoPE axes and cut points
+        with torch.device("meta"):
+            counts[name] = sum(p.numel() for p in nami.Nami(cfg).parameters())
+        assert counts[name] == flux_param_count(cfg.hidden_size, cfg.num_heads, cfg.depth_double, cfg.depth_single,
+                                                cfg.in_channels * 4, cfg.joint_attention_dim,
+                                                cfg.pooled_projection_dim), name
+    assert counts["tiny"] < counts["mini"] < counts["small"] < counts["base"] < counts["0.6b"] < counts["2b"]
+
+
 # ---------------------------------------------------------------------------------------------
 # SPEC §6: sampling
 # ---------------------------------------------------------------------------------------------
