@@ -27,7 +27,7 @@ ROOT = Path(__file__).parent
 # The judge on real renders and on renders that break the prompt
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=[(32, 100), (64, 40)], ids=["32px", "64px"])
+@pytest.fixture(scope="module", params=[(24, 100), (32, 100), (64, 40)], ids=["24px", "32px", "64px"])
 def calibration(request):
     size, n = request.param
     return ev.calibrate(n, size, seed=123)  # not the prompt set's seed: the thresholds were set on seed 7
