@@ -13,6 +13,7 @@ to real renders of the same prompts (`frechet_distance` over `features`).
     python eval.py --ckpt runs/shapes-small --flat          # the flat sampler of the same checkpoint
     python eval.py --ckpt CKPT --per-category 200 --out eval-out   # + eval-out/eval.json, samples.png
     python eval.py --calibrate 2000 --res 32,64             # the judge on real and broken renders
+    python eval.py --ckpt CKPT --from-stage 3               # diagnostic: stage 3 from real renders
 
 From another script: `result = evaluate(model, bridge, encoder, autoencoder, resolution)` with the
 five things `sample.load_model(ckpt)` returns (the fifth, info, gives resolution and steps).
@@ -420,16 +421,19 @@ def prompt_set(per_category: int = 50, seed: int = SEED, heldout: bool = True) -
 
 @torch.no_grad()
 def generate_images(model, bridge, encoder, autoencoder, captions, seeds, resolution, steps, guidance=3.0,
-                    flat=False, batch_size=64) -> torch.Tensor:
+                    flat=False, batch_size=64, from_stage=1, reals=None) -> torch.Tensor:
     """Captions -> decoded images (N, 3, H, W) in [−1, 1] on the CPU, batch_size prompts at a time
-    (steps: Euler steps per stage, as evaluate resolved them)."""
+    (steps: Euler steps per stage, as evaluate resolved them). from_stage > 1: start that stage
+    from the real images `reals` (N, 3, H, W) instead of noise (nami.generate's diagnostic)."""
     w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
     f = autoencoder.factor
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(captions), batch_size):
+        clean = None if reals is None else autoencoder.encode(reals[i:i + batch_size].to(device))
         x = nami.generate(model, encoder, captions[i:i + batch_size], seeds[i:i + batch_size], h // f, w // f, steps,
-                          guidance, bridge=bridge, flat=flat, autocast=device.type == "cuda")[-1]
+                          guidance, bridge=bridge, flat=flat, autocast=device.type == "cuda",
+                          from_stage=from_stage, clean=clean)[-1]
         out.append(autoencoder.decode(x).float().cpu())
     return torch.cat(out)
 
@@ -464,24 +468,29 @@ def score(images: torch.Tensor, items: list[tuple[str, shapes.Sample]]) -> dict:
 
 def evaluate(model, bridge, encoder, autoencoder, resolution, per_category: int = 50, steps=None,
              guidance: float = 3.0, seed: int = SEED, flat: bool = False, heldout: bool = True,
-             batch_size: int = 64, return_images: bool = False) -> dict:
+             batch_size: int = 64, return_images: bool = False, from_stage: int = 1) -> dict:
     """Sample the prompt set with the model and score it. resolution: pixels, an int or (W, H)
     (sample.load_model's info["resolution"]); steps: Euler steps per stage (default 30 in all,
     10 each for K = 3; flat=True runs their sum in one window). Noise seed of prompt j is j. Returns
     {"categories": {cat: {"accuracy", "n"}}, "overall": mean of the six accuracies,
      "heldout": {"accuracy": mean over its categories, "n", "categories"}, "fd": float,
      "samples": [per prompt: caption, category, split, passed, detections], "settings": {...},
-     "seconds": sampling time} (+ "images": (N, 3, H, W) tensor if return_images)."""
+     "seconds": sampling time} (+ "images": (N, 3, H, W) tensor if return_images).
+    from_stage=k > 1: stages 1..k−1 are not sampled; stage k starts from the real render of each
+    prompt, noised as in training — which stage loses the prompt? (a diagnostic, not a score)."""
     items = prompt_set(per_category, seed, heldout)
     steps = list(steps or nami.default_steps(model.cfg.num_stages))
+    w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
+    reals = None if from_stage == 1 else torch.stack(
+        [shapes.to_tensor(shapes.render(s, max(w, h)).resize((w, h), Image.BOX)) for _, s in items])
     t0 = time.perf_counter()
     images = generate_images(model, bridge, encoder, autoencoder, [s.caption for _, s in items],
-                             list(range(len(items))), resolution, steps, guidance, flat, batch_size)
+                             list(range(len(items))), resolution, steps, guidance, flat, batch_size, from_stage, reals)
     seconds = time.perf_counter() - t0
     result = score(images, items)
     result["settings"] = {"per_category": per_category, "seed": seed, "steps": steps, "guidance": guidance,
                           "sampler": "flat" if flat or model.cfg.num_stages == 1 else "nami",
-                          "resolution": list(images.shape[-2:][::-1])}
+                          "resolution": list(images.shape[-2:][::-1]), "from_stage": from_stage}
     result["seconds"] = seconds
     if return_images:
         result["images"] = images
@@ -550,6 +559,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=SEED, help="seed of the prompt set (noise seed of prompt j is j)")
     ap.add_argument("--batch-size", type=int, default=64, help="prompts sampled at once")
     ap.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    ap.add_argument("--from-stage", type=int, default=1, metavar="K",
+                    help="diagnostic: start stage K from each prompt's real render, noised as in training "
+                         "(only stages K.. are sampled), to see which stage loses the prompt")
     ap.add_argument("--out", help="folder for eval.json (every number, every prompt) and samples.png")
     ap.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     ap.add_argument("--calibrate", type=int, metavar="N",
@@ -598,10 +610,13 @@ def main(argv=None):
         steps = steps or info["steps"]
         if len(steps) != model.cfg.num_stages:
             raise ValueError(f"--steps needs {model.cfg.num_stages} counts (one per stage), got {a.steps}")
+        if a.from_stage != 1 and (a.flat or not 1 <= a.from_stage <= model.cfg.num_stages):
+            raise ValueError(f"--from-stage must be between 1 and {model.cfg.num_stages} (the checkpoint's stages), "
+                             f"without --flat; got {a.from_stage}")
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}")
     result = evaluate(model, bridge, encoder, autoencoder, info["resolution"], a.per_category, steps, a.cfg, a.seed,
-                      a.flat, not a.no_heldout, a.batch_size, return_images=True)
+                      a.flat, not a.no_heldout, a.batch_size, return_images=True, from_stage=a.from_stage)
     images = result.pop("images")
     result["checkpoint"] = info["folder"]
     if a.json:
@@ -610,8 +625,12 @@ def main(argv=None):
         s = result["settings"]
         print(f"{info['folder']}: {s['sampler']} sampler, steps {s['steps']}, cfg {s['guidance']:g}, "
               f"{s['resolution'][0]}x{s['resolution'][1]}, prompt seed {s['seed']}; sampled in {result['seconds']:.1f}s\n")
-        if min(s["resolution"]) < 32:
-            print(f"note: the judge is calibrated at 32² and above; at {min(s['resolution'])} px small objects "
+        if s["from_stage"] > 1:
+            skipped = "stage 1" if s["from_stage"] == 2 else f"stages 1-{s['from_stage'] - 1}"
+            print(f"diagnostic: {skipped} not sampled; stage {s['from_stage']} starts from each prompt's real "
+                  "render, noised as in training\n")
+        if min(s["resolution"]) < 24:
+            print(f"note: the judge is calibrated at 24² and above; at {min(s['resolution'])} px small objects "
                   "merge or vanish even in real renders, so these numbers understate the model\n")
         print(table(result))
     if out is not None:

@@ -664,21 +664,25 @@ def guided_velocity(model, x, tau, txt, pooled, txt_uncond=None, pooled_uncond=N
 
 
 @torch.no_grad()
-def progressive_sample(velocity, eps, windows, steps, bridge=None, on_stage_end=None):
+def progressive_sample(velocity, eps, windows, steps, bridge=None, on_stage_end=None, start=None):
     """Integrate the K-stage flow from noise to data.
 
     velocity(x, k, t') -> v at stage k and local time t' (1 = window start, 0 = window end).
     eps: full-size noise ε_K; stage 1 starts at ε_1 of its coupled pyramid, so one seed gives
     the same image whatever the stage count. Between stages x ← BridgeFlow_(k+1)(Up(x))
     (bridge(x, k) includes the Up; bridge=None is Up alone). Returns the list of stage outputs.
+    start=(k0, x̂_s): begin at stage k0 from this start point instead (stages before k0 skipped;
+    the outputs then hold stages k0..K), e.g. the training start point of real images.
     """
     K = len(windows)
     if len(steps) != K:
         raise ValueError(f"{len(steps)} step counts for {K} stages")
-    x = noise_pyramid(eps, K)[0]
+    k0, x = start if start is not None else (1, noise_pyramid(eps, K)[0])
+    if not 1 <= k0 <= K:
+        raise ValueError(f"cannot start at stage {k0} of {K}")
     outputs = []
-    for k in range(1, K + 1):
-        if k > 1:
+    for k in range(k0, K + 1):
+        if k > k0:
             x = bridge(x, k) if bridge is not None else up(x)
         grid = torch.linspace(1.0, 0.0, steps[k - 1] + 1).tolist()
         for t, t_next in zip(grid[:-1], grid[1:]):
@@ -722,12 +726,16 @@ def sampling_plan(cfg: NamiConfig, steps, flat: bool = False):
 
 @torch.no_grad()
 def generate(model, encoder, prompts, seeds, height, width, steps, guidance=3.0, negative="",
-             bridge=None, flat=False, autocast=False, on_stage_end=None):
+             bridge=None, flat=False, autocast=False, on_stage_end=None, from_stage=1, clean=None):
     """Prompts -> images (B, C, H, W), one Gaussian draw ε_K per seed at the full size.
 
     flat=True is the baseline sampler: one window [1 → 0] at full size with the full model and
     sum(steps) Euler steps (for a NAMI checkpoint this is for timing only: such a model never
-    learnt the noisy part of the flow at full size)."""
+    learnt the noisy part of the flow at full size).
+    from_stage=k > 1 with clean latents (B, C, height, width): a diagnostic that starts stage k
+    from the training start point of the clean images (their stage k−1 end, noised with the same
+    seeds, across BridgeFlow; Algorithm 1, lines 7-13), so that stages k..K alone make the image;
+    the outputs then hold stages k..K."""
     cfg = model.cfg
     check_resolution(height, width, cfg.size_multiple)
     device = next(model.parameters()).device
@@ -738,7 +746,15 @@ def generate(model, encoder, prompts, seeds, height, width, steps, guidance=3.0,
     windows, ranges, steps, full = sampling_plan(cfg, steps, flat)
     velocity = model_velocity(model, ranges, txt.to(device), pooled.to(device), txt_u.to(device),
                               pooled_u.to(device), guidance, full, autocast)
-    return progressive_sample(velocity, eps, windows, steps, bridge, on_stage_end)
+    start = None
+    if from_stage != 1:
+        K = len(windows)
+        if not 1 < from_stage <= K or clean is None or clean.shape != eps.shape:
+            raise ValueError(f"from_stage={from_stage} needs 2 ≤ from_stage ≤ {K} stages of the NAMI sampler "
+                             f"and clean latents of shape {tuple(eps.shape)}")
+        x_k, eps_k = image_pyramid(clean.to(device), K)[from_stage - 1], noise_pyramid(eps, K)[from_stage - 1]
+        start = (from_stage, stage_points(x_k, eps_k, from_stage, windows, bridge)[0])
+    return progressive_sample(velocity, eps, windows, steps, bridge, on_stage_end, start)
 
 
 # ----------------------------------------------------------------------------------------------

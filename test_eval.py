@@ -202,6 +202,21 @@ def test_evaluate_is_importable_and_scores_every_prompt(tiny_ckpt):
     json.dumps({k: v for k, v in result.items() if k != "images"})  # the rest is plain data
 
 
+def test_evaluate_from_the_last_stage_keeps_the_real_layout(tiny_ckpt):
+    """--from-stage 3 with no step in stage 3 returns the noised, bridged real renders, each that
+    of its own prompt (nami's tests check the start point's formula)."""
+    model, bridge, encoder, autoencoder, info = sample.load_model(tiny_ckpt)
+    size = info["resolution"][0]
+    result = ev.evaluate(model, bridge, encoder, autoencoder, size, per_category=4, steps=[1, 1, 0], heldout=False,
+                         from_stage=3, return_images=True)
+    assert result["settings"]["from_stage"] == 3 and result["images"].shape == (24, 3, size, size)
+    reals = torch.stack([shapes.to_tensor(shapes.render(s, size)) for _, s in ev.prompt_set(4, heldout=False)])
+    own = (result["images"] - reals).abs().mean()
+    assert own < 0.8 * (result["images"] - reals.roll(1, 0)).abs().mean()
+    with pytest.raises(SystemExit, match="--from-stage"):
+        ev.main(["--ckpt", str(tiny_ckpt), "--from-stage", "2", "--flat"])
+
+
 def test_eval_cli_prints_the_table(tiny_ckpt, tmp_path):
     out = tmp_path / "eval-out"
     run = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tiny_ckpt), "--per-category", "2", "--steps", "2,2,2",

@@ -271,6 +271,34 @@ def test_progressive_sampler_with_exact_velocity_lands_on_each_stage_end_and_the
         bridge.shift[1].fill_(1.0)
     outs = nami.progressive_sample(lambda x, k, t: torch.zeros_like(x), eps, windows, [2, 2, 2], bridge)
     torch.testing.assert_close(outs[-1], 0.5 * nami.up(2.0 * nami.up(es[0])) + 1.0)
+    # started at stage 2 (the diagnostic of eval.py --from-stage): stage 1 is never run
+    seen_t.clear()
+    outs = nami.progressive_sample(velocity, eps, windows, [4, 3, 2], start=(2, nami.up(ends[0])))
+    assert len(outs) == 2 and [k for k, _ in seen_t] == [2] * 3 + [3] * 2
+    torch.testing.assert_close(outs[-1], x_star)
+    with pytest.raises(ValueError, match="stage 4 of 3"):
+        nami.progressive_sample(velocity, eps, windows, [4, 3, 2], start=(4, x_star))
+
+
+def test_generate_from_a_later_stage_starts_at_the_noised_real_image():
+    """Eq. 3's end point of stage k−1 for the real image (coupled noise 2·Down(ε)), carried up:
+    with no Euler step in the last stage, generate(from_stage=3) returns exactly that start."""
+    cfg = nami.get_config("tiny", joint_attention_dim=8, pooled_projection_dim=8)
+    model = nami.Nami(cfg).eval()
+
+    class Encoder:
+        def encode(self, prompts):
+            return torch.zeros(len(prompts), 4, 8), torch.zeros(len(prompts), 8)
+
+    clean = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    out = nami.generate(model, Encoder(), ["a", "b"], [11, 12], 16, 16, [1, 1, 0], from_stage=3, clean=clean)
+    eps = torch.stack([torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in (11, 12)])
+    e2 = nami.stage_windows(cfg.window_ratios, cfg.gamma)[1][1]
+    expected = nami.up(e2 * 2 * F.avg_pool2d(eps, 2) + (1 - e2) * F.avg_pool2d(clean, 2))
+    assert len(out) == 1
+    torch.testing.assert_close(out[-1], expected)
+    with pytest.raises(ValueError, match="from_stage=2"):
+        nami.generate(model, Encoder(), ["a"], [1], 16, 16, [1, 1, 1], flat=True, from_stage=2, clean=clean[:1])
 
 
 def test_flat_sampler_with_the_exact_velocity_of_a_gaussian_reproduces_it():
