@@ -438,6 +438,12 @@ def generate_images(model, bridge, encoder, autoencoder, captions, seeds, resolu
     return torch.cat(out)
 
 
+def real_renders(items: list[tuple[str, shapes.Sample]], width: int, height: int) -> torch.Tensor:
+    """The generator's own images of the prompts, (N, 3, height, width) in [−1, 1]."""
+    return torch.stack([shapes.to_tensor(shapes.render(s, height).resize((width, height), Image.BOX))
+                        for _, s in items])
+
+
 def score(images: torch.Tensor, items: list[tuple[str, shapes.Sample]]) -> dict:
     """Judge each image against its prompt and compare all images with real renders of the same
     prompts (Fréchet distance); the numbers of evaluate()."""
@@ -460,7 +466,7 @@ def score(images: torch.Tensor, items: list[tuple[str, shapes.Sample]]) -> dict:
               "overall": float(np.mean([a["accuracy"] for a in cats.values()])) if all(cats.values()) else None,
               "heldout": {"accuracy": float(np.mean([a["accuracy"] for a in held.values()])),
                           "n": sum(a["n"] for a in held.values()), "categories": held} if held else None}
-    reals = torch.stack([shapes.to_tensor(shapes.render(s, size[0]).resize(size[::-1], Image.BOX)) for _, s in items])
+    reals = real_renders(items, size[1], size[0])
     result["fd"] = frechet_distance(features(images), features(reals)) if len(items) >= 2 else None
     result["samples"] = records
     return result
@@ -481,8 +487,7 @@ def evaluate(model, bridge, encoder, autoencoder, resolution, per_category: int 
     items = prompt_set(per_category, seed, heldout)
     steps = list(steps or nami.default_steps(model.cfg.num_stages))
     w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
-    reals = None if from_stage == 1 else torch.stack(
-        [shapes.to_tensor(shapes.render(s, max(w, h)).resize((w, h), Image.BOX)) for _, s in items])
+    reals = None if from_stage == 1 else real_renders(items, w, h)
     t0 = time.perf_counter()
     images = generate_images(model, bridge, encoder, autoencoder, [s.caption for _, s in items],
                              list(range(len(items))), resolution, steps, guidance, flat, batch_size, from_stage, reals)
