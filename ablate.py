@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import eval as judge_eval
-import sample
-import train
+import checkpoint
+import judge
 
 # Layers per stage = blocks added by that stage: stage 1 runs the 2 double blocks and c_1 single
 # blocks, stage k adds c_k − c_(k−1) (small preset: 2 double + 6 single = 8 in all).
@@ -50,19 +50,30 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("²", "")).strip("-")
 
 
+def train_flags(overrides: dict) -> list[str]:
+    """A variant's TrainConfig overrides as train.py flags: cuts=(1, 3, 6) -> --cuts 1,3,6."""
+    flags = []
+    for name, value in overrides.items():
+        text = ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+        flags += ["--" + name.replace("_", "-"), text]
+    return flags
+
+
 def train_variant(out: Path, overrides: dict, a) -> float:
-    """Train (or resume) one variant up to the budget, keeping every checkpoint for scoring.
-    Returns the training minutes of the run so far (kept in train_minutes.txt across resumes)."""
+    """Train (or resume) one variant up to the budget with `python train.py`, keeping every
+    checkpoint for scoring. Returns the training minutes of the run so far (kept in
+    train_minutes.txt across resumes)."""
     minutes_file = out / "train_minutes.txt"
     before = float(minutes_file.read_text()) if minutes_file.is_file() else None
-    done = train.latest_checkpoint(out)
+    done = checkpoint.latest_checkpoint(out)
     if done is not None and int(done.name.split("-")[1]) >= a.steps:
         return float("nan") if before is None else before  # nan: trained before minutes were kept
-    cfg = train.TrainConfig(size=a.size, max_steps=a.steps, ckpt_every=a.eval_every, keep=1000,
-                            sample_every=a.steps, out=str(out), resume=done is not None, seed=a.seed,
-                            progress=not a.quiet, **overrides)
+    command = [sys.executable, str(Path(__file__).parent / "train.py"), "--size", a.size, "--max-steps", str(a.steps),
+               "--ckpt-every", str(a.eval_every), "--keep", "1000", "--sample-every", str(a.steps), "--out", str(out),
+               "--seed", str(a.seed), *(["--resume"] if done is not None else []),
+               *(["--no-progress"] if a.quiet else []), *train_flags(overrides)]
     t = time.perf_counter()
-    train.main(cfg)
+    subprocess.run(command, check=True)
     minutes = (before or 0.0) + (time.perf_counter() - t) / 60
     minutes_file.write_text(f"{minutes:.2f}\n")
     return minutes
@@ -71,12 +82,12 @@ def train_variant(out: Path, overrides: dict, a) -> float:
 def score_checkpoints(out: Path, a) -> list[dict]:
     """Judge accuracy and Fréchet distance of every checkpoint of a run (cached per checkpoint)."""
     scores = []
-    for ckpt in train.complete_checkpoints(out):
+    for ckpt in checkpoint.complete_checkpoints(out):
         cache = ckpt / "scores.json"
         if not cache.is_file():
-            model, bridge, encoder, autoencoder, info = sample.load_model(ckpt)
-            result = judge_eval.evaluate(model, bridge, encoder, autoencoder, info["resolution"],
-                                         per_category=a.per_category, seed=a.eval_seed)
+            model, bridge, encoder, autoencoder, info = checkpoint.load_model(ckpt)
+            result = judge.evaluate(model, bridge, encoder, autoencoder, info["resolution"],
+                                    per_category=a.per_category, seed=a.eval_seed)
             result.pop("samples", None)  # per-prompt records: not needed for the curves
             cache.write_text(json.dumps(result, indent=1))
         result = json.loads(cache.read_text())

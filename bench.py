@@ -26,6 +26,7 @@ import time
 import torch
 
 import nami
+import parallel
 from bridgeflow import BridgeFlow
 
 
@@ -85,8 +86,18 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # peak RSS of the process (KiB -> GiB)
 
 
+def random_stage_inputs(cfg, counts, sizes, text_len: int, device):
+    """Per stage k with counts[k−1] > 0 samples: (k, x̂_t at the stage's size, its target, τ, txt, pooled)."""
+    def normal(*shape):
+        return torch.randn(*shape, device=device)
+    return [(k, normal(n, cfg.in_channels, s, s), normal(n, cfg.in_channels, s, s), torch.rand(n, device=device),
+             normal(n, text_len, cfg.joint_attention_dim), normal(n, cfg.pooled_projection_dim))
+            for k, (n, s) in enumerate(zip(counts, sizes), 1) if n > 0]
+
+
 def train_bench(a):
-    """Time Algorithm 1's training step (FlowLoss forward + backward + AdamW) on random data."""
+    """Time Algorithm 1's training step (the model's forward and backward at every stage of a mixed
+    batch, then AdamW) on random data."""
     from torch.utils.flop_counter import FlopCounterMode
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = bench_config(a.size)
@@ -96,37 +107,36 @@ def train_bench(a):
     model = random_model(cfg, device).train()
     model.checkpointing = a.activation_checkpointing
     if a.compile:
-        for blocks in (model.transformer_blocks, model.single_transformer_blocks):
-            for block in blocks:
-                block.compile(dynamic=False)
-    bridge = BridgeFlow(cfg.in_channels, [(res // 2 ** (K - k),) * 2 for k in range(1, K + 1)]).to(device)
-    bridge.requires_grad_(False)
-    windows, ranges = nami.stage_windows(cfg.window_ratios, cfg.gamma), nami.tau_ranges(cfg.window_ratios, cfg.gamma)
-    loss_fn = nami.FlowLoss(model, bridge, windows, ranges, (1.0,) * K, autocast=a.dtype == "bf16")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        parallel.compile_blocks(model)
     ratios = [int(r) for r in a.mix.split(":")]
     if len(ratios) != K:
         raise SystemExit(f"error: --mix needs {K} ratios, got {a.mix}")
     counts = [round(a.batch * r / sum(ratios)) for r in ratios]
     counts[-1] = a.batch - sum(counts[:-1])
-    B = a.batch
-    x = torch.randn(B, cfg.in_channels, res, res, device=device)
-    eps, t = torch.randn_like(x), torch.rand(B, device=device)
-    txt = torch.randn(B, a.text_len, cfg.joint_attention_dim, device=device)
-    pooled = torch.randn(B, cfg.pooled_projection_dim, device=device)
+    B, sizes = a.batch, nami.stage_sizes(res, K)
+    stages = random_stage_inputs(cfg, counts, sizes, a.text_len, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def loss_of_step():
+        """Eq. 4 summed over the stages, the model cut after each stage's blocks (train.Algorithm1Loss
+        adds only elementwise pyramid, bridge and interpolation arithmetic around these calls)."""
+        loss = 0.0
+        for k, x_t, target, tau, txt, pooled in stages:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
+                v = model(x_t, tau, txt, pooled, stage=k)
+            loss = loss + nami.flow_loss(v, target)
+        return loss
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss, _ = loss_fn(x, txt, pooled, eps, t, counts, counts)
-        loss.backward()
+        loss_of_step().backward()
         opt.step()
 
     for _ in range(a.warmup):
         step()
     model.checkpointing = False  # model FLOPs: the recomputation of checkpointing is not counted
     with FlopCounterMode(display=False) as counter:
-        loss, _ = loss_fn(x, txt, pooled, eps, t, counts, counts)
-        loss.backward()
+        loss_of_step().backward()
     flops = counter.get_total_flops()
     model.checkpointing = a.activation_checkpointing
     times = []
@@ -138,15 +148,21 @@ def train_bench(a):
         times.append(time.perf_counter() - t0)
     step_time = statistics.median(times)
     peaks = {d: peak_flops(device, getattr(torch, d)) for d in ("bfloat16", "float32")}
-    peak = peaks["bfloat16" if a.dtype == "bf16" else "float32"]
-    tokens = sum(n * (res // 2 ** (K - k) // cfg.patch_size) ** 2 for k, n in enumerate(counts, 1))
+    tokens = sum(n * (s // cfg.patch_size) ** 2 for n, s in zip(counts, sizes))
     print(f"train {a.size} at {a.res}² (latent {res}²), batch {B} as {counts} over the stages (mix {a.mix}), "
           f"{a.dtype}, activation checkpointing {a.activation_checkpointing}, compile {a.compile}, "
-          f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"torch {torch.__version__}, median of {a.repeat} steps")
+          f"{device_name(device)}, torch {torch.__version__}, median of {a.repeat} steps")
+    print_train_table(step_time, B, tokens, flops, peaks, peaks["bfloat16" if a.dtype == "bf16" else "float32"], device)
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def print_train_table(step_time, batch, tokens, flops, peaks, peak, device):
     print("| step | samples/s | image tokens/s | model TFLOP/step | achieved TFLOP/s | peak bf16 / fp32 TFLOP/s (measured) | MFU | peak memory |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {step_time:.3f} s | {B / step_time:.1f} | {tokens / step_time:,.0f} | {flops / 1e12:.3f} | "
+    print(f"| {step_time:.3f} s | {batch / step_time:.1f} | {tokens / step_time:,.0f} | {flops / 1e12:.3f} | "
           f"{flops / step_time / 1e12:.3f} | {peaks['bfloat16'] / 1e12:.2f} / {peaks['float32'] / 1e12:.2f} | "
           f"{100 * flops / step_time / peak:.1f} % | {peak_memory_gb(device):.2f} GiB |")
 
@@ -172,7 +188,7 @@ def flops_table(a):
         model = nami.Nami(cfg)
         txt = torch.empty(1, a.text_len, cfg.joint_attention_dim)
         pooled = torch.empty(1, cfg.pooled_projection_dim)
-        sizes = [a.res // f // 2 ** (K - k) for k in range(1, K + 1)]
+        sizes = nami.stage_sizes(a.res // f, K)
         nami_per = [count_flops(model, torch.empty(1, cfg.in_channels, s, s), txt, pooled, k)
                     for k, s in enumerate(sizes, 1)]
         full_per = [count_flops(model, torch.empty(1, cfg.in_channels, s, s), txt, pooled, None) for s in sizes]
@@ -202,7 +218,7 @@ def main(argv=None):
     ap.add_argument("--size", default="small", choices=sorted(nami.PRESETS))
     ap.add_argument("--res", type=int, default=32, help="image side in pixels")
     ap.add_argument("--steps", default="10,10,10")
-    ap.add_argument("--cfg", type=float, default=3.0, help="guidance (1 = no CFG, half the batch)")
+    ap.add_argument("--cfg", type=float, default=nami.DEFAULT_GUIDANCE, help="guidance (1 = no CFG, half the batch)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: 1 sampling, 32 training)")
     ap.add_argument("--mix", default="1:2:4", help="--train: samples per stage, low -> high (paper's last phase)")
     ap.add_argument("--warmup", type=int, default=None,
@@ -226,7 +242,7 @@ def main(argv=None):
     K, f = cfg.num_stages, latent_factor(cfg)
     nami.check_resolution(a.res, a.res, f * cfg.size_multiple, "--res")
     res = a.res // f
-    bridge = BridgeFlow(cfg.in_channels, [(res // 2 ** (K - k),) * 2 for k in range(1, K + 1)]).to(device)
+    bridge = BridgeFlow(cfg.in_channels, [(s, s) for s in nami.stage_sizes(res, K)]).to(device)
     steps = [int(s) for s in a.steps.split(",")]
     txt = torch.randn(a.batch, a.text_len, cfg.joint_attention_dim, device=device)
     pooled = torch.randn(a.batch, cfg.pooled_projection_dim, device=device)
@@ -242,7 +258,7 @@ def main(argv=None):
     print(f"{a.size} at {a.res}², steps {steps}, cfg {a.cfg}, batch {a.batch}, {a.dtype}, "
           f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}, "
           f"median of {a.repeat}")
-    sizes = [a.res // 2 ** (K - k) for k in range(1, K + 1)]
+    sizes = nami.stage_sizes(a.res, K)
     print("| sampler | " + " | ".join(f"stage {k} ({s}²)" for k, s in enumerate(sizes, 1)) + " | total | reduction |")
     print("|---" * (K + 3) + "|")
     print("| flat | " + " | ".join(["–"] * (K - 1)) + f" | {med['flat'][0]:.3f} s | {tot['flat']:.3f} s | – |")

@@ -45,7 +45,7 @@ class BridgeFlow(nn.Module):
 
 
 def bridge_pairs(x: torch.Tensor, eps: torch.Tensor, windows, k: int):
-    """(Up-input, target) of jump k for clean full-size images x and noise eps (SPEC §4):
+    """(Up-input, target) of jump k for clean full-size images x and noise eps (docs/method.md §4):
     input x̂_e^(k−1) (BridgeFlow upsamples it itself), target x̂_s^pyr(k)."""
     K = len(windows)
     xs, es = image_pyramid(x, K), noise_pyramid(eps, K)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
 import encoders
 
 
@@ -30,8 +31,7 @@ def encoder_dir(tmp_path_factory):
 
 def tiny_run(out, encoder_dir, **kw):
     """The TrainConfig of a few-second training run of the tiny preset (kw overrides any field)."""
-    import train
     base = dict(size="tiny", resolution=16, batch_size=8, max_steps=6, warmup=2, bridge_steps=5, text_len=16,
                 text_encoder=encoder_dir, out=str(out), sample_every=1000, ckpt_every=3, progress=False)
     base.update(kw)
-    return train.TrainConfig(**base)
+    return config.TrainConfig(**base)

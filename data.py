@@ -1,4 +1,4 @@
-"""Your own images as NAMI training data: image folders, Algorithm 1's resolution rule, a cache.
+"""The data of Algorithm 1: image folders, its resolution rule, a cache, and the training feed.
 
 A data folder holds images with captions, found recursively, from either source:
   - a same-named text file beside the image: cat.png + cat.txt
@@ -17,6 +17,10 @@ together with its highest allowed stage; `assign_stages` then picks a stage per 
 The cache holds VAE latents and text states in safetensors shards, keyed by text encoder, VAE,
 dtype, resolution and number of stages; `CachedDataset` refuses a cache whose key differs.
 
+`Batches` feeds train.py: each step's global batch (from the built-in shapes world, a folder or a
+cache) cut into this rank's micro-batches, with every sample's noise, t' and caption dropout
+drawn from its position in the data order, and its stage drawn at the phase's sampling ratio.
+
     python data.py scan DATA_DIR --resolution 256 --stages 3      # what would be used, and why not
     python data.py cache DATA_DIR --out CACHE_DIR --resolution 256 [--vae PATH] [--text-encoder PATH]
 """
@@ -27,6 +31,7 @@ import bisect
 import copy
 import hashlib
 import json
+import math
 import os
 import struct
 from collections import Counter
@@ -39,6 +44,10 @@ from PIL import ExifTags, Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+import nami
+import shapes
+from images import to_tensor
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MANIFEST = "metadata.jsonl"
@@ -140,14 +149,6 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     return square.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """8-bit RGB image -> (3, H, W) float32 in [−1, 1]."""
-    if img.mode != "RGB":
-        raise ValueError(f"to_tensor expects an RGB image, got mode {img.mode}: use load_rgb first")
-    x = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
-    return x.permute(2, 0, 1).float() / 127.5 - 1
-
-
 # ----------------------------------------------------------------------------------------------
 # 2. Finding images and captions
 # ----------------------------------------------------------------------------------------------
@@ -243,14 +244,9 @@ def read_caption(path: Path) -> str | None:
         return None
 
 
-def scan(root, min_size: int = 1, progress: bool = True) -> tuple[list[Item], Counts]:
-    """Walk `root` recursively and decode every captioned image once; returns (items, counts).
-    Images whose shorter side is below min_size are skipped ("too small"). Raises ValueError if
-    no image can be used, saying what was found."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"{root} is not a folder: give the folder that holds the images and captions")
-    counts = Counts()
+def walk(root: Path, counts: Counts):
+    """The files below root, sorted: (images, {stem key: .txt caption}, manifests, second .txt
+    captions of one stem); files of other kinds are counted."""
     images, texts, manifests, second_texts = [], {}, [], []
     for folder, dirs, files in os.walk(root):
         dirs.sort()  # a fixed walk order: the same items in the same order on every machine
@@ -269,10 +265,21 @@ def scan(root, min_size: int = 1, progress: bool = True) -> tuple[list[Item], Co
                 manifests.append(path)
             else:
                 counts["non-image"] += 1
+    return images, texts, manifests, second_texts
+
+
+def scan(root, min_size: int = 1, progress: bool = True) -> tuple[list[Item], Counts]:
+    """Walk `root` recursively and decode every captioned image once; returns (items, counts).
+    Images whose shorter side is below min_size are skipped ("too small"). Raises ValueError if
+    no image can be used, saying what was found."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder: give the folder that holds the images and captions")
+    counts = Counts()
+    images, texts, manifests, second_texts = walk(root, counts)
     from_manifests = {}
     for path in manifests:
         from_manifests.update(read_manifest(path, root, counts))
-
     image_keys = {_key(p) for p in images}
     for key in from_manifests.keys() - image_keys:
         counts.note("missing image", os.path.relpath(key, root))
@@ -283,34 +290,8 @@ def scan(root, min_size: int = 1, progress: bool = True) -> tuple[list[Item], Co
             counts.note("duplicate caption", path.relative_to(root).as_posix())
         else:
             counts["orphan caption"] += 1
-
-    items = []
-    for path in tqdm(images, desc="scan", unit="img", disable=not progress):
-        rel = path.relative_to(root).as_posix()
-        caption = from_manifests.get(_key(path))
-        if caption is None and _key(path.with_suffix("")) in texts:
-            caption = read_caption(texts[_key(path.with_suffix(""))])
-            if caption is None:
-                counts.note("bad caption", texts[_key(path.with_suffix(""))].relative_to(root).as_posix())
-                continue
-        if caption is None:
-            counts.note("no caption", rel)
-            continue
-        if not caption.strip():
-            counts.note("empty caption", rel)
-            continue
-        try:
-            img, notes = load_rgb(path)
-        except DECODE_ERRORS as e:
-            counts.note("unreadable", f"{rel}: {e}")
-            continue
-        if min(img.size) < min_size:
-            counts.note("too small", rel)
-            continue
-        counts.update(notes)
-        counts["images"] += 1
-        stat = path.stat()
-        items.append(Item(str(path), rel, caption.strip(), img.width, img.height, stat.st_size, stat.st_mtime_ns))
+    items = [item for path in tqdm(images, desc="scan", unit="img", disable=not progress)
+             if (item := read_item(path, root, from_manifests, texts, min_size, counts)) is not None]
     if not items:
         raise ValueError(f"no usable image in {root} ({summary_line(counts)}"
                          + (f"; images need a shorter side of at least {min_size} px" if min_size > 1 else "")
@@ -318,6 +299,35 @@ def scan(root, min_size: int = 1, progress: bool = True) -> tuple[list[Item], Co
                          f"a same-named .txt caption (cat.png + cat.txt) or a line in a {MANIFEST} "
                          '({"image": "cat.png", "text": "a cat"})')
     return items, counts
+
+
+def read_item(path: Path, root: Path, from_manifests: dict, texts: dict, min_size: int, counts: Counts):
+    """One image and its caption as an Item, or None with the reason counted."""
+    rel = path.relative_to(root).as_posix()
+    caption = from_manifests.get(_key(path))
+    if caption is None and _key(path.with_suffix("")) in texts:
+        caption = read_caption(texts[_key(path.with_suffix(""))])
+        if caption is None:
+            counts.note("bad caption", texts[_key(path.with_suffix(""))].relative_to(root).as_posix())
+            return None
+    if caption is None:
+        counts.note("no caption", rel)
+        return None
+    if not caption.strip():
+        counts.note("empty caption", rel)
+        return None
+    try:
+        img, notes = load_rgb(path)
+    except DECODE_ERRORS as e:
+        counts.note("unreadable", f"{rel}: {e}")
+        return None
+    if min(img.size) < min_size:
+        counts.note("too small", rel)
+        return None
+    counts.update(notes)
+    counts["images"] += 1
+    stat = path.stat()
+    return Item(str(path), rel, caption.strip(), img.width, img.height, stat.st_size, stat.st_mtime_ns)
 
 
 def fingerprint(items: list[Item]) -> dict:
@@ -333,15 +343,10 @@ def fingerprint(items: list[Item]) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def stage_size(resolution: int, num_stages: int, k: int) -> int:
-    """Side of stage k (SPEC §1): R / 2^(K−k)."""
-    return resolution // 2 ** (num_stages - k)
-
-
 def max_stage(native: int, resolution: int, num_stages: int) -> int:
     """The highest stage k whose size R / 2^(K−k) is at most the native (shorter) side; 0 if
     even stage 1 is larger. [Algorithm 1: a stage uses only images at least its size]"""
-    return max((k for k in range(1, num_stages + 1) if stage_size(resolution, num_stages, k) <= native), default=0)
+    return max((k for k in range(1, num_stages + 1) if nami.stage_size(resolution, num_stages, k) <= native), default=0)
 
 
 def assign_stages(max_stages: list[int], counts: list[int]) -> list[int]:
@@ -381,7 +386,7 @@ class FolderDataset(torch.utils.data.Dataset):
 
     An image whose highest allowed stage m is below K is resized to stage m's size and then
     repeated 2^(K−m) times along each axis (nearest Up), so that Down^(K−m) of the returned
-    image (2×2 average pooling, SPEC §1) is exactly the image at stage m's size: stages ≤ m see
+    image (2×2 average pooling, docs/method.md §1) is exactly the image at stage m's size: stages ≤ m see
     the native pixels downsampled, never an upsampled guess.
 
     With flip=True, item (index, epoch) is mirrored left-right when a bit of
@@ -396,7 +401,7 @@ class FolderDataset(torch.utils.data.Dataset):
                              f"{2 ** (num_stages - 1)} for {num_stages} stages")
         self.root, self.resolution, self.num_stages = Path(root), resolution, num_stages
         self.flip, self.seed = flip, seed
-        self.items, self.counts = scan(root, min_size=stage_size(resolution, num_stages, 1), progress=progress)
+        self.items, self.counts = scan(root, min_size=nami.stage_size(resolution, num_stages, 1), progress=progress)
         print(summary_line(self.counts))
         self.max_stages = [max_stage(it.native, resolution, num_stages) for it in self.items]
 
@@ -406,7 +411,7 @@ class FolderDataset(torch.utils.data.Dataset):
     def load(self, index: int, flipped: bool = False) -> dict:
         item, m = self.items[index], self.max_stages[index]
         img, _ = load_rgb(item.path)
-        img = center_crop_resize(img, stage_size(self.resolution, self.num_stages, m))
+        img = center_crop_resize(img, nami.stage_size(self.resolution, self.num_stages, m))
         if flipped:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         x = to_tensor(img)  # (3, s, s), s = stage m's size
@@ -605,18 +610,153 @@ class CachedDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Command line
+# 6. The training feed: global batches cut into this rank's micro-batches, ordered by stage
+# ----------------------------------------------------------------------------------------------
+
+
+def stage_counts(ratios, batch_size):
+    """Samples per stage in one batch, ∝ ratios (largest remainder), every stage with a positive
+    ratio getting at least one sample."""
+    total = sum(ratios)
+    raw = [batch_size * r / total for r in ratios]
+    counts = [max(1, math.floor(v)) if r > 0 else 0 for v, r in zip(raw, ratios)]
+    while sum(counts) > batch_size:
+        counts[counts.index(max(counts))] -= 1
+    order = sorted(range(len(raw)), key=lambda i: raw[i] - math.floor(raw[i]), reverse=True)
+    for i in order:
+        if sum(counts) == batch_size:
+            break
+        if ratios[i] > 0:
+            counts[i] += 1
+    return counts
+
+
+def sample_randomness(seed: int, caption_dropout: float, positions, shape, device):
+    """Per sample, from a generator seeded by (seed, position): the caption-dropout coin, ε_K at
+    full size and t' ~ logit-normal (SD3). A sample draws the same numbers on whichever rank and
+    in whichever micro-batch it lands, so a run on N ranks repeats the one-process run."""
+    drop, eps, t = [], [], []
+    for p in positions:
+        g = torch.Generator().manual_seed(mix_seed(seed, "noise", p))
+        drop.append(bool(torch.rand((), generator=g) < caption_dropout))
+        eps.append(torch.randn(shape, generator=g))
+        t.append(nami.logit_normal(1, g))
+    return torch.tensor(drop, device=device), torch.stack(eps).to(device), torch.cat(t).to(device)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of Algorithm 1, its samples ordered by stage: counts[k−1] at stage k."""
+    x: torch.Tensor        # (n, C, H, W) clean latents x'_1 at the full training size
+    txt: torch.Tensor      # (n, L, D) text states (the empty prompt's where the caption was dropped)
+    pooled: torch.Tensor   # (n, P) pooled text vectors
+    eps: torch.Tensor      # (n, C, H, W) noise ε_K at the full size
+    t: torch.Tensor        # (n,) local times t' ~ logit-normal
+    counts: list           # samples per stage
+
+
+class Batches:
+    """Training micro-batches as latents at the full training size, from the built-in shapes data,
+    an image folder (cfg.data, encoded on the fly) or a cache (cfg.cache, encoded once by
+    `python data.py cache`). `cfg` is train.py's TrainConfig.
+
+    next() -> x (n, C, H, W), txt (n, L, D), pooled (n, P), max_stage (n,) — the highest stage
+    each image may train at (Algorithm 1: only images at least as large as the stage) — and the
+    global sample positions (which seed each sample's noise). Each call returns this rank's next
+    micro-batch (`slots`, parallel.micro_batches); one global batch per step, the same global
+    batches whatever the number of ranks. `start_step` makes a resumed run continue the same data
+    order; `stream` separates independent streams (BridgeFlow pre-training draws its own)."""
+
+    def __init__(self, cfg, encoder, autoencoder, num_stages, device, start_step=0, stream=0, slots=None):
+        self.cfg, self.encoder, self.autoencoder, self.K, self.device = cfg, encoder, autoencoder, num_stages, device
+        B = cfg.batch_size
+        self.slots = slots or [list(range(B))]
+        self.step, self.offset = start_step, stream * 10_000_000
+        self.queue: list = []
+        self.prompts = shapes.SAMPLE_PROMPTS
+        self.loader = None
+        if cfg.data or cfg.cache:
+            if cfg.cache:
+                key = cache_key(encoder, autoencoder, cache_dtype(cfg.cache), cfg.resolution, num_stages)
+                dataset = CachedDataset(cfg.cache, key)
+                self.uncond = tuple(u.unsqueeze(0).to(device) for u in dataset.uncond)
+            else:
+                dataset = FolderDataset(cfg.data, cfg.resolution, num_stages, flip=cfg.flip,
+                                        progress=cfg.progress, seed=cfg.seed)
+                self.prompts = [dataset.items[i].caption for i in range(min(8, len(dataset)))]
+            order = iter(ResumableSampler(len(dataset), cfg.seed + stream, start_step * B, with_epoch=cfg.flip))
+
+            def this_ranks_keys():  # the global order, B keys per step, cut into this rank's micro-batches
+                while True:
+                    keys = [next(order) for _ in range(B)]
+                    for slot in self.slots:
+                        yield from (keys[i] for i in slot)
+            self.loader = iter(torch.utils.data.DataLoader(
+                dataset, batch_size=len(self.slots[0]), sampler=this_ranks_keys(), num_workers=cfg.workers,
+                pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
+        if not cfg.cache:
+            self.uncond = tuple(u.to(device) for u in encoder.encode([""]))
+
+    def next(self, text: bool = True):
+        """text=False skips encoding the captions (BridgeFlow pre-training needs images only)."""
+        if not self.queue:
+            self.queue = [[self.offset + self.step * self.cfg.batch_size + i for i in slot] for slot in self.slots]
+            self.step += 1
+        positions = self.queue.pop(0)
+        if self.loader is None:     # built-in data: rendered at the full size, every stage allowed
+            pixels, samples = shapes.batch_at(self.cfg.seed, positions, self.cfg.resolution)
+            captions = [s.caption for s in samples]
+            max_stage = torch.full((len(positions),), self.K)
+        else:
+            batch = next(self.loader)
+            max_stage = batch["max_stage"]
+            if self.cfg.cache:
+                x = batch["latent"].to(self.device)
+                return x, batch["txt"].to(self.device), batch["pooled"].to(self.device), max_stage, positions
+            pixels, captions = batch["image"], batch["caption"]
+        x = self.autoencoder.encode(pixels.to(self.device))
+        if not text:
+            return x, None, None, max_stage, positions
+        txt, pooled = self.encoder.encode(list(captions))
+        return x, txt.to(self.device), pooled.to(self.device), max_stage, positions
+
+    def next_step(self, ratios) -> tuple[list[MicroBatch], torch.Tensor]:
+        """This rank's micro-batches of the next global batch, each with its samples' noise, t' and
+        caption dropout, and their stages drawn at the sampling ratios (paper §4.3) within
+        Algorithm 1's size rule; also the samples per stage they hold (summed over ranks, the
+        global batch's)."""
+        micro, counted = [], torch.zeros(self.K)
+        for _ in range(len(self.slots)):
+            x, txt, pooled, max_stage, positions = self.next()
+            drop, eps, t = sample_randomness(self.cfg.seed, self.cfg.caption_dropout, positions, x.shape[1:],
+                                             self.device)
+            # Paper §3.4: drop 10 % of the captions (the empty prompt is the unconditional input)
+            txt = torch.where(drop[:, None, None], self.uncond[0], txt)
+            pooled = torch.where(drop[:, None], self.uncond[1], pooled)
+            counts = stage_counts(ratios, len(positions))
+            stages = [k for k in range(1, self.K + 1) for _ in range(counts[k - 1])]
+            if int(max_stage.min()) < self.K:  # Algorithm 1: a stage trains only on images at least its size
+                stages = assign_stages(max_stage.tolist(), counts)
+                counts = [stages.count(k) for k in range(1, self.K + 1)]
+            order = sorted(range(len(positions)), key=lambda i: stages[i])  # the batch by stage
+            micro.append(MicroBatch(x[order], txt[order], pooled[order], eps[order], t[order], counts))
+            counted += torch.tensor(counts, dtype=torch.float)
+        return micro, counted
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Command line
 # ----------------------------------------------------------------------------------------------
 
 
 def cmd_scan(a):
-    min_size = stage_size(a.resolution, a.stages, 1) if a.resolution else 1
+    min_size = nami.stage_size(a.resolution, a.stages, 1) if a.resolution else 1
     items, counts = scan(a.data, min_size=min_size)
     print(summary_line(counts))
     if a.resolution:
         per = Counter(max_stage(it.native, a.resolution, a.stages) for it in items)
         print("highest stage allowed (Algorithm 1): "
-              + ", ".join(f"stage {k} ({stage_size(a.resolution, a.stages, k)} px): {per[k]}"
+              + ", ".join(f"stage {k} ({nami.stage_size(a.resolution, a.stages, k)} px): {per[k]}"
                           for k in range(1, a.stages + 1)))
 
 
@@ -625,7 +765,7 @@ def cmd_cache(a):
     dataset = FolderDataset(a.data, a.resolution, a.stages)  # scan first: data errors before model loading
     device = "cuda" if torch.cuda.is_available() else "cpu"
     autoencoder = encoders.load_autoencoder(a.vae, device=device)
-    multiple = autoencoder.factor * 2 * 2 ** (a.stages - 1)  # VAE factor · patch 2 · 2^(K−1), SPEC §1
+    multiple = autoencoder.factor * nami.size_multiple(a.stages)  # VAE factor · patch · 2^(K−1)
     if a.resolution % multiple:
         lower = a.resolution // multiple * multiple
         raise ValueError(f"--resolution {a.resolution} is not divisible by vae factor·patch·2^(stages−1) = {multiple}: "

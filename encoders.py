@@ -12,7 +12,7 @@ Everything loads from local folders, offline; nothing is downloaded.
   load_autoencoder(path)                        images <-> latents
       path None: pixel space (the built-in data, C = 3, factor 1);
       else a diffusers AutoencoderKL folder (the FLUX VAE: C = 16, factor 8), latents
-      normalised as (z − shift_factor)·scaling_factor, both read from its config (SPEC §6).
+      normalised as (z − shift_factor)·scaling_factor, both read from its config (docs/method.md §6).
 
 `identity()` of each is a JSON-able record of what was loaded; checkpoints and caches store it,
 and sample.py / the cache refuse a mismatch.
@@ -96,7 +96,7 @@ class TextEncoder:
 
     pad = "zeros": positions after the prompt's last token are zero (our default);
     pad = "encoder": all max_len positions as the encoder computed them, padding tokens included
-    (the release feeds mT5's 256 states without a mask, SPEC §3)."""
+    (the release feeds mT5's 256 states without a mask, docs/method.md §3)."""
 
     def __init__(self, path=None, max_len: int = 16, device="cpu", pooled_path=None, pooled_len: int = 77,
                  dtype=torch.float32, pad: str = "zeros"):
@@ -216,7 +216,7 @@ class VAE:
 
     @torch.no_grad()
     def decode(self, latents):
-        # SPEC §6: decode x / scaling_factor + shift_factor
+        # decode x / scaling_factor + shift_factor (docs/method.md §6)
         x = self.model.decode((latents / self.scaling + self.shift).to(self.dtype)).sample
         return x.float().clamp(-1, 1)
 

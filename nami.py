@@ -1,12 +1,13 @@
 """NAMI: Bridged Progressive Rectified Flow Transformers (Ma et al., 2025) in plain PyTorch.
 
-This file holds the whole method except BridgeFlow (bridgeflow.py) and the scripts:
-  1. NamiConfig and PRESETS             (paper Table 1, SPEC §3)
-  2. the flow mathematics as small pure functions (paper Eq. 1-4, SPEC §1-2, §5)
-  3. the progressive FLUX-style MM-DiT  (paper §3.2, §4.1; SPEC §3)
-  4. the progressive Euler sampler with classifier-free guidance (paper §3.5, SPEC §6)
-  5. checkpoint loading (safetensors weights + config.json)
-The text encoders and the VAE are in encoders.py.
+This file holds the method itself, top to bottom:
+  1. NamiConfig and PRESETS                                   (paper Table 1)
+  2. the flow mathematics as small pure functions              (paper Eq. 1-4, §3.2; docs/method.md §1-2)
+  3. the progressive FLUX-style MM-DiT                         (paper §3.2, §4.1; docs/method.md §3)
+  4. the progressive Euler sampler with classifier-free guidance (paper §3.5; docs/method.md §6)
+It imports nothing of ours: BridgeFlow (bridgeflow.py) and the text encoder reach the sampler as
+arguments. Algorithm 1's training loop is in train.py, the run folder in checkpoint.py, the
+authors' released weights in release.py.
 
 Time follows the paper: x_t = t·ε + (1−t)·x, t = 1 is noise, t = 0 is data.
 Latents are unpacked (B, C, H, W); the model packs 2×2 patches only inside its forward.
@@ -14,9 +15,7 @@ Latents are unpacked (B, C, H, W); the model packs 2×2 patches only inside its 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -75,7 +74,7 @@ class NamiConfig:
     @property
     def size_multiple(self) -> int:
         """Image (latent) sides must be multiples of this: patch · 2^(K−1)."""
-        return self.patch_size * 2 ** (self.num_stages - 1)
+        return size_multiple(self.num_stages, self.patch_size)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -131,7 +130,7 @@ def window_boundaries(ratios=(1, 1, 1)) -> list[float]:
 
 
 def stage_windows(ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[tuple[float, float]]:
-    """[(s_k, e_k)] for k = 1..K: the time at which stage k starts and ends (SPEC §2)."""
+    """[(s_k, e_k)] for k = 1..K: the time at which stage k starts and ends (docs/method.md §2)."""
     sigmas = window_boundaries(ratios)
     windows = []
     for k in range(1, len(ratios) + 1):
@@ -245,6 +244,22 @@ def stage_points(x, eps, k, windows, bridge=None, start="bridge"):
     x_e_prev = stage_endpoint(x_prev, eps_prev, windows[k - 2][1])
     x_s = bridge(x_e_prev, k) if bridge is not None else up(x_e_prev)
     return x_s, x_e
+
+
+def stage_size(size: int, num_stages: int, k: int) -> int:
+    """Side of stage k for a full side `size` (pixels or latent cells): size / 2^(K−k)."""
+    return size // 2 ** (num_stages - k)
+
+
+def stage_sizes(size: int, num_stages: int) -> list[int]:
+    """[side of stage 1, …, side of stage K] = [size / 2^(K−1), …, size]."""
+    return [stage_size(size, num_stages, k) for k in range(1, num_stages + 1)]
+
+
+def size_multiple(num_stages: int, patch_size: int = 2) -> int:
+    """Latent sides must be multiples of patch · 2^(K−1): every stage's side then packs into whole
+    patches. (Image sides: times the autoencoder's factor.)"""
+    return patch_size * 2 ** (num_stages - 1)
 
 
 def check_resolution(height: int, width: int, multiple: int, what: str = "resolution"):
@@ -557,97 +572,6 @@ class Nami(nn.Module):
         return unpatchify(img, p, h, w)
 
 
-def config_from_diffusers(config: dict, cuts=None, window_ratios=(1, 1, 1)) -> NamiConfig:
-    """Our NamiConfig for a diffusers FluxTransformer2DModel config.json (its in_channels are the
-    packed C·2·2). cuts: the stage cut points over the single blocks; None gives the release's
-    (1, 8, 14) for 14 single blocks and K = 3, else evenly spread ones."""
-    if config.get("guidance_embeds"):
-        raise ValueError("guidance-distilled FLUX transformers (guidance_embeds=true) are not supported")
-    if config.get("patch_size", 1) != 1:
-        raise ValueError(f"expected a FLUX transformer with patch_size 1 over packed 2×2 latents, got {config['patch_size']}")
-    n_single, heads = config["num_single_layers"], config["num_attention_heads"]
-    if cuts is None:
-        K = len(window_ratios)
-        cuts = (1, 8, 14) if n_single == 14 and K == 3 else tuple(
-            max(1, round(n_single * k / K)) for k in range(1, K + 1))
-    out_channels = config.get("out_channels") or config["in_channels"]
-    if out_channels != config["in_channels"] or config["in_channels"] % 4:
-        raise ValueError(f"in_channels {config['in_channels']} / out_channels {out_channels}: need equal "
-                         "values that are C·4 for 2×2 packed latents")
-    return NamiConfig(hidden_size=heads * config["attention_head_dim"], num_heads=heads,
-                      depth_double=config["num_layers"], depth_single=n_single, cuts=tuple(cuts),
-                      in_channels=config["in_channels"] // 4, patch_size=2,
-                      joint_attention_dim=config["joint_attention_dim"],
-                      pooled_projection_dim=config["pooled_projection_dim"],
-                      axes_dim=tuple(config.get("axes_dims_rope", (16, 56, 56))), window_ratios=window_ratios)
-
-
-def convert_diffusers_flux(state_dict: dict) -> dict:
-    """A diffusers FluxTransformer2DModel state dict (the released NAMI-2B layout) in our keys.
-
-    Our modules carry diffusers' names, so the conversion only strips a wrapper prefix and
-    refuses what we do not model (a guidance embedding)."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "transformer.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        if "guidance_embedder" in key:
-            raise ValueError(f"{key}: guidance-distilled FLUX checkpoints are not supported")
-        out[key] = value
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Algorithm 1's loss on one (micro-)batch: shared by train.py and bench.py
-# ----------------------------------------------------------------------------------------------
-
-
-class FlowLoss(nn.Module):
-    """Algorithm 1, lines 6-18, on one micro-batch ordered by stage (counts[k−1] samples at stage
-    k). Returns the weighted loss scaled so that summing it over micro-batches and averaging the
-    gradients over ranks (what DDP and FSDP2 do) gives the gradient of Eq. 4 on the whole global
-    batch (totals[k−1] samples at stage k), and the per-stage sums of the sample losses (for the
-    log). One module, so that DDP sees one forward per backward. every_stage (FSDP2) runs a stage
-    this micro-batch lacks on one sample with weight 0: all ranks then run the same blocks."""
-
-    def __init__(self, model, bridge, windows, ranges, weights, flat: bool = False, start: str = "bridge",
-                 autocast: bool = False, world: int = 1, every_stage: bool = False):
-        super().__init__()
-        self.model, self.bridge = model, bridge
-        self.windows, self.ranges, self.weights = windows, ranges, weights
-        self.flat, self.start, self.autocast = flat, start, autocast
-        self.world, self.every_stage = world, every_stage
-
-    def forward(self, x_full, txt, pooled, eps_full, t_all, counts, totals):
-        K = len(self.windows)
-        loss, sums, first = 0.0, [], 0
-        for k in range(1, K + 1):  # line 5: for each time window [t_(k−1), t_k] in the batch
-            n = counts[k - 1]
-            if totals[k - 1] == 0 or (n == 0 and not self.every_stage):
-                sums.append(torch.zeros((), device=x_full.device))
-                continue
-            idx = slice(first, first + n) if n else slice(0, 1)
-            first += n
-            # line 6: Down(x'_1) until it is at stage k's resolution; the coupled noise likewise
-            x = image_pyramid(x_full[idx], K)[k - 1]
-            eps = noise_pyramid(eps_full[idx], K)[k - 1]
-            # lines 7-13: start point (ε_1, or BridgeFlow(Up(end point of stage k−1))), end point
-            x_s, x_e = stage_points(x, eps, k, self.windows, self.bridge, self.start)
-            # line 14: Eq. 3, x̂_t = t'·x̂_s + (1 − t')·x̂_e, at τ(k, t') for the model
-            t = t_all[idx]
-            x_t = interpolate(x_s, x_e, t)
-            tau = stage_tau(t, self.ranges[k - 1])
-            with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                v = self.model(x_t, tau, txt[idx], pooled[idx], stage=None if self.flat else k)
-            # line 16: Eq. 4, ‖(x̂_s − x̂_e) − v_θk(x̂_t, t')‖², as a sum over this micro-batch's samples
-            stage_sum = flow_loss(v, flow_target(x_s, x_e)) * n
-            sums.append(stage_sum.detach())
-            # line 18: weight the windows' losses; the mean over stage k's samples of the global batch
-            loss = loss + self.weights[k - 1] * stage_sum / totals[k - 1]
-        return loss * self.world, torch.stack(sums)
-
-
 # ----------------------------------------------------------------------------------------------
 # 4. Sampling (paper §3.5): progressive Euler with BridgeFlow at each jump, batched CFG
 # ----------------------------------------------------------------------------------------------
@@ -710,6 +634,9 @@ def model_velocity(model, ranges, txt, pooled, txt_uncond=None, pooled_uncond=No
     return velocity
 
 
+DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale g of the release (10+10+10 steps, CFG 3)
+
+
 def default_steps(num_stages: int, total: int = 30) -> list[int]:
     """Euler steps per stage when none are given: 30 in all (the release's 10+10+10), split as
     evenly as possible, so that a flat (K = 1) model gets the same 30 steps as the NAMI sampler."""
@@ -725,7 +652,7 @@ def sampling_plan(cfg: NamiConfig, steps, flat: bool = False):
 
 
 @torch.no_grad()
-def generate(model, encoder, prompts, seeds, height, width, steps, guidance=3.0, negative="",
+def generate(model, encoder, prompts, seeds, height, width, steps, guidance=DEFAULT_GUIDANCE, negative="",
              bridge=None, flat=False, autocast=False, on_stage_end=None, from_stage=1, clean=None):
     """Prompts -> images (B, C, H, W), one Gaussian draw ε_K per seed at the full size.
 
@@ -755,64 +682,3 @@ def generate(model, encoder, prompts, seeds, height, width, steps, guidance=3.0,
         x_k, eps_k = image_pyramid(clean.to(device), K)[from_stage - 1], noise_pyramid(eps, K)[from_stage - 1]
         start = (from_stage, stage_points(x_k, eps_k, from_stage, windows, bridge)[0])
     return progressive_sample(velocity, eps, windows, steps, bridge, on_stage_end, start)
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. Checkpoints: weights as safetensors with config.json beside them
-# ----------------------------------------------------------------------------------------------
-
-CKPT_PREFIX = "ckpt-"
-
-
-def find_checkpoint(path) -> Path:
-    """A checkpoint folder from a folder that is one, or the newest one below a run folder
-    (or below runs/ when path is None)."""
-    root = Path(path) if path is not None else Path("runs")
-    if (root / "weights.safetensors").is_file():
-        return root
-    found = sorted(root.glob(f"**/{CKPT_PREFIX}*/weights.safetensors"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(
-            f"no checkpoint found under {root}/ (a checkpoint is a folder {CKPT_PREFIX}NNNNNNN holding "
-            "weights.safetensors and config.json): train one with `python train.py`, or pass --ckpt PATH")
-    return found[-1].parent
-
-
-def load_checkpoint(path):
-    """-> (folder, config dict, {"model": sd, "ema": sd, "bridge": sd}) from a checkpoint folder."""
-    import json
-    from safetensors.torch import load_file
-    folder = find_checkpoint(path)
-    config = json.loads((folder / "config.json").read_text())
-    parts: dict[str, dict] = {}
-    for key, value in load_file(folder / "weights.safetensors").items():
-        if "." not in key:
-            raise ValueError(f"{folder}/weights.safetensors holds a tensor {key!r} outside the model./ema./bridge. "
-                             "parts: not a checkpoint of train.py")
-        part, name = key.split(".", 1)
-        parts.setdefault(part, {})[name] = value
-    return folder, config, parts
-
-
-def unpickling_refusal(e: Exception) -> str:
-    """What torch's weights_only error says the file holds ("Unsupported global: GLOBAL exec was
-    not an allowed global by default"), without the rest of it: terminal escape codes, and the
-    advice to load the file with weights_only=False, which is what a crafted file wants."""
-    reason = str(e).split("WeightsUnpickler error:")[-1]
-    reason = re.sub(r"\x1b\[[0-9;]*m", "", reason).strip().split(". ")[0].split("\n")[0]
-    return reason[:300]
-
-
-def load_state(module: nn.Module, state_dict: dict, what: str, assign: bool = False):
-    """load_state_dict(strict) with an error naming the first mismatch, not a deep stack trace.
-    assign=True adopts the given tensors (for a model built on the meta device: no second copy)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    extra = [k for k in state_dict if k not in own]
-    shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or extra or shape:
-        first = (f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}" if extra else
-                 f"{shape[0]!r} has shape {tuple(state_dict[shape[0]].shape)}, the model wants {tuple(own[shape[0]].shape)}")
-        raise ValueError(f"{what} does not match the model ({len(missing)} missing, {len(extra)} unexpected, "
-                         f"{len(shape)} of other shape keys): {first}")
-    module.load_state_dict(state_dict, assign=assign)

@@ -68,11 +68,57 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when the flag is true on at least one (a stop signal, a non-finite
+    weight): all ranks then take the same branch and issue the same collectives."""
+    return all_sum(torch.tensor(float(flag))).item() > 0
+
+
 def broadcast_module(module: nn.Module, src: int = 0):
     """Rank src's parameters and buffers on every rank (BridgeFlow after its pre-training)."""
     if dist.is_initialized():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src)
+
+
+# ----------------------------------------------------------------------------------------------
+# Splitting a global batch: micro-batches per rank, each stage's share of the global mean
+# ----------------------------------------------------------------------------------------------
+
+
+def micro_batches(batch_size: int, micro: int, world: int, rank: int) -> list[list[int]]:
+    """Which samples of a global batch this rank computes, one list per accumulation step: sample i
+    of the batch belongs to micro-batch i mod R (R = ranks · accumulation steps, strided so that
+    every micro-batch draws from the whole batch), and rank r computes micro-batches r, r+W, …"""
+    R = batch_size // micro
+    return [list(range(j * world + rank, batch_size, R)) for j in range(R // world)]
+
+
+def stage_rows(counts, totals, every_stage: bool):
+    """(k, rows, n) for each stage k this micro-batch computes, its samples ordered by stage
+    (counts[k−1] of them at stage k, totals[k−1] in the global batch). every_stage (FSDP2): a stage
+    the global batch has but this micro-batch lacks runs on one sample with n = 0 (weight 0), so
+    that all ranks run the same blocks and issue the same collectives."""
+    first = 0
+    for k, (n, total) in enumerate(zip(counts, totals), 1):
+        if total == 0 or (n == 0 and not every_stage):
+            continue
+        yield k, (slice(first, first + n) if n else slice(0, 1)), n
+        first += n
+
+
+def share_of_global_mean(loss_sum: torch.Tensor, total: float) -> torch.Tensor:
+    """A micro-batch's part of a stage's mean over the global batch (loss_sum: the sum of its
+    samples' losses; total: the stage's samples in the global batch), scaled by the number of
+    ranks because DDP and FSDP2 average gradients over ranks: summed over micro-batches and
+    averaged over ranks, the gradients are those of the global mean."""
+    return loss_sum / total * (dist.get_world_size() if dist.is_initialized() else 1)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients to a total norm of max_norm; the norm before clipping, as a plain
+    tensor (FSDP2 returns a DTensor)."""
+    return full(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
 
 
 # ----------------------------------------------------------------------------------------------

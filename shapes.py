@@ -15,12 +15,13 @@ generalisation to unseen combinations.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from images import grid, to_tensor
 
 COLORS = {
     "red": (220, 40, 40),
@@ -43,6 +44,12 @@ RELATIONS = {  # relation -> paraphrases; "A <rel> B" means A is on that side of
     "below": ("below", "under", "beneath"),
 }
 PREFIXES = ("a photo of ", "an image of ", "a picture of ", "a drawing of ", "")
+# The fixed prompts of the sample grids that training writes (seeds 0..7)
+SAMPLE_PROMPTS = [
+    "a photo of a red circle", "a blue square", "a photo of a green triangle", "three yellow circles",
+    "a purple square to the left of an orange circle", "a white triangle above a blue square",
+    "a photo of a circle and a square", "a photo of a red circle and a green square",
+]
 
 
 @dataclass
@@ -187,18 +194,6 @@ def render(sample: Sample, size: int = 32, supersample: int = 4) -> Image.Image:
     return img.resize((size, size), Image.BOX)
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float in [−1, 1]."""
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def to_image(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [−1, 1] -> PIL RGB (clamped)."""
-    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
-
-
 def batch(seed: int, start: int, n: int, size: int = 32, split: str = "train"):
     """Samples start..start+n−1: images (n, 3, size, size) in [−1, 1] and their Sample records."""
     return batch_at(seed, range(start, start + n), size, split)
@@ -207,20 +202,8 @@ def batch(seed: int, start: int, n: int, size: int = 32, split: str = "train"):
 def batch_at(seed: int, indices, size: int = 32, split: str = "train"):
     """The samples at these indices (any order): images (n, 3, size, size) in [−1, 1] and records."""
     samples = [make_sample(seed, i, split) for i in indices]
-    images = torch.stack([to_tensor(render(s, size)) for s in samples])
+    images = torch.stack([to_tensor(render(s, size)) for s in samples])  # (n, 3, size, size)
     return images, samples
-
-
-def grid(images, ncols: int | None = None, pad: int = 2) -> Image.Image:
-    """A list of PIL images of one size -> one PIL image, ncols per row."""
-    n = len(images)
-    ncols = ncols or math.ceil(math.sqrt(n))
-    nrows = math.ceil(n / ncols)
-    w, h = images[0].size
-    canvas = Image.new("RGB", (ncols * (w + pad) + pad, nrows * (h + pad) + pad), (255, 255, 255))
-    for i, im in enumerate(images):
-        canvas.paste(im, (pad + (i % ncols) * (w + pad), pad + (i // ncols) * (h + pad)))
-    return canvas
 
 
 if __name__ == "__main__":

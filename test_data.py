@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import images
 
 # ----------------------------------------------------------------------------------------------
 # a data folder with one of every case scan must handle
@@ -235,11 +236,11 @@ def test_large_downscale_is_antialiased():
 def test_to_tensor_range_and_shape():
     a = np.zeros((6, 4, 3), np.uint8)
     a[0, 0] = 255
-    x = data.to_tensor(Image.fromarray(a))
+    x = images.to_tensor(Image.fromarray(a))
     assert x.shape == (3, 6, 4) and x.dtype == torch.float32
     assert x.max() == 1 and x.min() == -1 and x[:, 0, 0].tolist() == [1, 1, 1]
     with pytest.raises(ValueError, match="RGB"):
-        data.to_tensor(Image.new("L", (2, 2)))
+        images.to_tensor(Image.new("L", (2, 2)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def test_low_resolution_image_is_exact_at_its_stage(dataset):
     i = [it.rel for it in dataset.items].index("sub/b.png")
     assert dataset.max_stages[i] == 1
     img, _ = data.load_rgb(dataset.items[i].path)
-    at_stage = data.to_tensor(data.center_crop_resize(img, 16))
+    at_stage = images.to_tensor(data.center_crop_resize(img, 16))
     assert torch.equal(F.avg_pool2d(dataset[i]["image"][None], 2)[0], at_stage)
 
 

@@ -15,8 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import eval as ev
-import sample
+import checkpoint
+import config
+import eval
+import images
+import judge as ev
 import shapes
 import train
 
@@ -92,7 +95,7 @@ def test_detector_counts_four_small_objects_of_one_colour_at_the_generators_marg
 
 def test_tensor_pil_and_array_inputs_agree_and_tiny_or_broken_images_do_not_crash():
     img = picture([("triangle", "green", (0.2, 0.2, 0.8, 0.8))])
-    as_pil, as_tensor = ev.detect(img), ev.detect(shapes.to_tensor(img))
+    as_pil, as_tensor = ev.detect(img), ev.detect(images.to_tensor(img))
     assert as_pil == as_tensor == ev.detect(np.asarray(img)) and as_pil[0].shape == "triangle"
     for size in (1, 2, 4, 16):
         ev.detect(picture([("circle", "red", (0.2, 0.2, 0.8, 0.8))], size=size))
@@ -183,14 +186,14 @@ def test_prompt_set_is_fixed_and_holds_every_category_and_the_heldout_pairs():
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, encoder_dir):
     out = tmp_path_factory.mktemp("tiny_eval_run")
-    train.main(train.TrainConfig(size="tiny", resolution=16, batch_size=8, max_steps=2, bridge_steps=5,
+    train.main(config.TrainConfig(size="tiny", resolution=16, batch_size=8, max_steps=2, bridge_steps=5,
                                  text_encoder=encoder_dir, out=str(out), ckpt_every=2, sample_every=1000,
                                  progress=False))
     return out / "ckpt-0000002"
 
 
 def test_evaluate_is_importable_and_scores_every_prompt(tiny_ckpt):
-    model, bridge, encoder, autoencoder, info = sample.load_model(tiny_ckpt)
+    model, bridge, encoder, autoencoder, info = checkpoint.load_model(tiny_ckpt)
     result = ev.evaluate(model, bridge, encoder, autoencoder, info["resolution"], per_category=2, steps=[2, 2, 2],
                          batch_size=7, return_images=True)
     assert set(result["categories"]) == set(shapes.CATEGORIES)
@@ -205,16 +208,16 @@ def test_evaluate_is_importable_and_scores_every_prompt(tiny_ckpt):
 def test_evaluate_from_the_last_stage_keeps_the_real_layout(tiny_ckpt):
     """--from-stage 3 with no step in stage 3 returns the noised, bridged real renders, each that
     of its own prompt (nami's tests check the start point's formula)."""
-    model, bridge, encoder, autoencoder, info = sample.load_model(tiny_ckpt)
+    model, bridge, encoder, autoencoder, info = checkpoint.load_model(tiny_ckpt)
     size = info["resolution"][0]
     result = ev.evaluate(model, bridge, encoder, autoencoder, size, per_category=4, steps=[1, 1, 0], heldout=False,
                          from_stage=3, return_images=True)
     assert result["settings"]["from_stage"] == 3 and result["images"].shape == (24, 3, size, size)
-    reals = torch.stack([shapes.to_tensor(shapes.render(s, size)) for _, s in ev.prompt_set(4, heldout=False)])
+    reals = torch.stack([images.to_tensor(shapes.render(s, size)) for _, s in ev.prompt_set(4, heldout=False)])
     own = (result["images"] - reals).abs().mean()
     assert own < 0.8 * (result["images"] - reals.roll(1, 0)).abs().mean()
     with pytest.raises(SystemExit, match="--from-stage"):
-        ev.main(["--ckpt", str(tiny_ckpt), "--from-stage", "2", "--flat"])
+        eval.main(["--ckpt", str(tiny_ckpt), "--from-stage", "2", "--flat"])
 
 
 def test_eval_cli_prints_the_table(tiny_ckpt, tmp_path):
@@ -236,6 +239,6 @@ def test_eval_cli_refuses_bad_flags_before_loading_anything(tmp_path, capsys):
                           (["--steps", "a,b"], "--steps"), (["--calibrate", "0"], "--calibrate"),
                           (["--calibrate", "3", "--res", "x"], "--res")):
         with pytest.raises(SystemExit, match=message):
-            ev.main(argv + ["--ckpt", str(tmp_path / "nowhere")])
+            eval.main(argv + ["--ckpt", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="no checkpoint"):
-        ev.main(["--ckpt", str(tmp_path / "nowhere")])
+        eval.main(["--ckpt", str(tmp_path / "nowhere")])

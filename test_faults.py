@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import nami
 import train
 from conftest import tiny_encoder
@@ -47,7 +48,7 @@ def cli_args(out, encoder, max_steps, ckpt_every=1) -> list[str]:
 
 
 def weights(folder: Path) -> dict:
-    return load_file(train.latest_checkpoint(folder) / "weights.safetensors")
+    return load_file(checkpoint.latest_checkpoint(folder) / "weights.safetensors")
 
 
 def log_records(folder: Path) -> list[dict]:
@@ -58,9 +59,9 @@ def log_records(folder: Path) -> list[dict]:
 
 def check_checkpoints_complete(folder: Path):
     """Every ckpt-* folder on disk is complete and loads (weights, config, weights_only state)."""
-    for ckpt in folder.glob(f"{nami.CKPT_PREFIX}*"):
-        assert {p.name for p in ckpt.iterdir()} == set(train.CKPT_FILES), ckpt
-        nami.load_checkpoint(ckpt)
+    for ckpt in folder.glob(f"{checkpoint.PREFIX}*"):
+        assert {p.name for p in ckpt.iterdir()} == set(checkpoint.FILES), ckpt
+        checkpoint.load_checkpoint(ckpt)
         torch.load(ckpt / "train_state.pt", weights_only=True)
 
 
@@ -84,20 +85,20 @@ def kill_campaign(out: Path, encoder: str, kills: int, max_steps: int, seed: int
     stats = {"kills": 0, "during_save": 0, "resumed": 0, "starts": 0}
     while True:
         stats["starts"] += 1
-        before = train.latest_checkpoint(out) if out.exists() else None
+        before = checkpoint.latest_checkpoint(out) if out.exists() else None
         proc = subprocess.Popen(cli_args(out, encoder, max_steps), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         if stats["kills"] < kills:
             if stats["kills"] % 2:   # the instant a temporary checkpoint folder exists
-                hit = wait_for(lambda: any(out.glob(f".tmp-{nami.CKPT_PREFIX}*")), proc)
+                hit = wait_for(lambda: any(out.glob(f".tmp-{checkpoint.PREFIX}*")), proc)
             else:                    # a random moment once this start has written a checkpoint
-                hit = wait_for(lambda: train.latest_checkpoint(out) not in (None, before), proc)
+                hit = wait_for(lambda: checkpoint.latest_checkpoint(out) not in (None, before), proc)
                 time.sleep(rng.uniform(0, 0.05))
             if hit and proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 stats["kills"] += 1
-                stats["during_save"] += any(out.glob(f".tmp-{nami.CKPT_PREFIX}*"))
+                stats["during_save"] += any(out.glob(f".tmp-{checkpoint.PREFIX}*"))
                 check_checkpoints_complete(out)
                 continue
         _, err = proc.communicate(timeout=300)
@@ -136,7 +137,7 @@ def test_a_new_run_never_overwrites_an_old_one(tmp_path, encoder):
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, encoder, monkeypatch):
-    real_save, calls = train.save_file, []
+    real_save, calls = checkpoint.save_file, []
 
     def save_then_fill_the_disk(tensors, path):
         calls.append(path)
@@ -146,13 +147,13 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, encoder
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_save(tensors, path)
 
-    monkeypatch.setattr(train, "save_file", save_then_fill_the_disk)
-    with pytest.raises(train.TrainingStopped, match=r"No space left.*ckpt-0000002 is intact"):
+    monkeypatch.setattr(checkpoint, "save_file", save_then_fill_the_disk)
+    with pytest.raises(checkpoint.TrainingStopped, match=r"No space left.*ckpt-0000002 is intact"):
         train.main(config(tmp_path, encoder, max_steps=4, ckpt_every=2))
-    assert [p.name for p in train.complete_checkpoints(tmp_path)] == ["ckpt-0000002"]
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["ckpt-0000002"]
     assert not list(tmp_path.glob(".tmp-*"))
     check_checkpoints_complete(tmp_path)
-    monkeypatch.setattr(train, "save_file", real_save)  # space freed: the run resumes and finishes
+    monkeypatch.setattr(checkpoint, "save_file", real_save)  # space freed: the run resumes and finishes
     assert len(train.main(config(tmp_path, encoder, max_steps=4, ckpt_every=2, resume=True))["losses"]) == 2
 
 
@@ -185,7 +186,7 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, encoder, monkeypatch
 
 def test_non_finite_steps_in_a_row_stop_with_step_stage_and_last_good_checkpoint(tmp_path, encoder, monkeypatch):
     nan_loss_at(monkeypatch, set(range(3 * 4 + 1, 1000)))  # every stage from step 5 on
-    with pytest.raises(train.TrainingStopped, match=r"3 steps in a row.*step 7 \(stage 1 loss\).*ckpt-0000006"):
+    with pytest.raises(checkpoint.TrainingStopped, match=r"3 steps in a row.*step 7 \(stage 1 loss\).*ckpt-0000006"):
         train.main(config(tmp_path, encoder, max_steps=20, ckpt_every=2, max_bad_steps=3))
     # skipped steps leave the weights untouched, so the checkpoint of step 6 holds step 4's weights
     a, b = (load_file(tmp_path / f"ckpt-000000{s}" / "weights.safetensors") for s in (4, 6))
@@ -202,7 +203,7 @@ def test_ctrl_c_and_sigterm_write_a_final_checkpoint_and_exit_cleanly(tmp_path, 
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert f"stopped by {sig.name}" in out
-    ckpt = train.latest_checkpoint(tmp_path)
+    ckpt = checkpoint.latest_checkpoint(tmp_path)
     assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 10  # the first log line came at step 10
     check_checkpoints_complete(tmp_path)
 

@@ -29,10 +29,14 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import checkpoint
+import config
+import conftest
 import data
 import encoders
+import images
+import release
 import sample
-import conftest
 import train
 
 # No example database in the repository; a failure prints the example that falsified it.
@@ -134,14 +138,14 @@ def test_text_length_beyond_the_encoders_positions_is_refused(encoder_dir):
 
 def read_png_text(fields: dict) -> dict:
     buffer = io.BytesIO()
-    Image.new("RGB", (2, 2)).save(buffer, format="PNG", pnginfo=sample.png_info(fields))
+    Image.new("RGB", (2, 2)).save(buffer, format="PNG", pnginfo=images.png_info(fields))
     buffer.seek(0)
     with Image.open(buffer) as png:
         return dict(png.text)
 
 
 def test_fuzzed_png_metadata_round_trips():
-    """sample.png_info keeps every character of any text, with a NUL written as U+2400 (the PNG
+    """images.png_info keeps every character of any text, with a NUL written as U+2400 (the PNG
     specification allows no NUL in a text chunk), in UTF-8 iTXt chunks."""
     seen = []
 
@@ -360,7 +364,7 @@ def test_fuzzed_data_folders_scan_or_raise_the_documented_error():
                 img, _ = data.load_rgb(item.path)
                 assert img.mode == "RGB" and img.size == (item.width, item.height)
                 assert min(img.size) >= min_size and item.caption == item.caption.strip() != ""
-                assert data.to_tensor(img).shape == (3, item.height, item.width)
+                assert images.to_tensor(img).shape == (3, item.height, item.width)
     check()
     ran("data folders through data.scan", len(seen), 100 * SCALE)
 
@@ -502,7 +506,7 @@ def test_crafted_bin_weights_are_refused_by_read_state_dict_and_run_nothing(tmp_
     path = crafted(tmp_path / "bridge_flow.bin", marker, legacy)
     with pytest.raises(ValueError, match=r"bridge_flow\.bin was refused: .*\(Unsupported global: GLOBAL exec .*\); "
                                          "nothing in it was run"):
-        sample.read_state_dict(path)
+        release.read_state_dict(path)
     assert not marker.exists(), "unpickling ran the crafted code"
 
 
@@ -516,7 +520,7 @@ def test_damaged_bin_weights_are_named(tmp_path, blob, message):
     path = tmp_path / "bridge_flow.bin"
     path.write_bytes(blob(torch_bytes({"scale": torch.ones(2)})))
     with pytest.raises(ValueError, match=rf"bridge_flow\.bin {message}"):
-        sample.read_state_dict(path)
+        release.read_state_dict(path)
 
 
 def torch_bytes(obj) -> bytes:
@@ -557,7 +561,7 @@ def test_weights_that_do_not_fit_the_config_name_the_first_mismatch(fresh_run, e
     ckpt = fresh_run / "ckpt-0000002"
     edit_weights(ckpt, edit)
     with pytest.raises(ValueError, match=message):
-        sample.load_model(ckpt)
+        checkpoint.load_model(ckpt)
 
 
 def test_config_that_does_not_fit_the_weights_names_the_first_mismatch(fresh_run):
@@ -566,7 +570,7 @@ def test_config_that_does_not_fit_the_weights_names_the_first_mismatch(fresh_run
     config["model"].update(depth_single=4, cuts=[1, 2, 4])  # one single block more than was trained
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"4 missing.*missing key 'single_transformer_blocks\.3\."):
-        sample.load_model(ckpt)
+        checkpoint.load_model(ckpt)
 
 
 def test_tensor_name_without_a_part_prefix_is_named(fresh_run, tmp_path):
@@ -601,8 +605,8 @@ class Loaded(Exception):
 def no_loading(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise Loaded
-    monkeypatch.setattr(sample, "load_model", refuse)
-    monkeypatch.setattr(sample, "load_released", refuse)
+    monkeypatch.setattr(checkpoint, "load_model", refuse)
+    monkeypatch.setattr(release, "load", refuse)
     monkeypatch.chdir(tmp_path)  # the default --out, sample.png, would land here
 
 
@@ -722,7 +726,7 @@ TRAIN_BAD = [  # (id, flags, regular expression the message must match)
 def train_flag_error(argv: list[str], capsys) -> str | None:
     """The message with which parse_args + validate refuse argv, or None if they accept it."""
     try:
-        train.validate(train.parse_args(argv))
+        config.validate(config.parse_args(argv))
     except SystemExit as e:  # argparse (message on stderr) or parse_ints (message in the exit)
         return f"{e.code} {capsys.readouterr().err}"
     except ValueError as e:

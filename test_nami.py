@@ -1,4 +1,4 @@
-"""Tests: one per equation of the paper (and SPEC's pinned details), then training, resume and
+"""Tests: one per equation of the paper (and docs/method.md's pinned details), then training, resume and
 the sampling CLI on a tiny model. Run: python -m pytest -q test_nami.py  (CPU, about 2 minutes)."""
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import bridgeflow
+import checkpoint
+import config
+import data
 import encoders
 import nami
+import release
 import shapes
 import train
 from conftest import tiny_run
@@ -39,12 +43,12 @@ def inputs(cfg: nami.NamiConfig, B=2, H=16, W=16, L=5, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC §2: time windows and τ ranges
+# docs/method.md §2: time windows and τ ranges
 # ---------------------------------------------------------------------------------------------
 
 def test_windows_and_tau_ranges_equal_spec_values():
     windows = nami.stage_windows((1, 1, 1), 1 / 3)
-    expected = [(1.0, 2 / 3), (0.8, 1 / 3), (0.5, 0.0)]  # SPEC §2 for 1:1:1
+    expected = [(1.0, 2 / 3), (0.8, 1 / 3), (0.5, 0.0)]  # docs/method.md §2 for 1:1:1
     for (s, e), (s_ref, e_ref) in zip(windows, expected):
         assert s == pytest.approx(s_ref) and e == pytest.approx(e_ref)
     ranges = nami.tau_ranges((1, 1, 1), 1 / 3)
@@ -74,7 +78,7 @@ def test_corrected_start_formula():
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC §5: pyramids, end points, Eq. 3 and its target, logit-normal t', Eq. 4
+# docs/method.md §5: pyramids, end points, Eq. 3 and its target, logit-normal t', Eq. 4
 # ---------------------------------------------------------------------------------------------
 
 def test_coupled_noise_has_unit_variance_at_every_stage():
@@ -131,7 +135,7 @@ def test_logit_normal_and_loss():
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC §3: the progressive model
+# docs/method.md §3: the progressive model
 # ---------------------------------------------------------------------------------------------
 
 def test_stage_k_runs_exactly_the_blocks_up_to_its_cut_point():
@@ -226,7 +230,7 @@ def test_parameter_counts_match_a_diffusers_flux_of_the_same_shape(name, expecte
             num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.joint_attention_dim,
             pooled_projection_dim=cfg.pooled_projection_dim, guidance_embeds=False, axes_dims_rope=cfg.axes_dim)
     assert n == sum(p.numel() for p in ref.parameters())
-    assert set(model.state_dict()) == set(nami.convert_diffusers_flux(ref.state_dict()))
+    assert set(model.state_dict()) == set(release.convert_diffusers_flux(ref.state_dict()))
 
 
 def test_every_preset_is_a_valid_flux_layout_and_the_cpu_presets_grow_in_order():
@@ -242,7 +246,7 @@ def test_every_preset_is_a_valid_flux_layout_and_the_cpu_presets_grow_in_order()
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC §6: sampling
+# docs/method.md §6: sampling
 # ---------------------------------------------------------------------------------------------
 
 def test_progressive_sampler_with_exact_velocity_lands_on_each_stage_end_and_the_data():
@@ -332,7 +336,7 @@ def test_cfg_with_guidance_one_equals_the_conditional_velocity():
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC §4: BridgeFlow
+# docs/method.md §4: BridgeFlow
 # ---------------------------------------------------------------------------------------------
 
 def test_bridgeflow_gradient_training_matches_closed_form():
@@ -417,13 +421,13 @@ def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():
 
 
 def test_stage_mix_schedule_and_counts():
-    cfg = train.TrainConfig(max_steps=1000)
-    schedule = train.stage_mix_schedule(cfg, 3)
+    cfg = config.TrainConfig(max_steps=1000)
+    schedule = config.stage_mix_schedule(cfg, 3)
     assert schedule == [(0, 480, (4, 2, 1)), (480, 800, (2, 4, 1)), (800, 1000, (1, 2, 4))]
-    assert train.stage_counts((4, 2, 1), 32) == [18, 9, 5]
-    assert train.stage_counts((1, 2, 4), 7) == [1, 2, 4]
-    assert sum(train.stage_counts((1, 1, 1), 2)) == 2
-    assert train.learning_rate(cfg, 900, schedule) == pytest.approx(cfg.lr * cfg.final_lr_scale)
+    assert data.stage_counts((4, 2, 1), 32) == [18, 9, 5]
+    assert data.stage_counts((1, 2, 4), 7) == [1, 2, 4]
+    assert sum(data.stage_counts((1, 1, 1), 2)) == 2
+    assert config.learning_rate(cfg, 900, schedule) == pytest.approx(cfg.lr * cfg.final_lr_scale)
 
 
 def test_save_then_resume_gives_the_same_losses_as_not_stopping(tmp_path, encoder_dir):
@@ -480,11 +484,11 @@ def test_sample_cli_end_to_end_and_bad_input(tmp_path, encoder_dir):
 
 def test_checkpoint_of_another_shape_is_an_error_naming_the_mismatch(tmp_path, encoder_dir):
     train.main(tiny_run(tmp_path, encoder_dir, max_steps=1, ckpt_every=1))
-    _, _, parts = nami.load_checkpoint(tmp_path)
+    _, _, parts = checkpoint.load_checkpoint(tmp_path)
     other = nami.Nami(nami.get_config("tiny", hidden_size=32, axes_dim=(4, 6, 6), joint_attention_dim=32,
                                       pooled_projection_dim=32))
     with pytest.raises(ValueError, match="x_embedder.weight"):
-        nami.load_state(other, parts["model"], "ckpt")
+        checkpoint.load_state(other, parts["model"], "ckpt")
 
 
 def test_long_prompt_is_truncated_with_a_warning(encoder_dir):
@@ -526,7 +530,7 @@ def save_tiny_vae(folder):
 
 @pytest.fixture(scope="session")
 def released_dir(tmp_path_factory, encoder_dir):
-    """A folder in the layout of the authors' release (SPEC §3, issue 4), with tiny random models:
+    """A folder in the layout of the authors' release (docs/method.md §3, issue 4), with tiny random models:
     transformer/pytorch_model_fsdp.bin (+ config.json), bridge_flow.bin, vae/, mt5/, mclip/."""
     from diffusers import FluxTransformer2DModel
     from transformers import AutoTokenizer, BertConfig, BertModel, MT5Config, MT5EncoderModel
@@ -560,13 +564,12 @@ def flux_velocity(flux, x, tau, txt, pooled):
 
 
 def test_released_flux_weights_give_diffusers_velocity_at_every_stage(released_dir):
-    """SPEC §8 / issue 4: our model with converted diffusers weights computes diffusers' velocity,
+    """docs/method.md §8 / issue 4: our model with converted diffusers weights computes diffusers' velocity,
     for the full model and for each stage (diffusers' model cut after c_k single blocks)."""
-    import sample
     from diffusers import FluxTransformer2DModel
     flux = FluxTransformer2DModel(**TINY_FLUX).eval()
     flux.load_state_dict(torch.load(released_dir / "transformer" / "pytorch_model_fsdp.bin", weights_only=True))
-    ours = sample.load_released_transformer(released_dir / "transformer")
+    ours = release.load_transformer(released_dir / "transformer")
     assert ours.cfg.cuts == (1, 2, 3) and ours.cfg.in_channels == 4 and ours.cfg.hidden_size == 32
     x, tau, txt, pooled = inputs(ours.cfg, B=2, H=8, W=12, L=5)
     single = flux.single_transformer_blocks
@@ -579,13 +582,12 @@ def test_released_flux_weights_give_diffusers_velocity_at_every_stage(released_d
             assert (got - want).abs().max() <= 1e-4 * want.abs().max(), stage
     # a guidance-distilled FLUX (which NAMI does not use) is refused with a reason
     with pytest.raises(ValueError, match="guidance"):
-        nami.convert_diffusers_flux({"time_text_embed.guidance_embedder.linear_1.weight": torch.zeros(1)})
+        release.convert_diffusers_flux({"time_text_embed.guidance_embedder.linear_1.weight": torch.zeros(1)})
 
 
 def test_released_bridgeflow_layout_loads_and_computes_w_up_plus_b(released_dir):
     """bridge_flow.bin keys scale (2,), shift.0 (1,C,H2,W2), shift.1 (1,C,H3,W3): x_s = W_k·Up(x_e) + B_k."""
-    import sample
-    bridge = sample.load_released_bridge(released_dir / "bridge_flow.bin", channels=4)
+    bridge = release.load_bridge(released_dir / "bridge_flow.bin", channels=4)
     raw = torch.load(released_dir / "bridge_flow.bin", weights_only=True)
     for k, size in ((2, 4), (3, 8)):
         x = torch.randn(2, 4, size, size)
@@ -606,8 +608,7 @@ def test_sample_with_released_weights_end_to_end(released_dir, tmp_path):
     assert png.width > 2.5 * png.height  # the three stages side by side
     r = run_cli("sample.py", "x", "--weights", str(tmp_path))
     assert r.returncode != 0 and "bridge_flow.bin" in r.stderr and "mt5" in r.stderr
-    import sample
-    _, _, encoder, autoencoder, info = sample.load_released(released_dir)
+    _, _, encoder, autoencoder, info = release.load(released_dir)
     assert info["resolution"] == (1024, 1024) and info["steps"] == [10, 10, 10] and info["cfg"] == 3.0
     assert type(encoder.model).__name__ == "MT5EncoderModel"  # the encoder only, no decoder loaded
     txt, pooled = encoder.encode(["a cat"])
@@ -704,7 +705,7 @@ def test_train_on_an_image_folder_equals_training_on_its_cache(tmp_path, encoder
 
 
 def test_flop_count_of_2b_at_1024_matches_spec_section_7():
-    """SPEC §7: 10+10+10 steps vs 30, 256 text tokens, batch 1: NAMI 158, flow only 174, flat 392 TFLOP
+    """docs/method.md §7: 10+10+10 steps vs 30, 256 text tokens, batch 1: NAMI 158, flow only 174, flat 392 TFLOP
     (counted on the meta device: no memory needed for 2B parameters)."""
     import bench
     flops = bench.flops_table(bench.argparse.Namespace(size="2b", res=1024, steps="10,10,10", text_len=256))
@@ -726,3 +727,36 @@ def test_default_steps_give_every_sampler_the_same_30_steps():
     assert nami.default_steps(3) == [10, 10, 10] and nami.default_steps(1) == [30]
     assert all(sum(nami.default_steps(k)) == 30 and max(nami.default_steps(k)) - min(nami.default_steps(k)) <= 1
                for k in range(1, 7))
+
+
+# ----------------------------------------------------------------------------------------------
+# The layout: README's paper -> code table names real functions; scripts never import scripts
+# ----------------------------------------------------------------------------------------------
+
+SCRIPTS = ("train", "sample", "eval", "bench", "ablate")
+
+
+def test_readme_names_functions_that_exist():
+    import importlib
+    import re
+    readme = (Path(__file__).parent / "README.md").read_text()
+    table = readme[readme.index("| paper | computed by |"):readme.index("## Presets")]
+    names = {n for cell in (row.split("|")[2] for row in table.splitlines()[2:] if row.startswith("| "))
+             for n in re.findall(r"`([a-z_0-9]+(?:\.[A-Za-z_0-9]+)+)`", cell)}
+    assert len(names) > 30
+    for name in sorted(names):
+        module, *attrs = name.split(".")
+        obj = importlib.import_module(module)
+        for attr in attrs:
+            assert hasattr(obj, attr), f"README's paper -> code table names {name}, which does not exist"
+            obj = getattr(obj, attr)
+        assert callable(obj), name
+
+
+def test_scripts_import_modules_only():
+    import ast
+    for script in SCRIPTS:
+        tree = ast.parse((Path(__file__).parent / f"{script}.py").read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & set(SCRIPTS) - {script}, f"{script}.py imports {imported & set(SCRIPTS)}"

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
+import config
 import nami
 import train
 
@@ -25,7 +27,7 @@ TOLERANCE = 1e-4  # relative, on each step's loss: the same sums, taken in anoth
 
 
 def one_process(out, encoder, **kw):
-    cfg = train.parse_args([*RUN, "--text-encoder", encoder, "--out", str(out)])
+    cfg = config.parse_args([*RUN, "--text-encoder", encoder, "--out", str(out)])
     for k, v in kw.items():
         setattr(cfg, k, v)
     return train.main(cfg)
@@ -55,12 +57,12 @@ def test_two_ranks_repeat_the_one_process_run(tmp_path, encoder_dir, reference, 
     torchrun(tmp_path, encoder_dir, "--parallel", strategy, "--max-steps", "4", "--ckpt-every", "2")
     assert losses(tmp_path) == pytest.approx(losses(reference), rel=TOLERANCE)
     # the single-file export holds the whole (unsharded) EMA, readable on one device
-    _, _, mine = nami.load_checkpoint(tmp_path)
-    _, _, ref = nami.load_checkpoint(reference)
+    _, _, mine = checkpoint.load_checkpoint(tmp_path)
+    _, _, ref = checkpoint.load_checkpoint(reference)
     for key, value in ref["ema"].items():
         assert torch.allclose(mine["ema"][key], value, rtol=1e-3, atol=1e-5), key
     if strategy == "fsdp":
-        assert (train.latest_checkpoint(tmp_path) / "dcp" / ".metadata").is_file()
+        assert (checkpoint.latest_checkpoint(tmp_path) / "dcp" / ".metadata").is_file()
 
 
 def test_fsdp_checkpoint_of_two_ranks_resumes_on_one_and_on_two(tmp_path, encoder_dir, reference):

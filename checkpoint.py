@@ -1,0 +1,478 @@
+"""The run folder: everything train.py, sample.py, eval.py and bench.py read or write of a run.
+
+    RUN/log.jsonl                  one line of metrics per --log-every steps
+    RUN/samples/step-NNNNNNN.png   sample grids of fixed prompts and seeds (EMA weights)
+    RUN/ckpt-NNNNNNN/              weights.safetensors (model., ema., bridge. tensors), config.json,
+                                   train_state.pt (step, RNG, optimizer), dcp/ (FSDP2 shards)
+
+Checkpoints are never partial on disk: each is written into a temporary folder, every file
+flushed and fsynced, the folder renamed into place (atomic on POSIX) and the parent fsynced, so
+a crash, a kill or a power cut leaves either the whole checkpoint or none. During training,
+`RunFolder` also keeps the faults in check: non-finite steps are skipped (the NaN guard),
+SIGINT/SIGTERM stop the run after the current step with a checkpoint, a full disk stops it
+with the previous checkpoint intact. Only the main rank writes; every rank calls.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import images
+import nami
+import parallel
+from bridgeflow import BridgeFlow
+from encoders import TextEncoder, load_autoencoder
+
+PREFIX = "ckpt-"
+FILES = ("weights.safetensors", "config.json", "train_state.pt")
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on safely (non-finite steps, a checkpoint that cannot be written)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Reading: find a checkpoint, its parts, load them strictly and without running code
+# ----------------------------------------------------------------------------------------------
+
+
+def find_checkpoint(path) -> Path:
+    """A checkpoint folder from a folder that is one, or the newest one below a run folder
+    (or below runs/ when path is None)."""
+    root = Path(path) if path is not None else Path("runs")
+    if (root / "weights.safetensors").is_file():
+        return root
+    found = sorted(root.glob(f"**/{PREFIX}*/weights.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(
+            f"no checkpoint found under {root}/ (a checkpoint is a folder {PREFIX}NNNNNNN holding "
+            "weights.safetensors and config.json): train one with `python train.py`, or pass --ckpt PATH")
+    return found[-1].parent
+
+
+def load_checkpoint(path):
+    """-> (folder, config dict, {"model": sd, "ema": sd, "bridge": sd}) from a checkpoint folder."""
+    folder = find_checkpoint(path)
+    config = json.loads((folder / "config.json").read_text())
+    parts: dict[str, dict] = {}
+    for key, value in load_file(folder / "weights.safetensors").items():
+        if "." not in key:
+            raise ValueError(f"{folder}/weights.safetensors holds a tensor {key!r} outside the model./ema./bridge. "
+                             "parts: not a checkpoint of train.py")
+        part, name = key.split(".", 1)
+        parts.setdefault(part, {})[name] = value
+    return folder, config, parts
+
+
+def unpickling_refusal(e: Exception) -> str:
+    """What torch's weights_only error says the file holds ("Unsupported global: GLOBAL exec was
+    not an allowed global by default"), without the rest of it: terminal escape codes, and the
+    advice to load the file with weights_only=False, which is what a crafted file wants."""
+    reason = str(e).split("WeightsUnpickler error:")[-1]
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", reason).strip().split(". ")[0].split("\n")[0]
+    return reason[:300]
+
+
+def load_state(module: nn.Module, state_dict: dict, what: str, assign: bool = False):
+    """load_state_dict(strict) with an error naming the first mismatch, not a deep stack trace.
+    assign=True adopts the given tensors (for a model built on the meta device: no second copy)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    extra = [k for k in state_dict if k not in own]
+    shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or extra or shape:
+        first = (f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}" if extra else
+                 f"{shape[0]!r} has shape {tuple(state_dict[shape[0]].shape)}, the model wants {tuple(own[shape[0]].shape)}")
+        raise ValueError(f"{what} does not match the model ({len(missing)} missing, {len(extra)} unexpected, "
+                         f"{len(shape)} of other shape keys): {first}")
+    module.load_state_dict(state_dict, assign=assign)
+
+
+def read_train_state(ckpt: Path) -> dict:
+    """train_state.pt with weights_only loading: a file crafted to run code is refused, not run."""
+    try:
+        return torch.load(ckpt / "train_state.pt", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{ckpt / 'train_state.pt'} holds more than tensors and plain data, so it was "
+                         f"refused (weights_only loading; nothing in it was run): {unpickling_refusal(e)}")
+
+
+def plan(ckpt) -> dict:
+    """What sampling needs to know before any weights are read, from the config file alone: the
+    checkpoint folder (resolved once, so that a checkpoint written meanwhile is not picked up
+    halfway), the number of stages K, the multiple each image side must be, and the defaults of
+    the resolution, the steps and the guidance."""
+    folder = find_checkpoint(ckpt)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        model_config = nami.NamiConfig.from_dict(config["model"])
+        factor = (config.get("vae") or {}).get("factor") or 1  # no VAE: pixel space
+        resolution = config["resolution"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder}/config.json is missing or damaged ({type(e).__name__}: {e}): "
+                         "use another checkpoint (--ckpt) or train one with `python train.py`")
+    K = model_config.num_stages
+    return {"folder": folder, "K": K, "multiple": factor * model_config.size_multiple,
+            "resolution": (resolution,) * 2, "steps": nami.default_steps(K), "cfg": nami.DEFAULT_GUIDANCE}
+
+
+def load_model(ckpt, use_ema=True, text_encoder=None, pooled_encoder=None, vae=None, size=None, device="cpu"):
+    """(model, bridge, encoder, autoencoder, info) from one of our checkpoint folders (or the
+    newest below a folder). The encoders and VAE are the ones the checkpoint records, or local
+    copies given by the flags; a copy with another architecture or width is refused."""
+    folder, config, parts = load_checkpoint(ckpt)
+    for part in ("ema" if use_ema else "model", "bridge"):
+        if part not in parts:  # else a KeyError from deep in here
+            raise ValueError(f"{folder}/weights.safetensors holds no {part}.* tensors (only {sorted(parts)}): "
+                             "the checkpoint is incomplete; use another one (--ckpt)")
+    model_config = nami.NamiConfig.from_dict(config["model"])
+    preset = config["train"]["size"]
+    if size is not None and size != preset:
+        raise ValueError(f"--size {size} asked for, but {folder} holds a {preset!r} checkpoint ({model_config.hidden_size} "
+                         f"wide, {model_config.depth_double}+{model_config.depth_single} blocks)")
+    encoder = load_recorded_encoder(config["text_encoder"], folder, text_encoder, pooled_encoder, device)
+    vae_saved = config.get("vae", {"vae": None})
+    autoencoder = load_autoencoder(vae or vae_saved["vae"], device)
+    if autoencoder.channels != model_config.in_channels or autoencoder.identity().get("config") != vae_saved.get("config"):
+        raise ValueError(f"{folder} was trained on latents of {vae_saved.get('vae') or 'pixel space'} "
+                         f"({model_config.in_channels} channels); {vae or vae_saved['vae']} is another autoencoder")
+    model = nami.Nami(model_config)
+    load_state(model, parts["ema" if use_ema else "model"], f"{folder} ({preset})")
+    K, side = model_config.num_stages, config["resolution"] // autoencoder.factor
+    bridge = BridgeFlow(model_config.in_channels, [(s, s) for s in nami.stage_sizes(side, K)])
+    load_state(bridge, parts["bridge"], f"{folder} (BridgeFlow)")
+    info = {"folder": str(folder), "resolution": (config["resolution"],) * 2, "steps": nami.default_steps(K),
+            "cfg": nami.DEFAULT_GUIDANCE}
+    return model.to(device).eval(), bridge.to(device).eval(), encoder, autoencoder, info
+
+
+def load_recorded_encoder(saved: dict, folder, text_encoder=None, pooled_encoder=None, device="cpu") -> TextEncoder:
+    """The text encoder a checkpoint records (or local copies of it), refused if its architecture
+    (config) or widths differ: the transformer's text projections only fit the states they were
+    trained on."""
+    for flag, given, key in (("--text-encoder", text_encoder, "path"), ("--pooled-encoder", pooled_encoder, "pooled_path")):
+        path = given or saved.get(key)
+        if path and not Path(path).is_dir():
+            raise FileNotFoundError(f"{folder} was trained with the encoder at {saved.get(key)}, which is not "
+                                    f"here: pass {flag} PATH to a local copy of it")
+    encoder = TextEncoder(text_encoder or saved["path"], saved["max_len"], device,
+                          pooled_encoder or saved.get("pooled_path"), saved.get("pooled_len", 77),
+                          pad=saved.get("pad", "zeros"))
+    loaded = encoder.identity()
+    for key, what in (("config", "text encoder"), ("dim", "text width"), ("pooled_config", "pooled encoder"),
+                      ("pooled_dim", "pooled width"), ("pooled_rule", "pooling rule")):
+        if key in saved and loaded.get(key) != saved[key]:
+            raise ValueError(f"{folder} was trained with {what} {saved[key]!r} ({saved.get('path')}, pooled: "
+                             f"{saved.get('pooled_path') or 'mean of the states'}), the encoder given gives "
+                             f"{loaded.get(key)!r}: pass the same encoders (--text-encoder/--pooled-encoder)")
+    return encoder
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Writing: atomic checkpoints, pruning without half-deleted folders
+# ----------------------------------------------------------------------------------------------
+
+
+def fsync_path(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path):
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
+        fsync_path(path)
+    fsync_path(folder)
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoint folders holding all their files, oldest first (temporary folders of a save that
+    was interrupted are named .tmp-* and never match)."""
+    return sorted(p for p in Path(out).glob(f"{PREFIX}*") if all((p / n).is_file() for n in FILES))
+
+
+def latest_checkpoint(out: Path):
+    found = complete_checkpoints(out)
+    return found[-1] if found else None
+
+
+def remove_interrupted_saves(out: Path):
+    for tmp in list(out.glob(f".tmp-{PREFIX}*")) + list(out.glob(f".old-{PREFIX}*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def discard(ckpt: Path):
+    """Delete an old checkpoint without ever leaving it half deleted under its own name: rename it
+    first (atomic), then delete (a kill during the delete leaves a .old-* folder, removed later)."""
+    old = ckpt.parent / f".old-{ckpt.name}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(ckpt, old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds of a training run besides its settings."""
+    model: nn.Module
+    ema: nn.Module
+    bridge: BridgeFlow
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator   # BridgeFlow pre-training's noise
+    sharded: bool                # FSDP2: model, EMA and optimizer also as dcp/ shards
+
+
+def write_files(tmp: Path, final: Path, step: int, model_sd, ema_sd, state: TrainState, record: dict,
+                data_position: int):
+    """weights.safetensors, config.json and train_state.pt into tmp, fsynced, then renamed to final."""
+    tensors = {f"model.{k}": v for k, v in model_sd.items()}
+    tensors.update({f"ema.{k}": v for k, v in ema_sd.items()})
+    tensors.update({f"bridge.{k}": v for k, v in state.bridge.state_dict().items()})
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / "weights.safetensors")
+    (tmp / "config.json").write_text(json.dumps({**record, "step": step}, indent=2))
+    train_state = {"step": step, "generator": state.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                   "data_position": data_position}
+    if not state.sharded:
+        train_state["optimizer"] = state.optimizer.state_dict()
+    torch.save(train_state, tmp / "train_state.pt")
+    fsync_tree(tmp)
+    if final.exists():  # the same step saved again (e.g. a resumed run stopped at once)
+        discard(final)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The run folder of a training run
+# ----------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step, write a final
+    checkpoint and return; a second signal interrupts at once (the previous handlers return)."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self.request)
+
+    def request(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        tqdm.write(f"{self.signal}: stopping after this step with a checkpoint (send it again to stop at once)")
+        self.restore()
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+
+def all_finite(*modules) -> bool:
+    return all(bool(torch.isfinite(parallel.local(p)).all()) for m in modules for p in m.parameters())
+
+
+def truncate_log(path: Path, step: int):
+    """Drop log lines written after the checkpoint a run resumes from (a killed run logged steps
+    that the resumed run repeats), so the log reads as one uninterrupted run."""
+    if path.is_file():
+        def keep(line):
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except json.JSONDecodeError:  # a line cut short by the kill
+                return False
+        path.write_text("".join(l + "\n" for l in path.read_text().splitlines() if keep(l)))
+
+
+class RunFolder:
+    """One training run's folder, opened by every rank (only the main one writes): checkpoints,
+    resume, the log, sample grids, the NaN guard and the stop signals. `cfg` is train.py's
+    TrainConfig (out, resume, keep, the *_every intervals, max_bad_steps, progress, batch_size)."""
+
+    def __init__(self, cfg, main: bool, first_step: int = 0):
+        self.cfg, self.out, self.main = cfg, Path(cfg.out), main
+        if main:
+            remove_interrupted_saves(self.out)
+        if not cfg.resume and latest_checkpoint(self.out) is not None:
+            raise ValueError(f"{self.out} already holds a run ({latest_checkpoint(self.out).name}): pass --resume to "
+                             "continue it, or choose another --out (nothing is overwritten)")
+        self.record: dict = {}          # what config.json says besides the step (describe())
+        self.skipped, self.bad_in_row, self.all_losses = 0, 0, []
+        self.stop = None                # StopRequest, from resume() on
+        self.log_file, self.bar = None, None
+        self.t_last, self.seen = time.perf_counter(), 0
+
+    def describe(self, model_config, encoder, autoencoder):
+        """What config.json records, so that sample.py rebuilds the model with the same parts."""
+        cfg = self.cfg
+        self.record = {"model": model_config.to_dict(), "train": asdict(cfg), "text_encoder": encoder.identity(),
+                       "vae": autoencoder.identity(), "resolution": cfg.resolution,
+                       "channels": model_config.in_channels, "mode": cfg.mode}
+
+    def resume(self, state: TrainState) -> int:
+        """Restore model, EMA, BridgeFlow, optimizer and RNG from the newest checkpoint and return its
+        step; 0 for a new run. A dcp/ folder (FSDP2 runs) loads on any number of ranks."""
+        ckpt = latest_checkpoint(self.out) if self.cfg.resume else None
+        if ckpt is None:
+            if self.cfg.resume and self.main:
+                print(f"--resume: no checkpoint in {self.out}/, starting from scratch")
+            step = 0
+        else:
+            step = load_for_resume(ckpt, self.record["model"], state)
+            if self.main:
+                truncate_log(self.out / "log.jsonl", step)
+                print(f"resumed from {ckpt} at step {step}")
+        if self.main:
+            self.log_file = (self.out / "log.jsonl").open("a")
+        self.stop = StopRequest()
+        self.bar = tqdm(total=self.cfg.max_steps, initial=step, desc=f"train {self.cfg.size}/{self.cfg.mode}",
+                        disable=not (self.cfg.progress and self.main))
+        return step
+
+    def step_is_finite(self, step: int, stage_loss: dict, grad_norm: torch.Tensor) -> bool:
+        """The NaN guard: False (skip the update: weights, optimizer state and EMA stay as they were)
+        when a stage loss or the gradient norm is not finite; after --max-bad-steps such steps in
+        a row, stop, naming the step, the stage and the last good checkpoint."""
+        bad = next((f"stage {k} loss" for k, l in stage_loss.items() if not math.isfinite(l)), None)
+        if bad is None and not torch.isfinite(grad_norm):
+            bad = f"gradient (stages {sorted(stage_loss)})"
+        if bad is None:
+            self.bad_in_row = 0
+            return True
+        self.skipped, self.bad_in_row = self.skipped + 1, self.bad_in_row + 1
+        if self.main:
+            tqdm.write(f"step {step + 1}: non-finite {bad}, update skipped ({self.bad_in_row} in a row)")
+        if self.bad_in_row >= self.cfg.max_bad_steps:
+            raise TrainingStopped(
+                f"{self.bad_in_row} steps in a row with a non-finite loss or gradient, the last at step {step + 1} "
+                f"({bad}); last good checkpoint: {latest_checkpoint(self.out) or 'none'}. Lower --lr, check the "
+                "data, then resume with --resume")
+        return False
+
+    def log(self, step: int, stage_loss: dict, total: float, **extra):
+        """The progress bar every step, a log.jsonl line every --log-every steps (and the last)."""
+        self.all_losses.append(total)
+        self.seen += self.cfg.batch_size
+        self.bar.update(1)
+        self.bar.set_postfix({f"L{k}": f"{l:.3f}" for k, l in stage_loss.items()})
+        if self.main and (step % self.cfg.log_every == 0 or step == self.cfg.max_steps):
+            now = time.perf_counter()
+            record = {"step": step, "loss": total, **{f"loss_stage{k}": l for k, l in stage_loss.items()}, **extra,
+                      "skipped_steps": self.skipped, "images_per_s": self.seen / (now - self.t_last)}
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+            self.t_last, self.seen = now, 0
+
+    def sample_grid(self, step: int, ema, bridge, encoder, autoencoder, prompts):
+        """Every --sample-every steps (and the last), a grid of the EMA model's samples of fixed
+        prompts and seeds. Every rank samples (FSDP2 shards the EMA too, so its forward is
+        collective); only the main rank writes."""
+        if step % self.cfg.sample_every and step != self.cfg.max_steps:
+            return
+        ema.eval()
+        side = self.cfg.resolution // autoencoder.factor
+        x = nami.generate(ema, encoder, prompts, range(len(prompts)), side, side,
+                          nami.default_steps(ema.cfg.num_stages), bridge=bridge)[-1]
+        if self.main:
+            size = max(64, self.cfg.resolution)
+            pictures = [images.to_image(im).resize((size, size), 0) for im in autoencoder.decode(x)]  # 0: nearest
+            path = self.out / "samples" / f"step-{step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            images.grid(pictures, ncols=4).save(path)
+
+    def checkpoint(self, step: int, last: int, state: TrainState) -> bool:
+        """Save every --ckpt-every steps, at the last step and when a stop signal came (all ranks
+        agree on it); True when the run must stop now."""
+        stopping = parallel.any_rank(self.stop.signal is not None)
+        if step % self.cfg.ckpt_every == 0 or step == last or stopping:
+            if parallel.any_rank(not all_finite(state.model, state.ema)):
+                raise TrainingStopped(f"non-finite weights at step {step}: no checkpoint written; the last good "
+                                      f"one is {latest_checkpoint(self.out) or 'none'}")
+            self.save(step, state)
+        return stopping
+
+    def save(self, step: int, state: TrainState) -> Path:
+        """Write ckpt-<step>/ atomically (collective under FSDP2: every rank writes its dcp/ shards
+        and gathers the full weights; the main rank writes the files) and prune old ones."""
+        final = self.out / f"{PREFIX}{step:07d}"
+        tmp = self.out / f".tmp-{final.name}"
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        parallel.barrier()
+        if state.sharded:
+            parallel.save_sharded(tmp / "dcp", state.model, state.ema, state.optimizer)
+        model_sd = parallel.full_state_dict(state.model) if state.sharded else state.model.state_dict()
+        ema_sd = parallel.full_state_dict(state.ema) if state.sharded else state.ema.state_dict()
+        error = None
+        if self.main:
+            try:
+                write_files(tmp, final, step, model_sd, ema_sd, state, self.record, step * self.cfg.batch_size)
+            except OSError as e:
+                error = f"{e}"
+        error = parallel.broadcast_object(error)
+        if error is not None:
+            if self.main:
+                remove_interrupted_saves(self.out)
+            raise TrainingStopped(f"could not write the checkpoint of step {step} to {self.out} ({error}); the "
+                                  f"previous checkpoint {latest_checkpoint(self.out) or '(none)'} is intact. Free "
+                                  "space or fix the folder, then run again with --resume")
+        if self.main:
+            for stale in complete_checkpoints(self.out)[:-self.cfg.keep]:
+                discard(stale)
+        parallel.barrier()
+        return final
+
+    def close(self, step: int) -> dict:
+        """Give the signal handlers back and close the log; also after an error."""
+        signal_name = self.stop.signal if self.stop is not None else None
+        if self.stop is not None:
+            self.stop.restore()
+        if self.bar is not None:
+            self.bar.close()
+        if self.log_file is not None:
+            self.log_file.close()
+        if signal_name and self.main:
+            print(f"stopped by {signal_name} at step {step}: checkpoint {latest_checkpoint(self.out)}; "
+                  "continue with --resume")
+        return {"losses": self.all_losses, "out": self.out, "skipped_steps": self.skipped, "stopped_by": signal_name}
+
+
+def load_for_resume(ckpt: Path, model_dict: dict, state: TrainState) -> int:
+    """Restore model, EMA, BridgeFlow, optimizer and RNG from a checkpoint; returns its step. A dcp/
+    folder (FSDP2 runs) loads on any number of ranks, sharded or not; otherwise the full weights."""
+    _, saved, parts = load_checkpoint(ckpt)
+    if saved["model"] != model_dict:
+        raise ValueError(f"{ckpt} was trained with model config {saved['model']}, not {model_dict}: "
+                         "use the same --size/--mode/--cuts/--window-ratios, or another --out")
+    load_state(state.bridge, parts["bridge"], f"{ckpt} (bridge)")
+    state.bridge.requires_grad_(False)
+    train_state = read_train_state(ckpt)
+    if (ckpt / "dcp").is_dir():
+        parallel.load_sharded(ckpt / "dcp", state.model, state.ema, state.optimizer)
+    elif state.sharded:
+        parallel.load_full(state.model, parts["model"])
+        parallel.load_full(state.ema, parts["ema"])
+        print(f"{ckpt} holds unsharded weights: loaded into FSDP2; the optimizer state starts afresh")
+    else:
+        load_state(state.model, parts["model"], f"{ckpt} (model)")
+        load_state(state.ema, parts["ema"], f"{ckpt} (ema)")
+        state.optimizer.load_state_dict(train_state["optimizer"])
+    state.generator.set_state(train_state["generator"])
+    torch.set_rng_state(train_state["torch_rng"])
+    return train_state["step"]

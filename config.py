@@ -1,0 +1,264 @@
+"""The settings of a training run: `TrainConfig`, one field per command-line flag (name, default,
+help and allowed range in one place), the parser that builds train.py's flags from it, their
+validation, and the schedules they imply (paper §4.3: the stage mix per phase, the learning rate).
+
+    from config import TrainConfig, parse_args, validate
+    cfg = parse_args(["--size", "tiny", "--max-steps", "100"])    # or TrainConfig(size="tiny", ...)
+
+Also the parsers the sampling scripts share (steps per stage, guidance bounds).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import nami
+
+
+def flag(default, help: str, **argparse_kw):
+    """A TrainConfig field with its flag's help and argparse options (type, choices, action, and
+    `bounds=(low, high)` or `bounds=("(", low, high, "]")` for the range validate() checks)."""
+    return field(default=default, metadata={"help": help, **argparse_kw})
+
+
+def numbers(name: str, kind=int, example: str = "1,2,3"):
+    """An argparse type: numbers separated by commas or colons ("1,4,7", "1:1:2") -> a tuple."""
+    def parse(text):
+        try:
+            return tuple(kind(v) for v in str(text).replace(":", ",").split(",") if v.strip())
+        except ValueError:
+            what = "integers" if kind is int else "numbers"
+            raise argparse.ArgumentTypeError(f"{name} must be {what} separated by commas or colons, e.g. {example}, "
+                                             f"got {text!r}")
+    return parse
+
+
+PRESETS, MODES, STARTS = sorted(nami.PRESETS), ("nami", "flat", "flow-only"), ("bridge", "pyramid")
+
+
+@dataclass
+class TrainConfig:
+    # the model
+    size: str = flag("small", "model preset", choices=PRESETS)
+    mode: str = flag("nami", "nami; flat = the K = 1 baseline with the full model; flow-only = the stages with "
+                     "the full model (paper Fig. 6)", choices=MODES)
+    cuts: tuple | None = flag(None, "stage cut points over the single blocks, e.g. 1,4,7 (paper Fig. 7)",
+                              type=numbers("--cuts"))
+    window_ratios: tuple | None = flag(None, "time-window ratios of the stages, e.g. 1:1:1 or 0.5:0.25:0.25 "
+                                       "(paper Fig. 8)", type=numbers("--window-ratios", float, "1:1:1"))
+    # Algorithm 1 and its schedule (paper §3.4, §4.3)
+    resolution: int = flag(32, "training image size (pixels)", type=int, bounds=(1, 16384))
+    batch_size: int = flag(32, "global batch (samples per step over all ranks)", type=int, bounds=(1, 1 << 16))
+    lr: float = flag(1e-3, "peak learning rate (AdamW)", type=float, bounds=("(", 0, 1, ")"))
+    max_steps: int = flag(1200, "training steps", type=int, bounds=(1, 10 ** 9))
+    warmup: int = flag(100, "linear lr warm-up steps", type=int, bounds=(0, 10 ** 9))
+    weight_decay: float = flag(0.0, "AdamW weight decay", type=float, bounds=("[", 0, 10, ")"))
+    grad_clip: float = flag(1.0, "max gradient norm", type=float, bounds=("(", 0, 1e6, "]"))
+    ema_decay: float = flag(0.995, "EMA decay of the weights used for sampling", type=float, bounds=("[", 0, 1, ")"))
+    stage_mix: str = flag("4:2:1,2:4:1,1:2:4", "stage sampling ratios per phase, low -> high resolution "
+                          "(paper: 4:2:1,2:4:1,1:2:4)")
+    mix_fractions: str = flag("0.48,0.32,0.2", "share of the steps per phase (paper: 120k, 80k, 50k steps)")
+    final_lr_scale: float = flag(0.5, "lr factor of the last phase (paper: 1e-4 -> 5e-5)", type=float,
+                                 bounds=("(", 0, 1, "]"))
+    stage_weights: tuple | None = flag(None, "loss weights w_k of Eq. 4, e.g. 1,1,1 (default 1 per stage)",
+                                       type=numbers("--stage-weights", float, "1,1,1"))
+    caption_dropout: float = flag(0.1, "share of captions replaced by the empty prompt (CFG, paper §3.4)",
+                                  type=float, bounds=("[", 0, 1, ")"))
+    start: str = flag("bridge", "start point of stage k > 1: BridgeFlow (paper) or Pyramid Flow's analytic one",
+                      choices=STARTS)
+    bridge_steps: int = flag(1000, "BridgeFlow pre-training steps (paper §4.3)", type=int, bounds=(0, 10 ** 8))
+    bridge_lr: float = flag(1e-3, "BridgeFlow pre-training lr", type=float, bounds=("(", 0, 1, ")"))
+    # data, encoders, autoencoder
+    data: str | None = flag(None, "image folder (captions in .txt files beside the images or metadata.jsonl); "
+                            "default: the built-in shapes data")
+    cache: str | None = flag(None, "a cache made by `python data.py cache` (latents + text states) instead of --data")
+    flip: bool = flag(False, "random horizontal flips of --data images", action="store_true")
+    workers: int = flag(2, "DataLoader workers for --data/--cache", type=int, bounds=(0, 256))
+    text_encoder: str | None = flag(None, "local transformers encoder folder for the token states "
+                                    "(paper: mT5-XXL; default: all-MiniLM-L6-v2)")
+    pooled_encoder: str | None = flag(None, "local CLIP-style encoder folder for the pooled vector "
+                                      "(paper: multilingual CLIP; default: mean of the text states)")
+    text_len: int = flag(16, "text tokens per prompt (paper: 256)", type=int, bounds=(1, 4096))
+    pooled_len: int = flag(77, "tokens of the pooled encoder (paper: 77)", type=int, bounds=(1, 4096))
+    vae: str | None = flag(None, "local diffusers AutoencoderKL folder: train in its latent space "
+                           "(FLUX VAE: 16 channels, 8x)")
+    # the run folder
+    out: str = flag("runs/shapes-small", "output folder (default runs/<data>-<size>[-<mode>], data = shapes or "
+                    "the folder's name)")
+    resume: bool = flag(False, "continue from the newest checkpoint in --out", action="store_true")
+    stop_after: int | None = flag(None, "stop with a checkpoint at this step (the schedules still follow "
+                                  "--max-steps, so --resume continues the same run)", type=int, bounds=(1, 10 ** 9))
+    seed: int = flag(0, "seed of the data order, the noise and the initial weights", type=int,
+                     bounds=("[", 0, 2 ** 63, ")"))
+    sample_every: int = flag(300, "steps between sample grids", type=int, bounds=(1, 10 ** 9))
+    ckpt_every: int = flag(300, "steps between checkpoints", type=int, bounds=(1, 10 ** 9))
+    keep: int = flag(3, "checkpoints kept", type=int, bounds=(1, 1000))
+    max_bad_steps: int = flag(5, "stop after this many steps in a row with a non-finite loss or gradient "
+                              "(each is skipped)", type=int, bounds=(1, 10 ** 6))
+    log_every: int = flag(10, "steps between log.jsonl lines", type=int, bounds=(1, 10 ** 9))
+    progress: bool = flag(True, "progress bars", action=argparse.BooleanOptionalAction)
+    # scale-out (parallel.py)
+    bf16: bool | None = flag(None, "bf16 autocast with fp32 master weights (default: on CUDA only; on a CPU "
+                             "without AMX bf16 matrix products are slower than fp32)",
+                             action=argparse.BooleanOptionalAction)
+    parallel: str | None = flag(None, "under torchrun: DDP or FSDP2 (default: fsdp for 0.6b and 2b, ddp for the "
+                                "small presets)", choices=("ddp", "fsdp"))
+    micro_batch: int | None = flag(None, "samples per rank per forward; gradient accumulation makes up the rest "
+                                   "of --batch-size (default: batch-size / ranks)", type=int, bounds=(1, 1 << 16))
+    activation_checkpointing: bool = flag(False, "recompute each block's activations in backward (less memory, "
+                                          "~30 %% more time)", action="store_true")
+    compile: bool = flag(False, "torch.compile each transformer block", action="store_true")
+
+
+def parse_args(argv=None, description: str | None = None) -> TrainConfig:
+    """train.py's command line, built from TrainConfig's fields."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        options = {k: v for k, v in f.metadata.items() if k != "bounds"}
+        if options.get("action") != "store_true":
+            options["default"] = None  # unset flags keep TrainConfig's default (and --out is derived below)
+        ap.add_argument("--" + f.name.replace("_", "-"), **options)
+    given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    if "out" not in given:
+        source = given.get("data") or given.get("cache")
+        name = Path(source).resolve().name if source else "shapes"
+        size, mode = given.get("size", TrainConfig.size), given.get("mode", TrainConfig.mode)
+        given["out"] = f"runs/{name}-{size}" + ("" if mode == "nami" else f"-{mode}")
+    return TrainConfig(**given)
+
+
+def in_bounds(value, bounds) -> bool:
+    left, low, high, right = bounds if len(bounds) == 4 else ("[", *bounds, "]")
+    above = low < value if left == "(" else low <= value
+    below = value < high if right == ")" else value <= high
+    return above and below
+
+
+def model_config(cfg: TrainConfig, text_dim: int = 1, pooled_dim: int = 1, channels: int = 3) -> nami.NamiConfig:
+    """The NamiConfig of this run: preset, mode, ablation overrides, the widths of the encoders
+    and the latent channels of the autoencoder."""
+    base = nami.PRESETS[cfg.size]
+    overrides = dict(joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim, in_channels=channels)
+    if cfg.window_ratios is not None:
+        overrides["window_ratios"] = cfg.window_ratios
+    if cfg.cuts is not None:
+        overrides["cuts"] = cfg.cuts
+    if cfg.mode == "flat":    # one window [1 -> 0], full model, full resolution
+        overrides.update(window_ratios=(1,), cuts=(base["depth_single"],))
+    elif cfg.mode == "flow-only":  # the stages, but every stage runs the full model
+        k = len(overrides.get("window_ratios", (1, 1, 1)))
+        overrides["cuts"] = (base["depth_single"],) * k
+    return nami.get_config(cfg.size, **overrides)
+
+
+def validate(cfg: TrainConfig):
+    """Check every setting before any work starts (no model or encoder is loaded yet); raise
+    ValueError saying what to change."""
+    for f in fields(TrainConfig):
+        value, bounds = getattr(cfg, f.name), f.metadata.get("bounds")
+        name = "--" + f.name.replace("_", "-")
+        if "choices" in f.metadata and value not in f.metadata["choices"] and value is not None:
+            raise ValueError(f"{name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+        if bounds is not None and value is not None and not in_bounds(value, bounds):
+            left, low, high, right = bounds if len(bounds) == 4 else ("[", *bounds, "]")
+            raise ValueError(f"{name} must be in {left}{low:g}, {high:g}{right}, got {value}")
+    checks = [(not (cfg.data and cfg.cache), "give --data (images, encoded on the fly) or --cache (precomputed), not both"),
+              (not cfg.flip or bool(cfg.data), "--flip applies to --data images only (a cache holds unflipped latents)"),
+              (cfg.micro_batch is None or cfg.micro_batch <= cfg.batch_size,
+               f"--micro-batch must be at most --batch-size {cfg.batch_size}, got {cfg.micro_batch}")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    for name in ("data", "cache", "vae", "text_encoder", "pooled_encoder"):
+        path = getattr(cfg, name)
+        if path is not None and not Path(path).is_dir():
+            raise ValueError(f"--{name.replace('_', '-')} {path}: no such folder")
+    # cuts and window ratios must fit the preset (NamiConfig names what is wrong), the stage mix
+    # and the loss weights must have one value per stage
+    stages = model_config(cfg)
+    stage_mix_schedule(cfg, stages.num_stages)
+    if cfg.vae is None:  # pixel space; with a VAE its factor is known once its config is read
+        nami.check_resolution(cfg.resolution, cfg.resolution, stages.size_multiple, "--resolution")
+    if cfg.stage_weights is not None and (len(cfg.stage_weights) != stages.num_stages or min(cfg.stage_weights) < 0):
+        raise ValueError(f"--stage-weights needs {stages.num_stages} non-negative values, got {cfg.stage_weights}")
+    check_writable(Path(cfg.out))
+
+
+def check_writable(out: Path):
+    """Create the output folder and write a probe file in it, so that a path that cannot be
+    written fails now, with the reason, not after hours of training."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written ({e.strerror or e}): choose another folder")
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedule of Algorithm 1 (paper §4.3): stage mix per phase, learning rate
+# ----------------------------------------------------------------------------------------------
+
+
+def stage_mix_schedule(cfg: TrainConfig, num_stages: int):
+    """[(first step, last step, ratios)] per phase, scaled to the run's length."""
+    if num_stages == 1:
+        return [(0, cfg.max_steps, (1,))]
+    parse = numbers("--stage-mix", int, "4:2:1,2:4:1,1:2:4")
+    try:
+        phases = ([parse(p) for p in cfg.stage_mix.split(",")] if "," in cfg.stage_mix and ":" in cfg.stage_mix
+                  else [parse(cfg.stage_mix)])
+        fracs = [float(f) for f in cfg.mix_fractions.split(",")] if len(phases) > 1 else [1.0]
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(str(e))
+    except ValueError:
+        raise ValueError(f"--mix-fractions must be numbers separated by commas, e.g. 0.48,0.32,0.2, "
+                         f"got {cfg.mix_fractions!r}")
+    if (len(fracs) != len(phases) or any(len(p) != num_stages for p in phases)
+            or any(min(p) < 0 or sum(p) == 0 for p in phases)):
+        raise ValueError(f"--stage-mix {cfg.stage_mix!r} with --mix-fractions {cfg.mix_fractions!r} must give "
+                         f"one fraction per phase and {num_stages} non-negative ratios per phase")
+    schedule, start, total = [], 0, sum(fracs)
+    for i, (ratios, frac) in enumerate(zip(phases, fracs)):
+        end = cfg.max_steps if i == len(phases) - 1 else start + round(cfg.max_steps * frac / total)
+        schedule.append((start, end, ratios))
+        start = end
+    return schedule
+
+
+def stage_ratios(schedule, step: int):
+    """The stage sampling ratios of the phase that holds this step."""
+    return next(ratios for first, last, ratios in schedule if first <= step < last)
+
+
+def learning_rate(cfg: TrainConfig, step: int, schedule) -> float:
+    """Linear warm-up, constant, and final_lr_scale·lr in the last mix phase (paper §4.3)."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    if len(schedule) > 1 and step >= schedule[-1][0]:
+        lr *= cfg.final_lr_scale
+    return lr
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared by the sampling scripts (sample.py, eval.py)
+# ----------------------------------------------------------------------------------------------
+
+MAX_STEPS_PER_STAGE, MAX_GUIDANCE = 1000, 50.0
+
+
+def parse_steps(text: str) -> list[int]:
+    """--steps "10,10,10": Euler steps per stage."""
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--steps must be integers separated by commas, e.g. 10,10,10, got {text!r}")
+    if min(steps) < 1 or max(steps) > MAX_STEPS_PER_STAGE:
+        raise ValueError(f"--steps {text}: each stage needs between 1 and {MAX_STEPS_PER_STAGE} Euler steps")
+    return steps
+
+
+def check_guidance(value: float):
+    if not 0 <= value <= MAX_GUIDANCE:  # NaN fails this too
+        raise ValueError(f"--cfg must be between 0 and {MAX_GUIDANCE:g} (1 = no guidance), got {value}")
