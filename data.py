@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import nami
+import parallel
 import shapes
 from images import to_tensor
 
@@ -720,28 +721,46 @@ class Batches:
         txt, pooled = self.encoder.encode(list(captions))
         return x, txt.to(self.device), pooled.to(self.device), max_stage, positions
 
-    def next_step(self, ratios) -> tuple[list[MicroBatch], torch.Tensor]:
+    def next_step(self, ratios) -> tuple[list[MicroBatch], list[int]]:
         """This rank's micro-batches of the next global batch, each with its samples' noise, t' and
-        caption dropout, and their stages drawn at the sampling ratios (paper §4.3) within
-        Algorithm 1's size rule; also the samples per stage they hold (summed over ranks, the
-        global batch's)."""
-        micro, counted = [], torch.zeros(self.K)
-        for _ in range(len(self.slots)):
-            x, txt, pooled, max_stage, positions = self.next()
+        caption dropout, and the samples per stage of the whole global batch. The stages are drawn
+        on the global batch (paper §4.3: the phase's sampling ratio) by each sample's position in
+        it, within Algorithm 1's size rule, and only then split: every micro-batch size and number
+        of ranks trains the same mix."""
+        loaded = [self.next() for _ in self.slots]
+        stages = batch_stages(ratios, self.cfg.batch_size, self.global_max_stages(loaded))
+        micro = []
+        for slot, (x, txt, pooled, max_stage, positions) in zip(self.slots, loaded):
             drop, eps, t = sample_randomness(self.cfg.seed, self.cfg.caption_dropout, positions, x.shape[1:],
                                              self.device)
             # Paper §3.4: drop 10 % of the captions (the empty prompt is the unconditional input)
             txt = torch.where(drop[:, None, None], self.uncond[0], txt)
             pooled = torch.where(drop[:, None], self.uncond[1], pooled)
-            counts = stage_counts(ratios, len(positions))
-            stages = [k for k in range(1, self.K + 1) for _ in range(counts[k - 1])]
-            if int(max_stage.min()) < self.K:  # Algorithm 1: a stage trains only on images at least its size
-                stages = assign_stages(max_stage.tolist(), counts)
-                counts = [stages.count(k) for k in range(1, self.K + 1)]
-            order = sorted(range(len(positions)), key=lambda i: stages[i])  # the batch by stage
+            mine = [stages[i] for i in slot]
+            order = sorted(range(len(slot)), key=lambda i: mine[i])  # the micro-batch by stage
+            counts = [mine.count(k) for k in range(1, self.K + 1)]
             micro.append(MicroBatch(x[order], txt[order], pooled[order], eps[order], t[order], counts))
-            counted += torch.tensor(counts, dtype=torch.float)
-        return micro, counted
+        return micro, [stages.count(k) for k in range(1, self.K + 1)]
+
+    def global_max_stages(self, loaded):
+        """The highest stage each sample of the global batch may train (Algorithm 1's size rule),
+        gathered from every rank's micro-batches; None when every image allows every stage (the
+        built-in data), which needs no communication."""
+        if self.loader is None:
+            return None
+        everyone = torch.zeros(self.cfg.batch_size)
+        for slot, (_, _, _, max_stage, _) in zip(self.slots, loaded):
+            everyone[slot] = max_stage.float()
+        return [int(m) for m in parallel.all_sum(everyone).tolist()]
+
+
+def batch_stages(ratios, batch_size: int, max_stages=None) -> list[int]:
+    """The stage of each sample of a global batch, by its position: stage_counts(ratios) of them
+    per stage, stage 1 first; with max_stages, Algorithm 1's size rule decides who goes where."""
+    counts = stage_counts(ratios, batch_size)
+    if max_stages is None or min(max_stages) == len(counts):
+        return [k for k, n in enumerate(counts, 1) for _ in range(n)]
+    return assign_stages(max_stages, counts)
 
 
 # ----------------------------------------------------------------------------------------------

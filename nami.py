@@ -305,20 +305,23 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
 
 
 def rope(ids: torch.Tensor, axes_dim, theta: int) -> torch.Tensor:
-    """3-axis rotary embedding: ids (L, 3) -> unit complex rotations e^{i·pos·ω}, (L, head_dim/2)."""
+    """3-axis rotary embedding: ids (L, 3) -> (L, head_dim/2, 2), the cosine and sine of pos·ω for
+    each adjacent feature pair (ω_j = θ^(−2j/dim) per axis, computed in float64 as FLUX does)."""
     angles = []
     for i, dim in enumerate(axes_dim):
         freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
         angles.append(ids[:, i].double()[:, None] * freqs[None])  # (L, dim/2)
     angles = torch.cat(angles, dim=-1).float()
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent feature pairs (x0, x1) of x (B, heads, L, hd) as complex numbers x0 + i·x1:
-    (x0·cos − x1·sin, x0·sin + x1·cos), the pairing of FLUX."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, heads, L, hd/2)
-    return torch.view_as_real(xc * pe).flatten(-2).type_as(x)
+    """Rotate adjacent feature pairs (x0, x1) of x (B, heads, L, hd) by their angles, in float32:
+    (x0·cos − x1·sin, x0·sin + x1·cos), the pairing of FLUX. Real-valued (not complex numbers),
+    so that torch.compile generates it and FSDP2 need not keep complex tensors."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, heads, L, hd/2) each
+    cos, sin = pe.unbind(-1)                               # (L, hd/2) each
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 def image_ids(h: int, w: int, device=None) -> torch.Tensor:
@@ -487,7 +490,9 @@ class TimeTextEmbed(nn.Module):
         self.text_embedder = MLPEmbedder(pooled_dim, dim)
 
     def forward(self, tau, pooled):
-        t_emb = self.timestep_embedder(timestep_embedding(tau * 1000.0).to(pooled.dtype))
+        # τ·1000 and its sinusoid in float32 whatever the weights' dtype: in bf16 τ·1000 would be
+        # off by up to 2, against Euler steps of 33 (10 per stage)
+        t_emb = self.timestep_embedder(timestep_embedding(tau.float() * 1000.0).to(pooled.dtype))
         return t_emb + self.text_embedder(pooled)
 
 
@@ -510,19 +515,32 @@ class Nami(nn.Module):
         self.proj_out = nn.Linear(D, cfg.in_channels * p * p)
         self._pe_cache: dict = {}
         self.checkpointing = False  # activation checkpointing per block while training (train.py flag)
-        self.initialize_weights()
+        self.compiled = False       # blocks compiled with torch.compile (parallel.compile_blocks)
+        if not self.x_embedder.weight.is_meta:  # on the meta device: train.py materialises it later
+            self.initialize_weights()
 
-    def initialize_weights(self):
-        """As DiT: Xavier linears, and zero adaLN modulation and output head, so that every block
-        starts as the identity and an untrained model predicts zero velocity."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for m in self.modules():
-            if isinstance(m, AdaNorm):
-                nn.init.zeros_(m.linear.weight)
-        nn.init.zeros_(self.proj_out.weight)
+    def initial_values(self):
+        """(name, value) of every parameter at initialisation, one at a time, on the CPU, in module
+        order: as DiT, Xavier-uniform linears (drawing from the global RNG as nn.init does), zero
+        biases, zero adaLN modulation and output head — every block starts as the identity and an
+        untrained model predicts zero velocity — and unit RMSNorm scales."""
+        zeroed = {id(self.proj_out)} | {id(m.linear) for m in self.modules() if isinstance(m, AdaNorm)}
+        for prefix, module in self.named_modules():
+            for name, param in module.named_parameters(recurse=False):
+                value = torch.ones(param.shape) if isinstance(module, RMSNorm) else torch.zeros(param.shape)
+                if isinstance(module, nn.Linear) and name == "weight" and id(module) not in zeroed:
+                    nn.init.xavier_uniform_(value)
+                elif isinstance(module, nn.Linear) and name == "weight":
+                    nn.init.xavier_uniform_(value).zero_()  # drawn all the same: the RNG stream stays DiT's
+                yield f"{prefix}.{name}" if prefix else name, value
+
+    @torch.no_grad()
+    def initialize_weights(self, fill=None):
+        """Give every parameter its initial value; fill(param, value) copies it (into this rank's
+        shard under FSDP2: parallel.fill_shard)."""
+        fill = fill or (lambda param, value: param.copy_(value))
+        for name, value in self.initial_values():
+            fill(self.get_parameter(name), value)
 
     def blocks_run(self, stage: int | None) -> tuple[int, int]:
         """(double, single) blocks that stage k runs; stage=None is the full model."""
@@ -540,7 +558,12 @@ class Nami(nn.Module):
 
     def run_block(self, block, *args):
         """A block, or with checkpointing on (and gradients needed) the block recomputed in
-        backward instead of keeping its activations: the same result for less memory."""
+        backward instead of keeping its activations: the same result for less memory. Compiled
+        blocks see the batch dimension as dynamic (it changes with the stage and the micro-batch;
+        the token count is fixed per stage resolution), so one graph serves every batch size."""
+        if self.compiled:
+            for activation in args[:-1]:  # img, txt / tokens, vec: (B, ...); pe, the last, has no batch
+                torch._dynamo.maybe_mark_dynamic(activation, 0)
         if self.checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -556,9 +579,10 @@ class Nami(nn.Module):
         if stage is not None and not 1 <= stage <= self.cfg.num_stages:
             raise ValueError(f"stage {stage} outside 1..{self.cfg.num_stages}")
         h, w = H // p, W // p
-        img = self.x_embedder(patchify(x, p))                # (B, h·w, D)
-        txt = self.context_embedder(txt)                     # (B, L, D)
-        vec_act = F.silu(self.time_text_embed(tau, pooled))  # (B, D)
+        dtype = self.x_embedder.weight.dtype  # bf16 for bf16 weights or FSDP2's bf16 compute; τ stays fp32
+        img = self.x_embedder(patchify(x, p).to(dtype))                # (B, h·w, D)
+        txt = self.context_embedder(txt.to(dtype))                     # (B, L, D)
+        vec_act = F.silu(self.time_text_embed(tau, pooled.to(dtype)))  # (B, D)
         pe = self.positions(txt.shape[1], h, w, x.device)
         n_double, n_single = self.blocks_run(stage)
         for block in self.transformer_blocks[:n_double]:

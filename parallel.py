@@ -36,8 +36,10 @@ class Dist:
 
 
 def init_distributed() -> Dist:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group (NCCL on GPUs,
-    gloo on CPUs); without them, a single process on the best device."""
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group; without them, a
+    single process on the best device. On GPUs the group has two backends: NCCL for CUDA tensors
+    (gradients, FSDP2's shards) and gloo for the few small CPU tensors the run agrees on (a stop
+    signal, finite weights, per-stage counts), which NCCL alone refuses."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
@@ -46,7 +48,7 @@ def init_distributed() -> Dist:
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     return Dist(rank, world, local, device)
 
 
@@ -128,16 +130,32 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 def shard_model(model: nn.Module, bf16: bool):
     """FSDP2: fully_shard every double and single block, then the root (embedders and head), with
-    bf16 compute and fp32 gradient reduction when bf16 is on (master weights stay fp32)."""
+    bf16 compute and fp32 gradient reduction when bf16 is on (master weights stay fp32). Inputs
+    are not cast by FSDP2: the model casts its own (nami.Nami.forward), so that τ reaches the time
+    embedding in float32 and RoPE's angles stay float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
     for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     # Stages stop after different single blocks, and on a data folder a rank may lack a stage:
-    # unused blocks then contribute zero gradients, so every rank runs the same collectives.
-    model.set_reduce_scatter_unused_params(True)
+    # unused blocks then contribute zero gradients, so every rank runs the same collectives
+    # (torch >= 2.13; before it, every rank runs every stage of the global batch: stage_rows).
+    if hasattr(model, "set_reduce_scatter_unused_params"):
+        model.set_reduce_scatter_unused_params(True)
     return model
+
+
+def fill_shard(param: torch.Tensor, value: torch.Tensor):
+    """Copy a parameter's whole value into it: into this rank's part of an FSDP2 DTensor (dim 0,
+    split as fully_shard splits it), or into the plain tensor."""
+    if hasattr(param, "to_local"):
+        mesh = param.device_mesh
+        pieces = torch.chunk(value, mesh.size(), dim=0)
+        rank = mesh.get_local_rank()
+        value, param = (pieces[rank] if rank < len(pieces) else value[:0]), param.to_local()
+    param.copy_(value)
 
 
 def wrap_ddp(loss_module: nn.Module, device: torch.device):
@@ -173,11 +191,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def compile_blocks(model: nn.Module):
-    """torch.compile each block (as torchtitan does): one graph per stage resolution, reused
-    every step; the Python stage loop around the blocks stays eager."""
+    """torch.compile each block (as torchtitan does): one graph per stage resolution, whatever the
+    batch size (the model marks it dynamic), reused every step; the stage loop stays eager."""
     for blocks in (model.transformer_blocks, model.single_transformer_blocks):
         for block in blocks:
             block.compile(dynamic=False)
+    model.compiled = True
 
 
 # ----------------------------------------------------------------------------------------------

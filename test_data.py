@@ -490,3 +490,43 @@ def test_cli_scan_and_errors(folder, capsys):
     assert "data: 9 images" in out and "stage 1 (16 px):" in out
     with pytest.raises(SystemExit, match="error: .*not a folder"):
         data.main(["scan", str(folder / "missing")])
+
+
+# ----------------------------------------------------------------------------------------------
+# The training feed: stages decided on the global batch
+# ----------------------------------------------------------------------------------------------
+
+
+class ZeroText:
+    """A stand-in text encoder: every prompt is 4 zero tokens of width 8."""
+
+    def encode(self, prompts):
+        return torch.zeros(len(prompts), 4, 8), torch.zeros(len(prompts), 8)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("micro", [1, 2, 4, 8])
+def test_stage_shares_of_a_run_follow_the_ratios_for_any_micro_batch_and_ranks(micro, world):
+    """Algorithm 1's stage mix is drawn on the global batch, then split: with micro-batches of 1-4
+    (what 2b at 1024² uses) each step still trains the phase's ratios, on any number of ranks."""
+    import config
+    import encoders
+    import parallel
+    cfg = config.TrainConfig(size="tiny", resolution=16, batch_size=16, max_steps=9, caption_dropout=0.0)
+    if micro * world > cfg.batch_size:
+        pytest.skip("more ranks than samples")
+    schedule = config.stage_mix_schedule(cfg, 3)
+    got = {ratios: [0, 0, 0] for _, _, ratios in schedule}
+    for rank in range(world):
+        feed = data.Batches(cfg, ZeroText(), encoders.PixelSpace(), 3, torch.device("cpu"),
+                            slots=parallel.micro_batches(cfg.batch_size, micro, world, rank))
+        for step in range(cfg.max_steps):
+            ratios = config.stage_ratios(schedule, step)
+            micro_batches, totals = feed.next_step(ratios)
+            assert totals == data.stage_counts(ratios, cfg.batch_size)
+            for batch in micro_batches:
+                assert len(batch.x) == micro and sum(batch.counts) == micro
+                got[ratios] = [a + b for a, b in zip(got[ratios], batch.counts)]
+    for first, last, ratios in schedule:
+        want = [(last - first) * n for n in data.stage_counts(ratios, cfg.batch_size)]
+        assert got[ratios] == want, (ratios, got[ratios])

@@ -17,6 +17,7 @@ import torch
 import checkpoint
 import config
 import nami
+import parallel
 import train
 
 ROOT = Path(__file__).parent
@@ -103,3 +104,75 @@ def test_compiled_block_gives_the_eager_result():
     block.compile(dynamic=False)
     compiled = block(x, vec, pe)
     assert torch.allclose(eager, compiled, atol=1e-5)
+
+
+def test_compiled_blocks_take_any_batch_size_without_recompiling():
+    """Per-stage batch sizes change from phase to phase (and micro-batch to micro-batch): with the
+    batch dimension static every new size compiled every block again, near dynamo's recompile
+    limit. One graph per block and stage resolution, whatever the batch."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nami.Nami(nami.get_config("tiny", joint_attention_dim=8, pooled_projection_dim=8))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    inputs = {n: (torch.randn(n, 3, 16, 16), torch.rand(n), torch.randn(n, 5, 8), torch.randn(n, 8)) for n in (2, 3, 5)}
+    eager = {n: model(*args, stage=1) for n, args in inputs.items()}
+    parallel.compile_blocks(model)
+    before = counters["stats"]["unique_graphs"]
+    for n, args in inputs.items():
+        torch.testing.assert_close(model(*args, stage=1), eager[n], atol=1e-5, rtol=1e-5)
+    blocks_at_stage_1 = sum(model.blocks_run(1))
+    assert counters["stats"]["unique_graphs"] - before == blocks_at_stage_1
+
+
+def test_time_input_stays_float32_under_fsdp2_bf16(tmp_path):
+    """FSDP2's MixedPrecisionPolicy casts forward inputs to bf16; τ·1000 in bf16 is off by up to 3
+    (an Euler step is 30), so the time embedding must see τ in float32."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "fsdp_tau.py"
+    script.write_text(f"""
+import sys; sys.path.insert(0, {str(ROOT)!r})
+import torch, torch.distributed as dist
+import nami, parallel
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+seen, real = [], nami.timestep_embedding
+nami.timestep_embedding = lambda t, *a, **k: (seen.append(t.detach().clone()), real(t, *a, **k))[1]
+torch.manual_seed(0)
+model = parallel.shard_model(nami.Nami(nami.get_config("tiny", joint_attention_dim=8, pooled_projection_dim=8)), bf16=True)
+tau = torch.tensor([0.7431, 0.0123])
+v = model(torch.randn(2, 3, 16, 16), tau, torch.randn(2, 5, 8), torch.randn(2, 8), stage=2)
+print(seen[0].dtype, float((seen[0].double() - tau.double() * 1000).abs().max()), v.dtype, bool(v.isfinite().all()))
+dist.destroy_process_group()
+""")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    dtype, error, out_dtype, finite = r.stdout.split()
+    assert dtype == "torch.float32" and float(error) < 1e-4 and finite == "True", r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA path, as far as a CPU can check it
+# ----------------------------------------------------------------------------------------------
+
+
+def test_process_group_on_gpus_serves_the_cpu_tensors_of_the_collectives(monkeypatch):
+    """On GPUs the group must also serve CPU tensors: the stop and finite-weights agreements and
+    the per-stage counts are small CPU tensors, and NCCL alone refuses them ("No backend type
+    associated with device type cpu"), which stopped every torchrun run at step 1."""
+    import torch.distributed as dist
+    calls = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend=None, **kw: calls.update(backend=backend, **kw))
+    where = parallel.init_distributed()
+    assert where.device == torch.device("cuda", 0)
+    served = dict(part.split(":") for part in calls["backend"].split(","))
+    assert served == {"cpu": "gloo", "cuda": "nccl"}, calls["backend"]

@@ -19,8 +19,6 @@ log.jsonl, samples/step-NNNNNNN.png, ckpt-NNNNNNN/; a killed run continues with 
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -74,16 +72,24 @@ class Algorithm1Loss(nn.Module):
 
 
 def build_model(model_config, cfg: TrainConfig, sharded: bool, autocast: bool, device):
-    """The model and its EMA (kept beside it, as DiT), with checkpointing, compile and FSDP2 as asked."""
-    model = nami.Nami(model_config).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    """The model and its EMA (kept beside it, as DiT), with checkpointing, compile and FSDP2 as asked.
+    Both are built on the meta device, sharded, then given their initial values one parameter at a
+    time: no rank ever holds a copy of the whole model it does not keep."""
+    with torch.device("meta"):
+        model, ema = nami.Nami(model_config), nami.Nami(model_config)
     model.checkpointing = cfg.activation_checkpointing
     if cfg.compile:
         parallel.compile_blocks(model)
     if sharded:  # FSDP2: bf16 compute, fp32 master weights and gradient reduction
         parallel.shard_model(model, bf16=autocast)
         parallel.shard_model(ema, bf16=autocast)
-    return model, ema
+    model.to_empty(device=device)
+    ema.to_empty(device=device)
+    model.initialize_weights(fill=parallel.fill_shard)
+    with torch.no_grad():
+        for kept, weight in zip(ema.parameters(), model.parameters()):
+            parallel.local(kept).copy_(parallel.local(weight))
+    return model, ema.requires_grad_(False)
 
 
 def pretrain_bridgeflow(cfg: TrainConfig, bridge, windows, encoder, autoencoder, generator, dist):
@@ -162,8 +168,7 @@ def main(cfg: TrainConfig) -> dict:
                 group["lr"] = lr
             # line 5: sample a global batch x'_1 of full-size latents with their captions: this rank's
             # micro-batches, each sample's stage drawn at the phase's ratios (paper §4.3)
-            micro_batches, counted = batches.next_step(ratios)
-            totals = parallel.all_sum(counted).tolist()  # samples per stage in the global batch
+            micro_batches, totals = batches.next_step(ratios)  # totals: samples per stage, global batch
             optimizer.zero_grad(set_to_none=True)
             sums = torch.zeros(K, device=device)
             for j, micro_batch in enumerate(micro_batches):
