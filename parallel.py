@@ -139,11 +139,10 @@ def shard_model(model: nn.Module, bf16: bool):
     for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    # Stages stop after different single blocks, and on a data folder a rank may lack a stage:
-    # unused blocks then contribute zero gradients, so every rank runs the same collectives
-    # (torch >= 2.13; before it, every rank runs every stage of the global batch: stage_rows).
-    if hasattr(model, "set_reduce_scatter_unused_params"):
-        model.set_reduce_scatter_unused_params(True)
+    # Stages stop after different single blocks. Every rank runs every stage of the global batch
+    # (stage_rows), so every rank runs the same blocks and issues the same collectives; a block
+    # no stage of the batch reaches gets no gradient anywhere and, as in one process, AdamW
+    # leaves it alone (FSDP2's set_reduce_scatter_unused_params would give it zeros to move on).
     return model
 
 

@@ -76,6 +76,24 @@ def test_fsdp_checkpoint_of_two_ranks_resumes_on_one_and_on_two(tmp_path, encode
     assert resumed["losses"] == pytest.approx(losses(reference)[2:], rel=TOLERANCE)
 
 
+def test_fsdp_run_whose_batches_lack_a_stage_keeps_the_one_process_weights(tmp_path, encoder_dir):
+    """When a phase's global batch has no stage-3 sample, the blocks only stage 3 runs get no
+    gradient on any rank. They must stay as they are, as in one process: FSDP2's
+    set_reduce_scatter_unused_params (torch 2.13) gave them zero gradients instead, which AdamW's
+    momentum from the earlier phase kept moving."""
+    mix = ["--stage-mix", "1:1:1,1:1:0", "--mix-fractions", "0.5,0.5", "--max-steps", "4", "--ckpt-every", "4"]
+    torchrun(tmp_path / "two", encoder_dir, "--parallel", "fsdp", *mix)
+    cfg = config.parse_args([*RUN, "--text-encoder", encoder_dir, "--out", str(tmp_path / "one"), *mix])
+    train.main(cfg)
+    _, _, two = checkpoint.load_checkpoint(tmp_path / "two")
+    _, _, one = checkpoint.load_checkpoint(tmp_path / "one")
+    stage3_only = [k for k in one["model"] if k.startswith("single_transformer_blocks.") and
+                   int(k.split(".")[1]) >= nami.get_config("tiny").cuts[1]]
+    assert stage3_only
+    for key in stage3_only:
+        assert torch.allclose(two["model"][key], one["model"][key], rtol=1e-4, atol=1e-6), key
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     cfg = nami.get_config("tiny", joint_attention_dim=8, pooled_projection_dim=8)
