@@ -30,15 +30,16 @@ import parallel
 from bridgeflow import BridgeFlow
 
 
-def time_sampler(model, bridge, txt, pooled, res, steps, guidance, flat, dtype):
+def time_sampler(model, bridge, txt, pooled, res, steps, guidance, flat):
+    """Seconds per stage of one sample (batch of txt), the flat sampler's one window if flat."""
     eps = torch.randn(txt.shape[0], model.cfg.in_channels, res, res, device=txt.device)
     windows, ranges, steps, full = nami.sampling_plan(model.cfg, steps, flat)
     velocity = nami.model_velocity(model, ranges, txt, pooled, torch.zeros_like(txt), torch.zeros_like(pooled),
-                                   guidance, full, autocast=dtype == "bf16")
-    sync(eps.device)
+                                   guidance, full)
+    parallel.synchronize(eps.device)
     marks = [time.perf_counter()]
     nami.progressive_sample(velocity, eps, windows, steps, None if flat else bridge,
-                            on_stage_end=lambda k, x: (sync(x.device), marks.append(time.perf_counter())))
+                            on_stage_end=lambda k, x: (parallel.synchronize(x.device), marks.append(time.perf_counter())))
     return [b - a for a, b in zip(marks[:-1], marks[1:])]
 
 
@@ -60,10 +61,6 @@ def random_model(cfg, device):
     return model
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
 
 def peak_flops(device, dtype, n=4096 if torch.cuda.is_available() else 2048, repeat=5):
     """The device's measured peak: the median FLOP/s of an n×n×n matrix product."""
@@ -71,11 +68,11 @@ def peak_flops(device, dtype, n=4096 if torch.cuda.is_available() else 2048, rep
     a @ b
     times = []
     for _ in range(repeat):
-        sync(device)
+        parallel.synchronize(device)
         t = time.perf_counter()
         for _ in range(4):
             a @ b
-        sync(device)
+        parallel.synchronize(device)
         times.append((time.perf_counter() - t) / 4)
     return 2 * n ** 3 / statistics.median(times)
 
@@ -141,10 +138,10 @@ def train_bench(a):
     model.checkpointing = a.activation_checkpointing
     times = []
     for _ in range(a.repeat):
-        sync(device)
+        parallel.synchronize(device)
         t0 = time.perf_counter()
         step()
-        sync(device)
+        parallel.synchronize(device)
         times.append(time.perf_counter() - t0)
     step_time = statistics.median(times)
     peaks = {d: peak_flops(device, getattr(torch, d)) for d in ("bfloat16", "float32")}
@@ -246,13 +243,14 @@ def main(argv=None):
     steps = [int(s) for s in a.steps.split(",")]
     txt = torch.randn(a.batch, a.text_len, cfg.joint_attention_dim, device=device)
     pooled = torch.randn(a.batch, cfg.pooled_projection_dim, device=device)
+    model.to(torch.bfloat16 if a.dtype == "bf16" else torch.float32)  # weights in the dtype, no autocast
     args = (model, bridge, txt, pooled, res, steps, a.cfg)
     for _ in range(1 if a.warmup is None else a.warmup):
-        time_sampler(*args, False, a.dtype), time_sampler(*args, True, a.dtype)
+        time_sampler(*args, False), time_sampler(*args, True)
     runs = {"nami": [], "flat": []}
     for _ in range(a.repeat):
-        runs["nami"].append(time_sampler(*args, False, a.dtype))
-        runs["flat"].append(time_sampler(*args, True, a.dtype))
+        runs["nami"].append(time_sampler(*args, False))
+        runs["flat"].append(time_sampler(*args, True))
     med = {name: [statistics.median(r[i] for r in rs) for i in range(len(rs[0]))] for name, rs in runs.items()}
     tot = {name: statistics.median(sum(r) for r in rs) for name, rs in runs.items()}
     print(f"{a.size} at {a.res}², steps {steps}, cfg {a.cfg}, batch {a.batch}, {a.dtype}, "

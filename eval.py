@@ -18,6 +18,7 @@ import torch
 import checkpoint
 import config
 import nami
+import parallel
 from judge import SEED, calibrate, evaluate, sample_grid, table
 
 
@@ -87,8 +88,10 @@ def print_calibration(results):
 def load(a, steps):
     """The checkpoint's model and parts, and the steps per stage, checked against it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parallel.use_tf32()
     model, bridge, encoder, autoencoder, info = checkpoint.load_model(checkpoint.find_checkpoint(a.ckpt),
                                                                       not a.no_ema, device=device)
+    model.to(parallel.sampling_dtype(device))
     steps = steps or info["steps"]
     if len(steps) != model.cfg.num_stages:
         raise ValueError(f"--steps needs {model.cfg.num_stages} counts (one per stage), got {a.steps}")

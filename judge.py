@@ -425,7 +425,7 @@ def generate_images(model, bridge, encoder, autoencoder, captions, seeds, resolu
     for i in range(0, len(captions), batch_size):
         clean = None if reals is None else autoencoder.encode(reals[i:i + batch_size].to(device))
         x = nami.generate(model, encoder, captions[i:i + batch_size], seeds[i:i + batch_size], h // f, w // f, steps,
-                          guidance, bridge=bridge, flat=flat, autocast=device.type == "cuda",
+                          guidance, bridge=bridge, flat=flat,
                           from_stage=from_stage, clean=clean)[-1]
         out.append(autoencoder.decode(x).float().cpu())
     return torch.cat(out)

@@ -52,6 +52,25 @@ def init_distributed() -> Dist:
     return Dist(rank, world, local, device)
 
 
+def use_tf32():
+    """On CUDA, TF32 for the matrix products that stay in float32 (BridgeFlow pre-training, the
+    VAE, training-time sample grids of the fp32 EMA): about 8x the fp32 rate, 10-bit mantissas."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def sampling_dtype(device) -> torch.dtype:
+    """The weights' dtype for sampling: bf16 on CUDA (no autocast recasting fp32 weights at every
+    step), float32 on a CPU (where bf16 matrix products are slower without AMX)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def synchronize(device):
+    """Wait for the device's queued work, so that a clock read after it measures that work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def shutdown():
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -26,6 +26,7 @@ import checkpoint
 import config
 import images
 import nami
+import parallel
 import release
 from encoders import check_prompt
 
@@ -149,6 +150,7 @@ def load(a, plan, device):
     model, autoencoder = loaded[0], loaded[3]
     w, h = plan["size"]
     nami.check_resolution(h, w, autoencoder.factor * model.cfg.size_multiple, "--res")
+    model.to(parallel.sampling_dtype(device))
     return loaded
 
 
@@ -168,6 +170,7 @@ def main(argv=None):
     a = parse_args(argv)
     plan = None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parallel.use_tf32()
     try:
         plan = settle(a)
         model, bridge, encoder, autoencoder, info = load(a, plan, device)
@@ -180,8 +183,8 @@ def main(argv=None):
     marks = [time.perf_counter()]
     stage_outputs = nami.generate(model, encoder, [a.prompt] * a.n, range(a.seed, a.seed + a.n), h // f, w // f,
                                   steps, plan["cfg"], a.negative, bridge=bridge, flat=a.flat,
-                                  autocast=device.type == "cuda",
-                                  on_stage_end=lambda k, x: marks.append(time.perf_counter()))
+                                  on_stage_end=lambda k, x: (parallel.synchronize(device),
+                                                             marks.append(time.perf_counter())))
     times = [b - t for t, b in zip(marks[:-1], marks[1:])]
     t0 = time.perf_counter()
     picture = picture_of(a, stage_outputs, autoencoder, (w, h), plan["zoom"])

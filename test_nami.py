@@ -335,6 +335,25 @@ def test_cfg_with_guidance_one_equals_the_conditional_velocity():
                                v_u + 3.0 * (v_c - v_u), rtol=1e-4, atol=1e-4)
 
 
+def test_bf16_weights_sample_like_fp32_without_autocast():
+    """Sampling on a GPU casts the weights to bf16 once (no autocast recasting fp32 weights every
+    step): the model casts its inputs to its weights' dtype, keeps τ in float32, and the sampler
+    integrates in float32."""
+    cfg = nami.get_config("tiny", joint_attention_dim=8, pooled_projection_dim=8)
+    model = randomize(nami.Nami(cfg), seed=3)
+    txt, pooled = torch.randn(2, 5, 8), torch.randn(2, 8)
+    windows, ranges, steps, full = nami.sampling_plan(cfg, [2, 2, 2])
+    eps = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        velocity = nami.model_velocity(model, ranges, txt, pooled, guidance=1.0)
+        outputs[dtype] = nami.progressive_sample(velocity, eps, windows, steps, bridge=None)[-1]
+    assert outputs[torch.bfloat16].dtype == torch.float32
+    error = (outputs[torch.bfloat16] - outputs[torch.float32]).abs().max() / outputs[torch.float32].abs().max()
+    assert 0 < error < 0.05
+
+
 # ---------------------------------------------------------------------------------------------
 # docs/method.md §4: BridgeFlow
 # ---------------------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def main(cfg: TrainConfig) -> dict:
     validate(cfg)
     dist = parallel.init_distributed()
     device = dist.device
+    parallel.use_tf32()
     micro = cfg.micro_batch or cfg.batch_size // dist.world
     if cfg.batch_size % (micro * dist.world):
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {micro} × {dist.world} ranks")
