@@ -1,11 +1,14 @@
-"""Benchmarks. Sampling: NAMI against the flat baseline with the same total steps (paper
-Table 2). Training (--train): samples/s, image tokens/s, peak memory and MFU of Algorithm 1.
+"""Benchmarks, and the check of the CUDA path. Sampling: NAMI against the flat baseline with the
+same total steps (paper Table 2). Training (--train): samples/s, image tokens/s, peak memory and
+MFU of Algorithm 1's step. --gpu-check: everything a GPU run needs, in one command.
 
     python bench.py                                  # default CPU preset at 32², 10+10+10 steps, CFG 3
     python bench.py --size 2b --res 1024 --cfg 1 --repeat 3 --dtype bf16     # GPU: paper Table 2
     python bench.py --flops --size 2b --res 1024 --text-len 256   # FLOPs per stage (meta device)
     python bench.py --train                          # training throughput of the default preset
     python bench.py --train --size 2b --res 1024 --batch 8 --mix 1:2:4 --dtype bf16 --activation-checkpointing
+    python bench.py --gpu-check                      # one CUDA device, ≤ 8 minutes, no download
+    python bench.py --gpu-check --tiny               # the same steps at toy sizes (runs on a CPU)
 
 --res is in pixels; the 16-channel presets (0.6b, 2b) work on FLUX-VAE latents, 8× smaller.
 Times depend only on the shapes, so the weights are random (the DiT init is replaced by
@@ -19,28 +22,26 @@ large matrix product in bf16 and in fp32 (the training dtype's is used).
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import math
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+import encoders
 import nami
 import parallel
+import shapes
 from bridgeflow import BridgeFlow
 
-
-def time_sampler(model, bridge, txt, pooled, res, steps, guidance, flat):
-    """Seconds per stage of one sample (batch of txt), the flat sampler's one window if flat."""
-    eps = torch.randn(txt.shape[0], model.cfg.in_channels, res, res, device=txt.device)
-    windows, ranges, steps, full = nami.sampling_plan(model.cfg, steps, flat)
-    velocity = nami.model_velocity(model, ranges, txt, pooled, torch.zeros_like(txt), torch.zeros_like(pooled),
-                                   guidance, full)
-    parallel.synchronize(eps.device)
-    marks = [time.perf_counter()]
-    nami.progressive_sample(velocity, eps, windows, steps, None if flat else bridge,
-                            on_stage_end=lambda k, x: (parallel.synchronize(x.device), marks.append(time.perf_counter())))
-    return [b - a for a, b in zip(marks[:-1], marks[1:])]
+ROOT = Path(__file__).parent
 
 
 def latent_factor(cfg: nami.NamiConfig) -> int:
@@ -49,17 +50,24 @@ def latent_factor(cfg: nami.NamiConfig) -> int:
 
 
 def bench_config(size: str) -> nami.NamiConfig:
-    return nami.get_config(size, in_channels=3) if size in ("small", "base", "tiny") else nami.get_config(size)
+    return nami.get_config(size, in_channels=3) if size in ("small", "base", "tiny", "mini") else nami.get_config(size)
 
 
-def random_model(cfg, device):
+def random_model(cfg, device, dtype=torch.float32):
+    """A model of the preset's shape with N(0, 0.02) weights, built on the meta device and
+    allocated once, in the dtype asked for, on the device."""
     torch.manual_seed(0)
-    model = nami.Nami(cfg).to(device)
+    with torch.device("meta"):
+        model = nami.Nami(cfg)
+    model.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     return model
 
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def peak_flops(device, dtype, n=4096 if torch.cuda.is_available() else 2048, repeat=5):
@@ -83,6 +91,79 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # peak RSS of the process (KiB -> GiB)
 
 
+# ----------------------------------------------------------------------------------------------
+# Sampling time: NAMI against flat (paper Table 2)
+# ----------------------------------------------------------------------------------------------
+
+
+def time_sampler(model, bridge, txt, pooled, res, steps, guidance, flat):
+    """Seconds per stage of one sample (batch of txt), the flat sampler's one window if flat."""
+    eps = torch.randn(txt.shape[0], model.cfg.in_channels, res, res, device=txt.device)
+    windows, ranges, steps, full = nami.sampling_plan(model.cfg, steps, flat)
+    velocity = nami.model_velocity(model, ranges, txt, pooled, torch.zeros_like(txt), torch.zeros_like(pooled),
+                                   guidance, full)
+    parallel.synchronize(eps.device)
+    marks = [time.perf_counter()]
+    nami.progressive_sample(velocity, eps, windows, steps, None if flat else bridge,
+                            on_stage_end=lambda k, x: (parallel.synchronize(x.device), marks.append(time.perf_counter())))
+    return [b - a for a, b in zip(marks[:-1], marks[1:])]
+
+
+def sampling_times(cfg, device, res, steps, guidance, batch, text_len, dtype, warmup, repeat) -> dict:
+    """Medians of `repeat` runs of both samplers, alternating, after `warmup` untimed ones: NAMI's
+    seconds per stage ("stages") and in all ("nami"), the flat sampler's ("flat"). res in pixels."""
+    K, f = cfg.num_stages, latent_factor(cfg)
+    nami.check_resolution(res, res, f * cfg.size_multiple, "--res")
+    model = random_model(cfg, device, dtype).eval()  # weights in the dtype asked for, no autocast
+    side = res // f
+    bridge = BridgeFlow(cfg.in_channels, [(s, s) for s in nami.stage_sizes(side, K)]).to(device)
+    txt = torch.randn(batch, text_len, cfg.joint_attention_dim, device=device)
+    pooled = torch.randn(batch, cfg.pooled_projection_dim, device=device)
+    args = (model, bridge, txt, pooled, side, steps, guidance)
+    for _ in range(warmup):
+        time_sampler(*args, False), time_sampler(*args, True)
+    runs = {"nami": [], "flat": []}
+    for _ in range(repeat):
+        runs["nami"].append(time_sampler(*args, False))
+        runs["flat"].append(time_sampler(*args, True))
+    return {"stages": [statistics.median(r[i] for r in runs["nami"]) for i in range(K)],
+            "nami": statistics.median(sum(r) for r in runs["nami"]),
+            "flat": statistics.median(sum(r) for r in runs["flat"])}
+
+
+def sampling_table(a):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, steps = bench_config(a.size), [int(s) for s in a.steps.split(",")]
+    times = sampling_times(cfg, device, a.res, steps, a.cfg, a.batch, a.text_len,
+                           torch.bfloat16 if a.dtype == "bf16" else torch.float32,
+                           1 if a.warmup is None else a.warmup, a.repeat)
+    K = cfg.num_stages
+    print(f"{a.size} at {a.res}², steps {steps}, cfg {a.cfg}, batch {a.batch}, {a.dtype}, "
+          f"torch {torch.__version__}, {device_name(device)}, median of {a.repeat}")
+    print("| sampler | " + " | ".join(f"stage {k} ({s}²)" for k, s in enumerate(nami.stage_sizes(a.res, K), 1))
+          + " | total | reduction |")
+    print("|---" * (K + 3) + "|")
+    print("| flat | " + " | ".join(["–"] * (K - 1)) + f" | {times['flat']:.3f} s | {times['flat']:.3f} s | – |")
+    print("| NAMI | " + " | ".join(f"{t:.3f} s" for t in times["stages"]) + f" | {times['nami']:.3f} s | "
+          f"{100 * (1 - times['nami'] / times['flat']):.1f} % ({times['flat'] / times['nami']:.2f}× faster) |")
+    return times
+
+
+# ----------------------------------------------------------------------------------------------
+# Training throughput and MFU
+# ----------------------------------------------------------------------------------------------
+
+
+def mix_counts(mix: str, batch: int, num_stages: int) -> list[int]:
+    """Samples per stage of a batch at ratios "1:2:4" (rounded, the last stage takes the rest)."""
+    ratios = [int(r) for r in mix.split(":")]
+    if len(ratios) != num_stages:
+        raise SystemExit(f"error: --mix needs {num_stages} ratios, got {mix}")
+    counts = [round(batch * r / sum(ratios)) for r in ratios]
+    counts[-1] = batch - sum(counts[:-1])
+    return counts
+
+
 def random_stage_inputs(cfg, counts, sizes, text_len: int, device):
     """Per stage k with counts[k−1] > 0 samples: (k, x̂_t at the stage's size, its target, τ, txt, pooled)."""
     def normal(*shape):
@@ -92,76 +173,74 @@ def random_stage_inputs(cfg, counts, sizes, text_len: int, device):
             for k, (n, s) in enumerate(zip(counts, sizes), 1) if n > 0]
 
 
-def train_bench(a):
-    """Time Algorithm 1's training step (the model's forward and backward at every stage of a mixed
-    batch, then AdamW) on random data."""
+def training_step(cfg, device, res, mixes, text_len, bf16, checkpointing=False, compile=False, warmup=3,
+                  repeat=7) -> dict:
+    """Time Algorithm 1's training step on random data: the model's forward and backward at every
+    stage of a mixed batch (train.Algorithm1Loss adds only elementwise pyramid, bridge and
+    interpolation arithmetic around these calls), then AdamW. `mixes`: per-stage counts, one list
+    per step in turn (several: the batch sizes change as between phases)."""
     from torch.utils.flop_counter import FlopCounterMode
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = bench_config(a.size)
-    K, f = cfg.num_stages, latent_factor(cfg)
-    res = a.res // f
-    nami.check_resolution(a.res, a.res, f * cfg.size_multiple, "--res")
     model = random_model(cfg, device).train()
-    model.checkpointing = a.activation_checkpointing
-    if a.compile:
+    model.checkpointing = checkpointing
+    if compile:
         parallel.compile_blocks(model)
-    ratios = [int(r) for r in a.mix.split(":")]
-    if len(ratios) != K:
-        raise SystemExit(f"error: --mix needs {K} ratios, got {a.mix}")
-    counts = [round(a.batch * r / sum(ratios)) for r in ratios]
-    counts[-1] = a.batch - sum(counts[:-1])
-    B, sizes = a.batch, nami.stage_sizes(res, K)
-    stages = random_stage_inputs(cfg, counts, sizes, a.text_len, device)
+    sizes = nami.stage_sizes(res // latent_factor(cfg), cfg.num_stages)
+    batches = [random_stage_inputs(cfg, counts, sizes, text_len, device) for counts in mixes]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def loss_of_step():
-        """Eq. 4 summed over the stages, the model cut after each stage's blocks (train.Algorithm1Loss
-        adds only elementwise pyramid, bridge and interpolation arithmetic around these calls)."""
+    def loss_of(stages):  # Eq. 4 summed over the stages, the model cut after each stage's blocks
         loss = 0.0
         for k, x_t, target, tau, txt, pooled in stages:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
-                v = model(x_t, tau, txt, pooled, stage=k)
-            loss = loss + nami.flow_loss(v, target)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss + nami.flow_loss(model(x_t, tau, txt, pooled, stage=k), target)
         return loss
 
-    def step():
+    def step(i):
         opt.zero_grad(set_to_none=True)
-        loss_of_step().backward()
+        loss_of(batches[i % len(batches)]).backward()
         opt.step()
 
-    for _ in range(a.warmup):
-        step()
+    for i in range(warmup):
+        step(i)
     model.checkpointing = False  # model FLOPs: the recomputation of checkpointing is not counted
     with FlopCounterMode(display=False) as counter:
-        loss_of_step().backward()
-    flops = counter.get_total_flops()
-    model.checkpointing = a.activation_checkpointing
+        loss_of(batches[0]).backward()
+    model.checkpointing = checkpointing
     times = []
-    for _ in range(a.repeat):
+    for i in range(repeat):
         parallel.synchronize(device)
         t0 = time.perf_counter()
-        step()
+        step(i)
         parallel.synchronize(device)
         times.append(time.perf_counter() - t0)
-    step_time = statistics.median(times)
-    peaks = {d: peak_flops(device, getattr(torch, d)) for d in ("bfloat16", "float32")}
-    tokens = sum(n * (s // cfg.patch_size) ** 2 for n, s in zip(counts, sizes))
-    print(f"train {a.size} at {a.res}² (latent {res}²), batch {B} as {counts} over the stages (mix {a.mix}), "
-          f"{a.dtype}, activation checkpointing {a.activation_checkpointing}, compile {a.compile}, "
-          f"{device_name(device)}, torch {torch.__version__}, median of {a.repeat} steps")
-    print_train_table(step_time, B, tokens, flops, peaks, peaks["bfloat16" if a.dtype == "bf16" else "float32"], device)
+    peak = peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
+    step_time = statistics.median(times)  # of the first mix's steps when several alternate
+    batch = sum(mixes[0])
+    return {"step": step_time, "samples_per_s": batch / step_time, "flops": counter.get_total_flops(),
+            "tokens": sum(n * (s // cfg.patch_size) ** 2 for n, s in zip(mixes[0], sizes)),
+            "mfu": counter.get_total_flops() / step_time / peak, "peak": peak, "memory_gb": peak_memory_gb(device)}
 
 
-def device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-
-
-def print_train_table(step_time, batch, tokens, flops, peaks, peak, device):
-    print("| step | samples/s | image tokens/s | model TFLOP/step | achieved TFLOP/s | peak bf16 / fp32 TFLOP/s (measured) | MFU | peak memory |")
+def train_table(a):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = bench_config(a.size)
+    nami.check_resolution(a.res, a.res, latent_factor(cfg) * cfg.size_multiple, "--res")
+    counts = mix_counts(a.mix, a.batch, cfg.num_stages)
+    r = training_step(cfg, device, a.res, [counts], a.text_len, a.dtype == "bf16", a.activation_checkpointing,
+                      a.compile, a.warmup, a.repeat)
+    print(f"train {a.size} at {a.res}², batch {a.batch} as {counts} over the stages (mix {a.mix}), {a.dtype}, "
+          f"activation checkpointing {a.activation_checkpointing}, compile {a.compile}, {device_name(device)}, "
+          f"torch {torch.__version__}, median of {a.repeat} steps")
+    print("| step | samples/s | image tokens/s | model TFLOP/step | achieved TFLOP/s | measured peak TFLOP/s | MFU | peak memory |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {step_time:.3f} s | {batch / step_time:.1f} | {tokens / step_time:,.0f} | {flops / 1e12:.3f} | "
-          f"{flops / step_time / 1e12:.3f} | {peaks['bfloat16'] / 1e12:.2f} / {peaks['float32'] / 1e12:.2f} | "
-          f"{100 * flops / step_time / peak:.1f} % | {peak_memory_gb(device):.2f} GiB |")
+    print(f"| {r['step']:.3f} s | {r['samples_per_s']:.1f} | {r['tokens'] / r['step']:,.0f} | {r['flops'] / 1e12:.3f} | "
+          f"{r['flops'] / r['step'] / 1e12:.3f} | {r['peak'] / 1e12:.2f} | {100 * r['mfu']:.1f} % | {r['memory_gb']:.2f} GiB |")
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer FLOPs per stage (meta device)
+# ----------------------------------------------------------------------------------------------
 
 
 def count_flops(model, x, txt, pooled, stage) -> int:
@@ -208,10 +287,138 @@ def flops_table(a):
     return {"flat": flat, **{name: sum(per) for name, per in rows.items()}}
 
 
+# ----------------------------------------------------------------------------------------------
+# --gpu-check: the CUDA path, end to end, in one command
+# ----------------------------------------------------------------------------------------------
+
+
+def run(command: list[str], timeout: int = 600) -> str:
+    """A script of this folder as a subprocess; its output, or an error with the end of stderr."""
+    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command[1:6])} …` exited {r.returncode}: {r.stderr.strip()[-600:]}")
+    return r.stdout
+
+
+def log_losses(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    if not records or not all(math.isfinite(r["loss"]) for r in records):
+        raise RuntimeError(f"{run_dir}/log.jsonl: no losses, or non-finite ones")
+    return records
+
+
+def check_training(work: Path, flags: list[str], steps: int) -> str:
+    """train.py in bf16: stop half-way with a checkpoint, resume to the end, then sample.py."""
+    out = work / "single"
+    command = [sys.executable, "train.py", *flags, "--bf16", "--max-steps", str(steps), "--ckpt-every",
+               str(steps // 2), "--sample-every", str(steps), "--log-every", "1", "--out", str(out)]
+    run(command + ["--stop-after", str(steps // 2)])
+    run(command + ["--resume"])
+    records = log_losses(out)
+    if [r["step"] for r in records] != list(range(1, steps + 1)):
+        raise RuntimeError(f"the resumed log does not read as one run: steps {[r['step'] for r in records]}")
+    run([sys.executable, "sample.py", "a red circle above a blue square", "--ckpt", str(out), "--out",
+         str(work / "sample.png"), "-n", "4"])
+    speed = statistics.median(r["images_per_s"] for r in records[1:])
+    return (f"{steps} steps, stopped at {steps // 2} and resumed; loss {records[0]['loss']:.3f} -> "
+            f"{records[-1]['loss']:.3f}; {speed:.0f} images/s; sample.png written")
+
+
+def check_torchrun(work: Path, flags: list[str], strategy: str) -> str:
+    """torchrun with one rank (NCCL on a GPU): 2 steps, a checkpoint, then resumed to 4."""
+    out = work / strategy
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py",
+               *flags, "--bf16", "--parallel", strategy, "--max-steps", "4", "--ckpt-every", "2",
+               "--sample-every", "4", "--log-every", "1", "--out", str(out)]
+    run(command + ["--stop-after", "2"])
+    run(command + ["--resume"])
+    records = log_losses(out)
+    sharded = (out / "ckpt-0000004" / "dcp" / ".metadata").is_file()
+    if strategy == "fsdp" and not sharded:
+        raise RuntimeError("the FSDP2 checkpoint holds no dcp/ shards")
+    return f"4 steps, resumed at 2, loss {records[-1]['loss']:.3f}" + (", dcp/ shards written" if sharded else "")
+
+
+def check_sampling(size: str, device, res: int, text_len: int, dtype) -> str:
+    t = sampling_times(bench_config(size), device, res, [10, 10, 10], 1.0, 1, text_len, dtype, warmup=1, repeat=3)
+    met = t["nami"] <= 0.5 and t["flat"] / t["nami"] >= 2.5
+    return (f"NAMI {t['nami']:.3f} s/image (" + " + ".join(f"{s:.3f}" for s in t["stages"]) +
+            f"), flat 30 steps {t['flat']:.3f} s: {t['flat'] / t['nami']:.2f}× faster "
+            f"(target ≤ 0.5 s and ≥ 2.5×: {'met' if met else 'not met'})")
+
+
+def check_training_step(size: str, device, res: int, batch: int, text_len: int, checkpointing: bool) -> str:
+    counts = mix_counts("1:2:4", batch, 3)
+    r = training_step(bench_config(size), device, res, [counts], text_len, device.type == "cuda", checkpointing,
+                      warmup=2, repeat=3)
+    return (f"batch {batch} as {counts}: {r['step']:.3f} s/step, {r['samples_per_s']:.1f} samples/s, "
+            f"MFU {100 * r['mfu']:.1f} % of a measured {r['peak'] / 1e12:.3g} TFLOP/s")
+
+
+def check_compile(size: str, device, res: int, text_len: int) -> str:
+    """A compiled training step through the three phases' stage mixes (the batch size of each stage
+    changes): how many graphs the blocks compiled, against one per block and stage resolution."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    cfg = bench_config(size)
+    mixes = [mix_counts(m, 32, 3) for m in ("4:2:1", "2:4:1", "1:2:4")]
+    r = training_step(cfg, device, res, mixes, text_len, device.type == "cuda", compile=True, warmup=3, repeat=3)
+    graphs = counters["stats"]["unique_graphs"]
+    expected = sum(cfg.depth_double + cut for cut in cfg.cuts)  # stage k runs the doubles and c_k singles
+    if graphs > expected:
+        raise RuntimeError(f"{graphs} graphs compiled for {expected} block-stage pairs: the blocks recompile")
+    return f"{graphs} graphs for {expected} block-stage pairs over 3 stage mixes, {r['step']:.3f} s/step"
+
+
+def gpu_check(a) -> int:
+    """Every part of the CUDA path a run needs, each in turn, into one table; non-zero exit if one
+    failed. --tiny runs the same steps at toy sizes (a CPU can run it: the test suite does)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work = Path(a.out or tempfile.mkdtemp(prefix="nami-gpu-check-"))
+    words = sorted({w for i in range(2000) for w in shapes.make_sample(0, i).caption.split()})
+    encoder = a.text_encoder or encoders.write_tiny_encoder(work / "text-encoder", words)
+    small, big, big_res, text_len = ("tiny", "tiny", 16, 16) if a.tiny else ("small", "2b", 1024, 256)
+    flags = ["--size", small, "--resolution", "16" if a.tiny else "32", "--batch-size", "8" if a.tiny else "64",
+             "--bridge-steps", "10", "--text-encoder", encoder, "--text-len", "16", "--workers", "0", "--no-progress"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    parts = [
+        ("train (bf16), stop, resume, sample", lambda: check_training(work, flags, 8 if a.tiny else 60)),
+        ("torchrun, 1 rank, DDP, checkpoint + resume", lambda: check_torchrun(work, flags, "ddp")),
+        ("torchrun, 1 rank, FSDP2, checkpoint + resume", lambda: check_torchrun(work, flags, "fsdp")),
+        (f"{big} sampling at {big_res}², batch 1, no CFG", lambda: check_sampling(big, device, big_res, text_len, dtype)),
+        (f"{big} training step at {big_res}², 1:2:4, checkpointing",
+         lambda: check_training_step(big, device, big_res, 14, text_len, True)),
+        (f"{'tiny' if a.tiny else '0.6b'} training step, micro-batch 16",
+         lambda: check_training_step("tiny" if a.tiny else "0.6b", device, big_res, 16, text_len, False)),
+        ("compiled training step", lambda: check_compile(small, device, 16 if a.tiny else 64, 16)),
+    ]
+    rows, failed = [], 0
+    for name, check in parts:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        try:
+            status, result = "ok", check()
+        except Exception as e:  # every part runs and is reported, whatever the others did
+            status, result, failed = "FAILED", f"{type(e).__name__}: {e}"[:800], failed + 1
+        memory = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda" else "–"
+        rows.append(f"| {name} | {status} | {result} | {time.perf_counter() - t0:.0f} s | {memory} |")
+        print(rows[-1], flush=True)
+    print(f"\n{device_name(device)}, torch {torch.__version__}, {datetime.date.today()}, "
+          f"`python bench.py --gpu-check{' --tiny' if a.tiny else ''}` (work folder {work})\n")
+    print("| part | status | result | time | peak memory (in-process parts) |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 1 if failed else 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", action="store_true", help="training throughput and MFU instead of sampling time")
     ap.add_argument("--flops", action="store_true", help="count the transformer FLOPs per stage (meta device) instead")
+    ap.add_argument("--gpu-check", action="store_true", help="check the whole CUDA path, one table (see above)")
+    ap.add_argument("--tiny", action="store_true", help="--gpu-check at toy sizes (runs on a CPU)")
+    ap.add_argument("--out", help="--gpu-check: work folder (default: a new temporary folder)")
+    ap.add_argument("--text-encoder", help="--gpu-check: a local text encoder folder (default: a tiny random one)")
     ap.add_argument("--size", default="small", choices=sorted(nami.PRESETS))
     ap.add_argument("--res", type=int, default=32, help="image side in pixels")
     ap.add_argument("--steps", default="10,10,10")
@@ -226,43 +433,17 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     a = ap.parse_args(argv)
+    parallel.use_tf32()
+    if a.gpu_check:
+        raise SystemExit(gpu_check(a))
     if a.flops:
         return flops_table(a)
     if a.train:
         a.batch = a.batch or 32
         a.warmup = 3 if a.warmup is None else a.warmup
-        return train_bench(a)
+        return train_table(a)
     a.batch = a.batch or 1
-    cfg = bench_config(a.size)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = random_model(cfg, device).eval()
-    K, f = cfg.num_stages, latent_factor(cfg)
-    nami.check_resolution(a.res, a.res, f * cfg.size_multiple, "--res")
-    res = a.res // f
-    bridge = BridgeFlow(cfg.in_channels, [(s, s) for s in nami.stage_sizes(res, K)]).to(device)
-    steps = [int(s) for s in a.steps.split(",")]
-    txt = torch.randn(a.batch, a.text_len, cfg.joint_attention_dim, device=device)
-    pooled = torch.randn(a.batch, cfg.pooled_projection_dim, device=device)
-    model.to(torch.bfloat16 if a.dtype == "bf16" else torch.float32)  # weights in the dtype, no autocast
-    args = (model, bridge, txt, pooled, res, steps, a.cfg)
-    for _ in range(1 if a.warmup is None else a.warmup):
-        time_sampler(*args, False), time_sampler(*args, True)
-    runs = {"nami": [], "flat": []}
-    for _ in range(a.repeat):
-        runs["nami"].append(time_sampler(*args, False))
-        runs["flat"].append(time_sampler(*args, True))
-    med = {name: [statistics.median(r[i] for r in rs) for i in range(len(rs[0]))] for name, rs in runs.items()}
-    tot = {name: statistics.median(sum(r) for r in rs) for name, rs in runs.items()}
-    print(f"{a.size} at {a.res}², steps {steps}, cfg {a.cfg}, batch {a.batch}, {a.dtype}, "
-          f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}, "
-          f"median of {a.repeat}")
-    sizes = nami.stage_sizes(a.res, K)
-    print("| sampler | " + " | ".join(f"stage {k} ({s}²)" for k, s in enumerate(sizes, 1)) + " | total | reduction |")
-    print("|---" * (K + 3) + "|")
-    print("| flat | " + " | ".join(["–"] * (K - 1)) + f" | {med['flat'][0]:.3f} s | {tot['flat']:.3f} s | – |")
-    print("| NAMI | " + " | ".join(f"{t:.3f} s" for t in med["nami"]) +
-          f" | {tot['nami']:.3f} s | {100 * (1 - tot['nami'] / tot['flat']):.1f} % ({tot['flat'] / tot['nami']:.2f}× faster) |")
-    return {"stages": med["nami"], "nami": tot["nami"], "flat": tot["flat"]}
+    return sampling_table(a)
 
 
 if __name__ == "__main__":

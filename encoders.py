@@ -67,6 +67,22 @@ def load_transformers_encoder(path, dtype, device):
     return tokenizer, model.to(device).eval().requires_grad_(False)
 
 
+def write_tiny_encoder(folder, words) -> str:
+    """A tiny random BERT text encoder (1 layer, width 32) whose word-level vocabulary is `words`,
+    saved with save_pretrained into folder: for checks that need a text encoder folder but must
+    not download one (bench.py --gpu-check). Returns the folder."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w.lower() for w in words})]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    return str(folder)
+
+
 def check_prompt(prompt, what: str = "prompt"):
     """Refuse, saying why, a prompt the tokenizers cannot take: anything but a str, or a str with
     lone surrogates, which is what Python makes of command-line bytes that are not UTF-8 (the

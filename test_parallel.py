@@ -194,3 +194,14 @@ def test_process_group_on_gpus_serves_the_cpu_tensors_of_the_collectives(monkeyp
     assert where.device == torch.device("cuda", 0)
     served = dict(part.split(":") for part in calls["backend"].split(","))
     assert served == {"cpu": "gloo", "cuda": "nccl"}, calls["backend"]
+
+
+def test_gpu_check_runs_every_part_at_toy_size(tmp_path):
+    """`python bench.py --gpu-check` is what a lent GPU runs; its --tiny form runs every part on a
+    CPU (gloo for NCCL, the tiny preset for 2b), so that the command cannot rot unnoticed."""
+    r = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1500)
+    table = r.stdout[r.stdout.index("| part | status |"):]
+    rows = [line.split(" | ") for line in table.splitlines()[2:] if line.startswith("| ")]
+    assert r.returncode == 0 and len(rows) == 7 and all(row[1] == "ok" for row in rows), r.stdout[-4000:] + r.stderr[-2000:]
+    assert "torch " + torch.__version__ in r.stdout and (tmp_path / "sample.png").is_file()
