@@ -32,12 +32,12 @@ from bridgeflow import BridgeFlow
 
 def time_sampler(model, bridge, txt, pooled, res, steps, guidance, flat, dtype):
     eps = torch.randn(txt.shape[0], model.cfg.in_channels, res, res, device=txt.device)
-    windows, ranges, steps, full = nami.sampling_plan(model.cfg, steps, flat)
-    velocity = nami.model_velocity(model, ranges, txt, pooled, torch.zeros_like(txt), torch.zeros_like(pooled),
+    _, grids, full = nami.sampling_plan(model.cfg, steps, flat)
+    velocity = nami.model_velocity(model, txt, pooled, torch.zeros_like(txt), torch.zeros_like(pooled),
                                    guidance, full, autocast=dtype == "bf16")
     sync(eps.device)
     marks = [time.perf_counter()]
-    nami.progressive_sample(velocity, eps, windows, steps, None if flat else bridge,
+    nami.progressive_sample(velocity, eps, grids, None if flat else bridge,
                             on_stage_end=lambda k, x: (sync(x.device), marks.append(time.perf_counter())))
     return [b - a for a, b in zip(marks[:-1], marks[1:])]
 

@@ -249,39 +249,139 @@ def test_every_preset_is_a_valid_flux_layout_and_the_cpu_presets_grow_in_order()
 # docs/method.md §6: sampling
 # ---------------------------------------------------------------------------------------------
 
-def test_progressive_sampler_with_exact_velocity_lands_on_each_stage_end_and_the_data():
+@pytest.mark.parametrize("schedule", nami.SCHEDULES)
+def test_progressive_sampler_with_exact_velocity_lands_on_each_stage_end_and_the_data(schedule):
     K, windows = 3, nami.stage_windows()
+    grids = nami.sampling_plan(nami.NamiConfig(), [4, 3, 2], schedule=schedule)[1]
     g = torch.Generator().manual_seed(4)
     x_star, eps = torch.rand(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
     xs, es = nami.image_pyramid(x_star, K), nami.noise_pyramid(eps, K)
     ends = [nami.stage_endpoint(xs[k], es[k], windows[k][1]) for k in range(K)]
     seen_t = []
 
-    def velocity(x, k, t):  # a point mass: the straight path from the current x to stage k's end
+    def velocity(x, k, t, tau):  # a point mass: the straight path from the current x to stage k's end
         seen_t.append((k, t))
         return (x - ends[k - 1]) / t
 
-    outs = nami.progressive_sample(velocity, eps, windows, [4, 3, 2])
+    outs = nami.progressive_sample(velocity, eps, grids)
     for out, end in zip(outs, ends):
         torch.testing.assert_close(out, end)
     torch.testing.assert_close(outs[-1], x_star)
     assert seen_t[0] == (1, 1.0) and [k for k, _ in seen_t] == [1] * 4 + [2] * 3 + [3] * 2
     # with zero velocity the sampler only carries ε_1 across the jumps
-    outs = nami.progressive_sample(lambda x, k, t: torch.zeros_like(x), eps, windows, [2, 2, 2])
+    grids = nami.sampling_plan(nami.NamiConfig(), [2, 2, 2], schedule=schedule)[1]
+    outs = nami.progressive_sample(lambda x, k, t, tau: torch.zeros_like(x), eps, grids)
     torch.testing.assert_close(outs[-1], nami.up(nami.up(es[0])))
     bridge = bridgeflow.BridgeFlow(3, [(4, 4), (8, 8), (16, 16)])
     with torch.no_grad():
         bridge.scale.copy_(torch.tensor([2.0, 0.5]))
         bridge.shift[1].fill_(1.0)
-    outs = nami.progressive_sample(lambda x, k, t: torch.zeros_like(x), eps, windows, [2, 2, 2], bridge)
+    outs = nami.progressive_sample(lambda x, k, t, tau: torch.zeros_like(x), eps, grids, bridge)
     torch.testing.assert_close(outs[-1], 0.5 * nami.up(2.0 * nami.up(es[0])) + 1.0)
     # started at stage 2 (the diagnostic of eval.py --from-stage): stage 1 is never run
     seen_t.clear()
-    outs = nami.progressive_sample(velocity, eps, windows, [4, 3, 2], start=(2, nami.up(ends[0])))
+    grids = nami.sampling_plan(nami.NamiConfig(), [4, 3, 2], schedule=schedule)[1]
+    outs = nami.progressive_sample(velocity, eps, grids, start=(2, nami.up(ends[0])))
     assert len(outs) == 2 and [k for k, _ in seen_t] == [2] * 3 + [3] * 2
     torch.testing.assert_close(outs[-1], x_star)
     with pytest.raises(ValueError, match="stage 4 of 3"):
-        nami.progressive_sample(velocity, eps, windows, [4, 3, 2], start=(4, x_star))
+        nami.progressive_sample(velocity, eps, grids, start=(4, x_star))
+
+
+def sample_before_grids(model, eps, steps, bridge, conditioning, flat=False):
+    """The sampler as it was before explicit grids (issue 13), written out: t' = linspace(1, 0, n + 1)
+    in float32, τ = a_k + t'·(b_k − a_k), the velocity in one CFG batch, x ← x + (t'_next − t')·v."""
+    cfg = model.cfg
+    ratios, steps = ((1.0,), [sum(steps)]) if flat else (cfg.window_ratios, steps)
+    ranges, K = nami.tau_ranges(ratios, cfg.gamma), len(ratios)
+    x, outputs = nami.noise_pyramid(eps, K)[0], []
+    for k in range(1, K + 1):
+        if k > 1:
+            x = bridge(x, k)
+        grid = torch.linspace(1.0, 0.0, steps[k - 1] + 1).tolist()
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            tau = torch.full((x.shape[0],), nami.stage_tau(t, ranges[k - 1]))
+            v = nami.guided_velocity(model, x, tau, *conditioning, 3.0, None if flat else k).float()
+            x = x + (t_next - t) * v
+        outputs.append(x)
+    return outputs
+
+
+def test_uniform_grid_samples_bit_for_bit_as_the_sampler_before_grids():
+    """Our checkpoints keep their sampler exactly: the uniform grid through sampling_plan, model_velocity
+    and progressive_sample gives the same bits as the loop it replaced, NAMI and flat."""
+    cfg = nami.get_config("tiny", joint_attention_dim=8, pooled_projection_dim=8)
+    model = randomize(nami.Nami(cfg), seed=3).eval()
+    g = torch.Generator().manual_seed(3)
+    conditioning = (torch.randn(2, 4, 8, generator=g), torch.randn(2, 8, generator=g),
+                    torch.randn(2, 4, 8, generator=g), torch.randn(2, 8, generator=g))
+    eps = torch.randn(2, 3, 16, 16, generator=g)
+    bridge = randomize(bridgeflow.BridgeFlow(3, [(4, 4), (8, 8), (16, 16)]), seed=4)
+    with torch.no_grad():
+        for flat in (False, True):
+            _, grids, full = nami.sampling_plan(cfg, [3, 2, 2], flat)
+            velocity = nami.model_velocity(model, *conditioning, 3.0, full)
+            got = nami.progressive_sample(velocity, eps, grids, None if flat else bridge)
+            want = sample_before_grids(model, eps, [3, 2, 2], bridge, conditioning, flat)
+            assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), flat
+
+
+def release_scheduler_grids(n, stage_range=(0, 1 / 3, 2 / 3, 1), gamma=1 / 3, N=1000):
+    """The release's per-stage (σ, t) for n steps, from the formulas of its scheduler (release
+    src/scheduling_flow_matching.py: a float32 table t = N … 1, windows with corrected starts, the τ
+    axis split ∝ window lengths, K_k-entry stage tables, then numpy linspaces of n)."""
+    import numpy as np
+    table_t = torch.arange(N, 0, -1, dtype=torch.float32)
+    table_sigma = table_t / N
+    table_t = table_sigma * N
+    lengths = []
+    for i in range(3):
+        s = table_sigma[int(stage_range[i] * N)].item()
+        e = table_sigma[int(stage_range[i + 1] * N)].item() if int(stage_range[i + 1] * N) < N else 0.0
+        if i > 0:
+            o = 1 - s
+            s = 1 - o * (1 / (math.sqrt(1 + 1 / gamma) * (1 - o) + o))
+        lengths.append(s - e)
+    ratios = [0.0, lengths[0] / sum(lengths), (lengths[0] + lengths[1]) / sum(lengths), 1.0]
+    grids = []
+    for i in range(3):
+        t_max, t_min = table_t[int(ratios[i] * N)].item(), table_t[min(int(ratios[i + 1] * N), N - 1)].item()
+        K = int(t_max - t_min)
+        stage_t, stage_sigma = np.linspace(t_max, t_min, K + 1)[:-1], np.linspace(1, 0, K + 1)[:-1]
+        sigma = np.append(np.linspace(stage_sigma[0], stage_sigma[-1], n), 0.0)
+        grids.append((sigma, np.linspace(stage_t[0], stage_t[-1], n)))
+    return grids
+
+
+def test_release_grid_equals_the_release_schedulers_numbers():
+    """docs/method.md §6: t' = [linspace(1, 1/K_k, n), 0] and τ = t/1000, t = linspace(t_max, t_min + 1, n),
+    with (t_max, t_min) = (1000, 744), (744, 386), (386, 1) and K_k = 256, 358, 385 for 1:1:1."""
+    assert nami.release_stage_tables() == [(1000.0, 744.0), (744.0, 386.0), (386.0, 1.0)]
+    grids = nami.release_grids([10, 10, 10])
+    # the release's numbers for 10+10+10 (its scheduler, printed): t' and t at every step
+    assert grids[0].t == pytest.approx([1, .889323, .778646, .667969, .557292, .446615, .335938, .225260, .114583,
+                                        .003906, 0], abs=1e-6)
+    assert [1000 * tau for tau in grids[0].tau] == pytest.approx(
+        [1000, 971.6667, 943.3333, 915, 886.6667, 858.3333, 830, 801.6667, 773.3333, 745], abs=1e-4)
+    assert [1000 * tau for tau in grids[2].tau] == pytest.approx(
+        [386, 343.3333, 300.6667, 258, 215.3333, 172.6667, 130, 87.3333, 44.6667, 2], abs=1e-4)
+    for k, K in enumerate((256, 358, 385)):  # nine steps of (1 − 1/K)/9, then one of 1/K
+        dt = [a - b for a, b in zip(grids[k].t[:-1], grids[k].t[1:])]
+        assert dt[:9] == pytest.approx([(1 - 1 / K) / 9] * 9, abs=1e-12) and dt[9] == pytest.approx(1 / K, abs=1e-12)
+    for n in (10, 7, 1):  # the formulas, for any step count
+        for ours, (sigma, t) in zip(nami.release_grids([n] * 3), release_scheduler_grids(n)):
+            assert ours.t == pytest.approx(sigma.tolist(), abs=1e-12, rel=0)
+            assert ours.tau == pytest.approx((t / 1000).tolist(), abs=1e-12, rel=0)
+            assert len(ours.tau) == n and len(ours.t) == n + 1
+    # not reproduced: the release rounds t to fp16 on its way to the sinusoid (pipeline_flux.py:464,
+    # transformer_flux.py:455), at most 0.25 away from the t we give (971.5 for 971.667)
+    for ours in grids:
+        t = torch.tensor(ours.tau, dtype=torch.float64) * 1000
+        seen = ((t.half() / 1000).half() * 1000).half().double()
+        assert (seen - t).abs().max() <= 0.25
+    # the release's grid on the flat sampler: one stage over the whole table, t = 1000 … 2
+    (flat,) = nami.sampling_plan(nami.NamiConfig(), [4, 3, 3], flat=True, schedule="release")[1]
+    assert flat.tau[0] == 1.0 and flat.tau[-1] == pytest.approx(0.002) and flat.t[-2] == pytest.approx(1 / 999)
 
 
 def test_generate_from_a_later_stage_starts_at_the_noised_real_image():
@@ -308,13 +408,13 @@ def test_generate_from_a_later_stage_starts_at_the_noised_real_image():
 def test_flat_sampler_with_the_exact_velocity_of_a_gaussian_reproduces_it():
     mu, s = 0.7, 0.3  # data ~ N(mu, s²) per element; x_t = t·ε + (1 − t)·x
 
-    def velocity(x, k, t):  # E[ε − x | x_t]
+    def velocity(x, k, t, tau):  # E[ε − x | x_t]
         var = t ** 2 + (1 - t) ** 2 * s ** 2
         r = x - (1 - t) * mu
         return t * r / var - (mu + (1 - t) * s ** 2 * r / var)
 
     eps = torch.randn(1, 1, 200, 200, generator=torch.Generator().manual_seed(5))
-    out = nami.progressive_sample(velocity, eps, [(1.0, 0.0)], [200])[-1]
+    out = nami.progressive_sample(velocity, eps, nami.uniform_grids([(1.0, 0.0)], [200]))[-1]
     assert out.mean().item() == pytest.approx(mu, abs=0.01)
     assert out.std().item() == pytest.approx(s, abs=0.01)
 
