@@ -628,10 +628,22 @@ def save_tiny_vae(folder):
                   latent_channels=4, scaling_factor=0.5, shift_factor=0.1).save_pretrained(folder)
 
 
+def save_tiny_mt5_tokenizer(folder):
+    """A T5 (sentencepiece-style unigram) tokenizer over single characters and a few pieces, as the
+    mT5 folder's: ids of pieces, then </s>, then <pad> (id 0) up to the length asked for."""
+    from transformers import T5Tokenizer
+    pieces = ["▁a", "▁photo", "▁of", "▁cat", ".", ",", "(", ")"] + list("abcdefghijklmnopqrstuvwxyz▁")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -1.0 - i) for i, p in enumerate(pieces)]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
 def released_dir(tmp_path_factory, encoder_dir):
-    """A folder in the layout of the authors' release (docs/method.md §3, issue 4), with tiny random models:
-    transformer/pytorch_model_fsdp.bin (+ config.json), bridge_flow.bin, vae/, mt5/, mclip/."""
+    """A folder in the layout of the authors' release (release src/infer.py:176-205), tiny random models:
+    transformer/pytorch_model_fsdp.bin, bridge_flow.bin, vae/, mt5/ (MT5EncoderModel + T5 tokenizer),
+    mclip/tokenizer/ (BertTokenizer) and mclip/clip_text_encoder/ (BertModel without pooling layer).
+    One file more than the release: transformer/config.json, which gives the tiny shape (without it
+    the loader builds the release's 2b shape, infer.py:136-151)."""
     from diffusers import FluxTransformer2DModel
     from transformers import AutoTokenizer, BertConfig, BertModel, MT5Config, MT5EncoderModel
     root = tmp_path_factory.mktemp("released") / "weights"
@@ -644,13 +656,14 @@ def released_dir(tmp_path_factory, encoder_dir):
     torch.save({"scale": torch.tensor([1.1, 0.9]), "shift.0": torch.randn(1, 4, 8, 8, generator=g),
                 "shift.1": torch.randn(1, 4, 16, 16, generator=g)}, root / "bridge_flow.bin")
     save_tiny_vae(root / "vae")
-    tok = AutoTokenizer.from_pretrained(encoder_dir, local_files_only=True)
-    for name, model in (("mt5", MT5EncoderModel(MT5Config(vocab_size=tok.vocab_size, d_model=24, d_kv=8, d_ff=32,
-                                                          num_layers=1, num_heads=2))),
-                        ("mclip", BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=20, num_hidden_layers=1,
-                                                       num_attention_heads=2, intermediate_size=32)))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    save_tiny_mt5_tokenizer(root / "mt5")
+    mt5_tokenizer = AutoTokenizer.from_pretrained(root / "mt5", local_files_only=True)
+    randomize(MT5EncoderModel(MT5Config(vocab_size=len(mt5_tokenizer), d_model=24, d_kv=8, d_ff=32, num_layers=1,
+                                        num_heads=2)), seed=3).save_pretrained(root / "mt5")
+    bert_tokenizer = AutoTokenizer.from_pretrained(encoder_dir, local_files_only=True)
+    bert_tokenizer.save_pretrained(root / "mclip" / "tokenizer")
+    BertModel(BertConfig(vocab_size=bert_tokenizer.vocab_size, hidden_size=20, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32), add_pooling_layer=False).save_pretrained(root / "mclip" / "clip_text_encoder")
     return root
 
 
@@ -696,28 +709,64 @@ def test_released_bridgeflow_layout_loads_and_computes_w_up_plus_b(released_dir)
         assert torch.allclose(bridge(x, k), want, atol=1e-6)
 
 
-def test_sample_with_released_weights_end_to_end(released_dir, tmp_path):
-    """python sample.py --weights DIR: mT5 states (256 tokens, padded states kept) + mCLIP CLS,
-    the transformer, BridgeFlow, the VAE decoder, the release's schedule; bad folders are explained."""
+def test_sample_with_released_weights_end_to_end(released_dir, tmp_path, capsys):
+    """python sample.py --weights DIR on the release's layout: its text encoding, the transformer,
+    BridgeFlow, the VAE decoder, the release's grid and prompts; bad folders are explained."""
+    import sample
     out = tmp_path / "cat.png"
-    r = run_cli("sample.py", "a photo of a cat", "--weights", str(released_dir), "--res", "32x32", "--steps", "2,2,2",
-                "--out", str(out), "--show-stages")
-    assert r.returncode == 0, r.stderr
+    sample.main(["a photo of a cat", "--weights", str(released_dir), "--res", "32x32", "--steps", "2,2,2",
+                 "--out", str(out), "--show-stages"])
+    printed = capsys.readouterr().out
+    assert f"prompt: 'a photo of a cat{release.PROMPT_SUFFIX}'" in printed and release.NEGATIVE_PROMPT in printed
+    assert "schedule: release" in printed and "stage 3:" in printed
     png = Image.open(out)
-    assert png.text["cfg"] == "3.0" and png.text["resolution"] == "32x32"
+    assert png.text["cfg"] == "3.0" and png.text["resolution"] == "32x32" and png.text["schedule"] == "release"
+    assert png.text["prompt"] == "a photo of a cat" and png.text["prompt_suffix"] == release.PROMPT_SUFFIX
+    assert png.text["negative"] == release.NEGATIVE_PROMPT
     assert png.width > 2.5 * png.height  # the three stages side by side
-    r = run_cli("sample.py", "x", "--weights", str(tmp_path))
-    assert r.returncode != 0 and "bridge_flow.bin" in r.stderr and "mt5" in r.stderr
+    # the release's prompts off; an explicit negative prompt wins over the release's; our grid on request
+    sample.main(["a cat", "--weights", str(released_dir), "--res", "32x32", "--steps", "1,1,1", "--out", str(out),
+                 "--no-release-prompts", "--schedule", "uniform"])
+    png = Image.open(out)
+    assert (png.text["prompt_suffix"], png.text["negative"], png.text["schedule"]) == ("", "", "uniform")
+    sample.main(["a cat", "--weights", str(released_dir), "--res", "32x32", "--steps", "1,1,1", "--out", str(out),
+                 "--negative", "blurry"])
+    assert Image.open(out).text["negative"] == "blurry"
+    with pytest.raises(SystemExit, match="(?s)lacks.*bridge_flow.bin.*mclip/clip_text_encoder"):
+        sample.main(["x", "--weights", str(tmp_path), "--out", str(out)])
     _, _, encoder, autoencoder, info = release.load(released_dir)
     assert info["resolution"] == (1024, 1024) and info["steps"] == [10, 10, 10] and info["cfg"] == 3.0
-    assert type(encoder.model).__name__ == "MT5EncoderModel"  # the encoder only, no decoder loaded
-    txt, pooled = encoder.encode(["a cat"])
-    assert txt.shape == (1, 256, 24) and pooled.shape == (1, 20)
-    assert txt[0, -1].abs().sum() > 0  # pad="encoder": padding positions keep the encoder's states
-    tok = encoder.pooled_tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt")
-    cls = encoder.pooled_model(**tok).last_hidden_state[:, 0]
-    assert torch.allclose(pooled, cls, atol=1e-5)  # mCLIP: the CLS state of the last layer
+    assert info["dtype"] == "torch.float32"  # bf16 on a GPU only
     assert autoencoder.channels == 4 and autoencoder.factor == 2
+
+
+def test_released_text_states_are_unmasked_mt5_and_masked_bert_cls(released_dir):
+    """The release's encoding (src/infer.py:17-100): mT5 on 256 tokens padded to the maximum, called with the
+    ids alone, every state kept; mCLIP's BertModel (no pooling layer) with its mask, the CLS state of 77 tokens."""
+    from transformers import AutoTokenizer, BertModel, MT5EncoderModel
+    encoder = release.load(released_dir)[2]
+    prompts = ["a photo of a cat" + release.PROMPT_SUFFIX, release.NEGATIVE_PROMPT]
+    txt, pooled = encoder.encode(prompts)
+    assert encoder.identity()["pad"] == "unmasked" and encoder.pooled_rule() == "cls"
+    mt5, mt5_tokenizer = MT5EncoderModel.from_pretrained(released_dir / "mt5"), AutoTokenizer.from_pretrained(released_dir / "mt5")
+    bert = BertModel.from_pretrained(released_dir / "mclip" / "clip_text_encoder", add_pooling_layer=False)
+    bert_tokenizer = AutoTokenizer.from_pretrained(released_dir / "mclip" / "tokenizer")
+    assert type(encoder.model) is MT5EncoderModel and encoder.pooled_model.pooler is None
+    ids = mt5_tokenizer(prompts, max_length=256, padding="max_length", truncation=True, return_tensors="pt")
+    assert ids["attention_mask"][0].sum() < 256 and ids["input_ids"][0, ids["attention_mask"][0].sum() - 1] == 1  # </s>
+    tok = bert_tokenizer(prompts, max_length=77, padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        unmasked = mt5(input_ids=ids["input_ids"]).last_hidden_state
+        masked = mt5(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
+        cls = bert(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state[:, 0]
+    assert txt.shape == (2, 256, 24) and pooled.shape == (2, 20)
+    torch.testing.assert_close(txt, unmasked, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, cls, rtol=0, atol=1e-6)
+    assert (txt[0, :4] - masked[0, :4]).abs().max() > 1e-3  # a masked mT5 differs, real tokens included
+    # our checkpoints keep the masked rule (padding zeroed); identity() tells the two apart
+    ours = encoders.TextEncoder(released_dir / "mt5", 256, pooled_path=released_dir / "mclip")
+    assert ours.identity()["pad"] == "zeros" and ours.identity()["pooled_config"] == encoder.identity()["pooled_config"]
+    torch.testing.assert_close(ours.encode(prompts[:1])[0][0, :4], masked[0, :4], rtol=0, atol=1e-6)
 
 
 def test_clip_text_model_gives_its_pooler_output_and_t5_its_encoder(tmp_path, encoder_dir):
