@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 
 import checkpoint
 import config
+import data
 import images
 import nami
 import release
@@ -159,6 +160,17 @@ def prompts(a) -> dict:
             "negative": negative if a.negative is None else a.negative}
 
 
+def world_note(prompt: str, vocabulary) -> str | None:
+    """A one-line note when the prompt uses no word of the checkpoint's training captions (its
+    config.json's vocabulary, data.vocabulary): such a prompt still samples, from that world."""
+    if not vocabulary or not data.words(prompt) or set(data.words(prompt)) & set(vocabulary):
+        return None
+    shown = ", ".join(vocabulary[:30]) + (f", … ({len(vocabulary)} words)" if len(vocabulary) > 30 else "")
+    return (f"note: no word of this prompt occurs in this checkpoint's training captions, whose words are: {shown}. "
+            "It will draw something of that world; for the authors' text-to-image NAMI-2B use --weights DIR "
+            "(README, \"The authors' NAMI-2B\")")
+
+
 def load(a, plan, device):
     """3. only then the weights: (model, bridge, encoder, autoencoder, info)."""
     if a.weights:
@@ -190,6 +202,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         plan = settle(a)
+        if note := world_note(a.prompt, plan["vocabulary"]):
+            print(note)
         model, bridge, encoder, autoencoder, info = load(a, plan, device)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}")

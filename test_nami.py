@@ -556,15 +556,23 @@ def run_cli(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_sample_cli_end_to_end_and_bad_input(tmp_path, encoder_dir):
+def test_sample_cli_end_to_end_and_bad_input(tmp_path, encoder_dir, capsys):
+    import sample
     train.main(tiny_run(tmp_path / "run", encoder_dir, max_steps=2, ckpt_every=2))
+    # a prompt outside the built-in world's words: one note naming them and --weights, then the picture
+    sample.main(["a photo of a cat", "--ckpt", str(tmp_path / "run"), "--steps", "1,1,1", "--out", str(tmp_path / "c.png")])
+    printed = capsys.readouterr().out
+    assert [line for line in printed.splitlines() if line.startswith("note:")] == [
+        sample.world_note("a photo of a cat", json.loads((tmp_path / "run" / "ckpt-0000002" / "config.json").read_text())["vocabulary"])]
+    assert "--weights" in printed and "wrote" in printed
     out = tmp_path / "cat.png"
     r = run_cli("sample.py", "a red circle above a blue square", "--ckpt", str(tmp_path / "run"), "--out", str(out),
                 "--steps", "2,2,2", "-n", "2", "--show-stages")
     assert r.returncode == 0, r.stderr
-    assert "stage 1:" in r.stdout and "stage 3:" in r.stdout
+    assert "stage 1:" in r.stdout and "stage 3:" in r.stdout and "note:" not in r.stdout
     png = Image.open(out)
     assert png.text["prompt"] == "a red circle above a blue square" and png.text["steps"] == "[2, 2, 2]"
+    assert png.text["schedule"] == "uniform" and png.text["negative"] == "" and png.text["prompt_suffix"] == ""
     assert "ckpt-0000002" in png.text["checkpoint"]
     # empty prompt (unconditional), the flat sampler and another valid resolution work
     r = run_cli("sample.py", "", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "u.png"),
@@ -580,6 +588,26 @@ def test_sample_cli_end_to_end_and_bad_input(tmp_path, encoder_dir):
     assert r.returncode != 0 and "'tiny'" in r.stderr and "small" in r.stderr
     r = run_cli("sample.py", "x", "--ckpt", str(tmp_path / "run"), "--steps", "2,2")
     assert r.returncode != 0 and "3 counts" in r.stderr
+
+
+def test_a_prompt_outside_the_training_captions_gets_a_note(tmp_path, encoder_dir):
+    """config.json records the words of the training captions: the built-in world's from shapes.py's
+    templates, a folder's from its captions (function words left out, none past the limit); a prompt
+    that uses none of them is noted in one line, pointing to --weights (sampled all the same: the CLI test)."""
+    import sample
+    vocabulary = data.vocabulary(tiny_run(tmp_path, encoder_dir))
+    assert {"red", "circle", "triangles", "three", "left", "above"} <= set(vocabulary) and "photo" not in vocabulary
+    captions = [shapes.make_sample(0, i).caption for i in range(300)]
+    assert all(set(data.words(c)) <= shapes.caption_words() for c in captions)  # the templates' words, all of them
+    make_image_folder(tmp_path / "images", n_full=3, n_small=0)
+    assert data.vocabulary(tiny_run(tmp_path, encoder_dir, data=str(tmp_path / "images"))) == ["blue", "green", "noise", "orange"]
+    assert data.caption_vocabulary([f"w{i}" for i in range(data.VOCABULARY_LIMIT + 1)]) is None
+    assert data.vocabulary(tiny_run(tmp_path, encoder_dir, cache=str(tmp_path))) is None  # a cache keeps no captions
+    note = sample.world_note("a photo of a cat", vocabulary)
+    assert "circle" in note and "--weights" in note and "\n" not in note
+    for prompt in ("a photo of a red dog", "", "a RED circle"):
+        assert sample.world_note(prompt, vocabulary) is None, prompt
+    assert sample.world_note("a photo of a cat", None) is None  # a checkpoint that records no vocabulary
 
 
 def test_checkpoint_of_another_shape_is_an_error_naming_the_mismatch(tmp_path, encoder_dir):
