@@ -721,6 +721,14 @@ def test_released_flux_weights_give_diffusers_velocity_at_every_stage(released_d
             got = ours(x, tau, txt, pooled, stage=stage)
             assert want.abs().max() > 0.1  # a real signal, not a zero-initialised head
             assert (got - want).abs().max() <= 1e-4 * want.abs().max(), stage
+    # GPUs load it in bf16 (release.half_dtype): every tensor cast while loading, and the sampler's
+    # velocity (inputs cast to the weights' dtype) stays within bf16 rounding of the float32 one
+    assert release.half_dtype("cuda") == torch.bfloat16 and release.half_dtype("cpu") == torch.float32
+    half = release.load_transformer(released_dir / "transformer", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    got = nami.model_velocity(half, txt, pooled)(x, 2, 0.5, tau[0].item())
+    want = ours(x, tau[:1].expand(2), txt, pooled, stage=2)
+    assert got.dtype == torch.float32 and (got - want).abs().max() <= 0.05 * want.abs().max()
     # a guidance-distilled FLUX (which NAMI does not use) is refused with a reason
     with pytest.raises(ValueError, match="guidance"):
         release.convert_diffusers_flux({"time_text_embed.guidance_embedder.linear_1.weight": torch.zeros(1)})
