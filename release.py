@@ -149,7 +149,7 @@ def load_bridge(path: Path, channels: int, device="cpu") -> BridgeFlow:
     return bridge.to(device).eval()
 
 
-def half_dtype(device) -> torch.dtype:
+def compute_dtype(device) -> torch.dtype:
     """The dtype of the encoders and the transformer: bf16 on a GPU, float32 on a CPU. The release
     runs fp16 (src/infer.py:259), relying on diffusers' clipping of fp16 block outputs to ±65504
     (transformer_flux.py:102, 204) and on T5's fp16 clamping: bf16 has float32's range, so nothing
@@ -164,7 +164,7 @@ def load(weights, device="cpu"):
     missing = [p for p in PARTS if not (root / p).exists()]
     if missing:
         raise FileNotFoundError(f"{root} lacks {', '.join(missing)}; the released weights are laid out as:\n{LAYOUT}")
-    dtype = half_dtype(device)
+    dtype = compute_dtype(device)
     model = load_transformer(root / "transformer", None, device, dtype)
     if model.cfg.num_stages != 3:
         raise ValueError(f"expected 3 stages, got {model.cfg.num_stages}")

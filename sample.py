@@ -161,13 +161,13 @@ def prompts(a) -> dict:
 
 
 def world_note(prompt: str, vocabulary) -> str | None:
-    """A one-line note when the prompt uses no word of the checkpoint's training captions (its
-    config.json's vocabulary, data.vocabulary): such a prompt still samples, from that world."""
+    """A one-line note when the prompt uses none of the content words of the checkpoint's training
+    captions (its config.json's vocabulary, data.vocabulary): such a prompt still samples, from that world."""
     if not vocabulary or not data.words(prompt) or set(data.words(prompt)) & set(vocabulary):
         return None
     shown = ", ".join(vocabulary[:30]) + (f", … ({len(vocabulary)} words)" if len(vocabulary) > 30 else "")
-    return (f"note: no word of this prompt occurs in this checkpoint's training captions, whose words are: {shown}. "
-            "It will draw something of that world; for the authors' text-to-image NAMI-2B use --weights DIR "
+    return (f"note: this prompt names nothing this checkpoint was trained on (its captions' words: {shown}); "
+            "it will draw something of that world. For the authors' text-to-image NAMI-2B use --weights DIR "
             "(README, \"The authors' NAMI-2B\")")
 
 

@@ -721,9 +721,9 @@ def test_released_flux_weights_give_diffusers_velocity_at_every_stage(released_d
             got = ours(x, tau, txt, pooled, stage=stage)
             assert want.abs().max() > 0.1  # a real signal, not a zero-initialised head
             assert (got - want).abs().max() <= 1e-4 * want.abs().max(), stage
-    # GPUs load it in bf16 (release.half_dtype): every tensor cast while loading, and the sampler's
+    # GPUs load it in bf16 (release.compute_dtype): every tensor cast while loading, and the sampler's
     # velocity (inputs cast to the weights' dtype) stays within bf16 rounding of the float32 one
-    assert release.half_dtype("cuda") == torch.bfloat16 and release.half_dtype("cpu") == torch.float32
+    assert release.compute_dtype("cuda") == torch.bfloat16 and release.compute_dtype("cpu") == torch.float32
     half = release.load_transformer(released_dir / "transformer", dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     got = nami.model_velocity(half, txt, pooled)(x, 2, 0.5, tau[0].item())
