@@ -99,12 +99,11 @@ def peak_memory_gb(device) -> float:
 def time_sampler(model, bridge, txt, pooled, res, steps, guidance, flat):
     """Seconds per stage of one sample (batch of txt), the flat sampler's one window if flat."""
     eps = torch.randn(txt.shape[0], model.cfg.in_channels, res, res, device=txt.device)
-    windows, ranges, steps, full = nami.sampling_plan(model.cfg, steps, flat)
-    velocity = nami.model_velocity(model, ranges, txt, pooled, torch.zeros_like(txt), torch.zeros_like(pooled),
-                                   guidance, full)
+    _, grids, full = nami.sampling_plan(model.cfg, steps, flat)
+    velocity = nami.model_velocity(model, txt, pooled, torch.zeros_like(txt), torch.zeros_like(pooled), guidance, full)
     parallel.synchronize(eps.device)
     marks = [time.perf_counter()]
-    nami.progressive_sample(velocity, eps, windows, steps, None if flat else bridge,
+    nami.progressive_sample(velocity, eps, grids, None if flat else bridge,
                             on_stage_end=lambda k, x: (parallel.synchronize(x.device), marks.append(time.perf_counter())))
     return [b - a for a, b in zip(marks[:-1], marks[1:])]
 

@@ -125,9 +125,12 @@ def plan(ckpt) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{folder}/config.json is missing or damaged ({type(e).__name__}: {e}): "
                          "use another checkpoint (--ckpt) or train one with `python train.py`")
-    K = model_config.num_stages
+    K, vocabulary = model_config.num_stages, config.get("vocabulary")
+    if not (isinstance(vocabulary, list) and all(isinstance(word, str) for word in vocabulary)):
+        vocabulary = None  # not recorded (an older checkpoint), or damaged: no note, nothing refused
     return {"folder": folder, "K": K, "multiple": factor * model_config.size_multiple,
-            "resolution": (resolution,) * 2, "steps": nami.default_steps(K), "cfg": nami.DEFAULT_GUIDANCE}
+            "resolution": (resolution,) * 2, "steps": nami.default_steps(K), "cfg": nami.DEFAULT_GUIDANCE,
+            "schedule": "uniform", "vocabulary": vocabulary}
 
 
 def load_model(ckpt, use_ema=True, text_encoder=None, pooled_encoder=None, vae=None, size=None, device="cpu"):
@@ -317,12 +320,13 @@ class RunFolder:
         self.log_file, self.bar = None, None
         self.t_last, self.seen = time.perf_counter(), 0
 
-    def describe(self, model_config, encoder, autoencoder):
-        """What config.json records, so that sample.py rebuilds the model with the same parts."""
+    def describe(self, model_config, encoder, autoencoder, vocabulary=None):
+        """What config.json records, so that sample.py rebuilds the model with the same parts (and
+        can tell a prompt that uses none of the training captions' words, data.vocabulary)."""
         cfg = self.cfg
         self.record = {"model": model_config.to_dict(), "train": asdict(cfg), "text_encoder": encoder.identity(),
                        "vae": autoencoder.identity(), "resolution": cfg.resolution,
-                       "channels": model_config.in_channels, "mode": cfg.mode}
+                       "channels": model_config.in_channels, "mode": cfg.mode, "vocabulary": vocabulary}
 
     def resume(self, state: TrainState) -> int:
         """Restore model, EMA, BridgeFlow, optimizer and RNG from the newest checkpoint and return its

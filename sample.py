@@ -7,9 +7,10 @@ sampling (paper §3.5).
     python sample.py "a blue triangle" --flat                     # the flat sampler, same total steps
     python sample.py --weights NAMI-T2I/weights "a photo of a cat"  # released NAMI-2B, 1024², 10+10+10, CFG 3
 
-The preset, resolution, text encoders and VAE come from the checkpoint. The PNG's text chunk records
-prompt, negative prompt, seed, steps, cfg, sampler and checkpoint; the time of each stage is
-printed.
+The preset, resolution, text encoders and VAE come from the checkpoint. With --weights the release's
+grid, prompt suffix and negative prompt are the defaults (--schedule, --no-release-prompts). The PNG's
+text chunk records prompt, suffix, negative prompt, seed, steps, cfg, schedule, sampler and
+checkpoint; the time of each stage is printed.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from safetensors import SafetensorError
 
 import checkpoint
 import config
+import data
 import images
 import nami
 import parallel
@@ -76,6 +78,8 @@ def check_flags(a):
             if value:  # silently ignoring it would sample with something the user did not ask for
                 raise ValueError(f"{flag} applies to --ckpt checkpoints; --weights uses the encoders, VAE and "
                                  "weights inside its folder")
+    elif a.no_release_prompts:
+        raise ValueError("--no-release-prompts applies to --weights (our checkpoints add no prompt suffix)")
     if not 1 <= a.n <= MAX_IMAGES:
         raise ValueError(f"-n must be between 1 and {MAX_IMAGES}, got {a.n}")
     if a.cfg is not None:
@@ -85,7 +89,8 @@ def check_flags(a):
     if a.upscale is not None and not 1 <= a.upscale <= MAX_PNG_SIDE:
         raise ValueError(f"--upscale must be a whole zoom factor from 1 to {MAX_PNG_SIDE}, got {a.upscale}")
     check_prompt(a.prompt, "the prompt")
-    check_prompt(a.negative, "--negative")
+    if a.negative is not None:
+        check_prompt(a.negative, "--negative")
     if a.steps is not None:
         config.parse_steps(a.steps)
     if a.res:
@@ -101,7 +106,13 @@ def parse_args(argv=None):
     ap.add_argument("--steps", default=None,
                     help="Euler steps per stage, e.g. 10,10,10 (default 30 in all: 10 per stage for 3 stages)")
     ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale g (1 = off; default 3)")
-    ap.add_argument("--negative", default="", help="negative prompt (the unconditional half of CFG)")
+    ap.add_argument("--negative", default=None,
+                    help="negative prompt, the unconditional half of CFG (default '', with --weights the release's)")
+    ap.add_argument("--schedule", choices=nami.SCHEDULES, default=None,
+                    help="Euler grid: the release's 1000-step table or our uniform one (default: release with "
+                         "--weights, uniform otherwise)")
+    ap.add_argument("--no-release-prompts", action="store_true",
+                    help="with --weights: no prompt suffix and an empty negative prompt, unlike the release")
     ap.add_argument("--res", help="WxH in pixels (default: the training resolution; 1024x1024 for --weights)")
     ap.add_argument("-n", type=int, default=1, help="number of images (several -> one grid)")
     ap.add_argument("--out", default="sample.png", help="output PNG")
@@ -137,7 +148,28 @@ def settle(a) -> dict:
         raise ValueError(f"--upscale {zoom} makes {w * zoom}x{h * zoom} pixels per image, more than "
                          f"{MAX_PNG_SIDE} per side: use --upscale {max(1, MAX_PNG_SIDE // max(w, h))} or less")
     return {**plan, "steps": steps, "cfg": plan["cfg"] if a.cfg is None else a.cfg, "size": (w, h), "zoom": zoom,
-            "out": out_png}
+            "out": out_png, "schedule": a.schedule or plan["schedule"], **prompts(a)}
+
+
+def prompts(a) -> dict:
+    """The prompt suffix and the negative prompt. With --weights, the release's (src/infer.py:281-290):
+    ".extremely detailed,…" appended with no space, "(face asymmetry, …)" as the negative, unless
+    --no-release-prompts; an explicit --negative always wins."""
+    release_prompts = bool(a.weights) and not a.no_release_prompts
+    negative = release.NEGATIVE_PROMPT if release_prompts else ""
+    return {"suffix": release.PROMPT_SUFFIX if release_prompts else "",
+            "negative": negative if a.negative is None else a.negative}
+
+
+def world_note(prompt: str, vocabulary) -> str | None:
+    """A one-line note when the prompt uses none of the content words of the checkpoint's training
+    captions (its config.json's vocabulary, data.vocabulary): such a prompt still samples, from that world."""
+    if not vocabulary or not data.words(prompt) or set(data.words(prompt)) & set(vocabulary):
+        return None
+    shown = ", ".join(vocabulary[:30]) + (f", … ({len(vocabulary)} words)" if len(vocabulary) > 30 else "")
+    return (f"note: this prompt names nothing this checkpoint was trained on (its captions' words: {shown}); "
+            "it will draw something of that world. For the authors' text-to-image NAMI-2B use --weights DIR "
+            "(README, \"The authors' NAMI-2B\")")
 
 
 def load(a, plan, device):
@@ -173,6 +205,8 @@ def main(argv=None):
     parallel.use_tf32()
     try:
         plan = settle(a)
+        if note := world_note(a.prompt, plan["vocabulary"]):
+            print(note)
         model, bridge, encoder, autoencoder, info = load(a, plan, device)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}")
@@ -180,9 +214,11 @@ def main(argv=None):
         raise SystemExit(f"error: {plan['folder']}: a .safetensors file there is damaged ({e}): use another "
                          "checkpoint (--ckpt) or copy it again")
     (w, h), f, steps = plan["size"], autoencoder.factor, plan["steps"]
+    print(f"prompt: {a.prompt + plan['suffix']!r}  negative: {plan['negative']!r}  schedule: {plan['schedule']}")
     marks = [time.perf_counter()]
-    stage_outputs = nami.generate(model, encoder, [a.prompt] * a.n, range(a.seed, a.seed + a.n), h // f, w // f,
-                                  steps, plan["cfg"], a.negative, bridge=bridge, flat=a.flat,
+    stage_outputs = nami.generate(model, encoder, [a.prompt + plan["suffix"]] * a.n, range(a.seed, a.seed + a.n),
+                                  h // f, w // f, steps, plan["cfg"], plan["negative"], bridge=bridge, flat=a.flat,
+                                  schedule=plan["schedule"],
                                   on_stage_end=lambda k, x: (parallel.synchronize(device),
                                                              marks.append(time.perf_counter())))
     times = [b - t for t, b in zip(marks[:-1], marks[1:])]
@@ -191,8 +227,9 @@ def main(argv=None):
     label = "flat" if a.flat or plan["K"] == 1 else "stage"
     print("  ".join(f"{label} {i + 1}: {t:.3f}s" for i, t in enumerate(times)) + f"  total: {sum(times):.3f}s"
           f"  (decode {time.perf_counter() - t0:.3f}s)")
-    meta = images.png_info({"prompt": a.prompt, "negative": a.negative, "seed": a.seed, "n": a.n, "steps": steps,
-                            "cfg": plan["cfg"], "sampler": "flat" if a.flat else "nami", "resolution": f"{w}x{h}",
+    meta = images.png_info({"prompt": a.prompt, "prompt_suffix": plan["suffix"], "negative": plan["negative"],
+                            "seed": a.seed, "n": a.n, "steps": steps, "cfg": plan["cfg"], "schedule": plan["schedule"],
+                            "sampler": "flat" if a.flat else "nami", "resolution": f"{w}x{h}",
                             "checkpoint": info["folder"], "ema": not a.no_ema})
     images.save_png(picture, plan["out"], meta)
     print(f"wrote {plan['out']}")

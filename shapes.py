@@ -52,6 +52,14 @@ SAMPLE_PROMPTS = [
 ]
 
 
+def caption_words() -> set[str]:
+    """Every word a caption of this world can use, from the templates' parts above (a checkpoint
+    records the world's vocabulary from these, data.vocabulary)."""
+    phrases = [*COLORS, *SHAPES, *PLURAL.values(), *NUMBERS.values(), *map(str, NUMBERS), *PREFIXES, "a an and"]
+    phrases += [phrase for paraphrases in RELATIONS.values() for phrase in paraphrases]
+    return {word for phrase in phrases for word in phrase.split()}
+
+
 @dataclass
 class Shape:
     shape: str

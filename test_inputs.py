@@ -634,6 +634,7 @@ SAMPLE_BAD = [  # (flags after the prompt "x" and --ckpt RUN, a fragment of the 
     (["--negative", "\udcff"], "--negative is not valid text"),
     (["--ckpt", "nothing-here"], "train one with `python train.py`"),
     (["--weights", "w"], "not both"),
+    (["--no-release-prompts"], "applies to --weights"),
 ]
 
 

@@ -19,6 +19,7 @@ import config
 import data
 import encoders
 import nami
+import parallel
 import release
 import shapes
 import train
@@ -249,39 +250,139 @@ def test_every_preset_is_a_valid_flux_layout_and_the_cpu_presets_grow_in_order()
 # docs/method.md §6: sampling
 # ---------------------------------------------------------------------------------------------
 
-def test_progressive_sampler_with_exact_velocity_lands_on_each_stage_end_and_the_data():
+@pytest.mark.parametrize("schedule", nami.SCHEDULES)
+def test_progressive_sampler_with_exact_velocity_lands_on_each_stage_end_and_the_data(schedule):
     K, windows = 3, nami.stage_windows()
+    grids = nami.sampling_plan(nami.NamiConfig(), [4, 3, 2], schedule=schedule)[1]
     g = torch.Generator().manual_seed(4)
     x_star, eps = torch.rand(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
     xs, es = nami.image_pyramid(x_star, K), nami.noise_pyramid(eps, K)
     ends = [nami.stage_endpoint(xs[k], es[k], windows[k][1]) for k in range(K)]
     seen_t = []
 
-    def velocity(x, k, t):  # a point mass: the straight path from the current x to stage k's end
+    def velocity(x, k, t, tau):  # a point mass: the straight path from the current x to stage k's end
         seen_t.append((k, t))
         return (x - ends[k - 1]) / t
 
-    outs = nami.progressive_sample(velocity, eps, windows, [4, 3, 2])
+    outs = nami.progressive_sample(velocity, eps, grids)
     for out, end in zip(outs, ends):
         torch.testing.assert_close(out, end)
     torch.testing.assert_close(outs[-1], x_star)
     assert seen_t[0] == (1, 1.0) and [k for k, _ in seen_t] == [1] * 4 + [2] * 3 + [3] * 2
     # with zero velocity the sampler only carries ε_1 across the jumps
-    outs = nami.progressive_sample(lambda x, k, t: torch.zeros_like(x), eps, windows, [2, 2, 2])
+    grids = nami.sampling_plan(nami.NamiConfig(), [2, 2, 2], schedule=schedule)[1]
+    outs = nami.progressive_sample(lambda x, k, t, tau: torch.zeros_like(x), eps, grids)
     torch.testing.assert_close(outs[-1], nami.up(nami.up(es[0])))
     bridge = bridgeflow.BridgeFlow(3, [(4, 4), (8, 8), (16, 16)])
     with torch.no_grad():
         bridge.scale.copy_(torch.tensor([2.0, 0.5]))
         bridge.shift[1].fill_(1.0)
-    outs = nami.progressive_sample(lambda x, k, t: torch.zeros_like(x), eps, windows, [2, 2, 2], bridge)
+    outs = nami.progressive_sample(lambda x, k, t, tau: torch.zeros_like(x), eps, grids, bridge)
     torch.testing.assert_close(outs[-1], 0.5 * nami.up(2.0 * nami.up(es[0])) + 1.0)
     # started at stage 2 (the diagnostic of eval.py --from-stage): stage 1 is never run
     seen_t.clear()
-    outs = nami.progressive_sample(velocity, eps, windows, [4, 3, 2], start=(2, nami.up(ends[0])))
+    grids = nami.sampling_plan(nami.NamiConfig(), [4, 3, 2], schedule=schedule)[1]
+    outs = nami.progressive_sample(velocity, eps, grids, start=(2, nami.up(ends[0])))
     assert len(outs) == 2 and [k for k, _ in seen_t] == [2] * 3 + [3] * 2
     torch.testing.assert_close(outs[-1], x_star)
     with pytest.raises(ValueError, match="stage 4 of 3"):
-        nami.progressive_sample(velocity, eps, windows, [4, 3, 2], start=(4, x_star))
+        nami.progressive_sample(velocity, eps, grids, start=(4, x_star))
+
+
+def sample_before_grids(model, eps, steps, bridge, conditioning, flat=False):
+    """The sampler as it was before explicit grids (issue 13), written out: t' = linspace(1, 0, n + 1)
+    in float32, τ = a_k + t'·(b_k − a_k), the velocity in one CFG batch, x ← x + (t'_next − t')·v."""
+    cfg = model.cfg
+    ratios, steps = ((1.0,), [sum(steps)]) if flat else (cfg.window_ratios, steps)
+    ranges, K = nami.tau_ranges(ratios, cfg.gamma), len(ratios)
+    x, outputs = nami.noise_pyramid(eps, K)[0], []
+    for k in range(1, K + 1):
+        if k > 1:
+            x = bridge(x, k)
+        grid = torch.linspace(1.0, 0.0, steps[k - 1] + 1).tolist()
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            tau = torch.full((x.shape[0],), nami.stage_tau(t, ranges[k - 1]))
+            v = nami.guided_velocity(model, x, tau, *conditioning, 3.0, None if flat else k).float()
+            x = x + (t_next - t) * v
+        outputs.append(x)
+    return outputs
+
+
+def test_uniform_grid_samples_bit_for_bit_as_the_sampler_before_grids():
+    """Our checkpoints keep their sampler exactly: the uniform grid through sampling_plan, model_velocity
+    and progressive_sample gives the same bits as the loop it replaced, NAMI and flat."""
+    cfg = nami.get_config("tiny", joint_attention_dim=8, pooled_projection_dim=8)
+    model = randomize(nami.Nami(cfg), seed=3).eval()
+    g = torch.Generator().manual_seed(3)
+    conditioning = (torch.randn(2, 4, 8, generator=g), torch.randn(2, 8, generator=g),
+                    torch.randn(2, 4, 8, generator=g), torch.randn(2, 8, generator=g))
+    eps = torch.randn(2, 3, 16, 16, generator=g)
+    bridge = randomize(bridgeflow.BridgeFlow(3, [(4, 4), (8, 8), (16, 16)]), seed=4)
+    with torch.no_grad():
+        for flat in (False, True):
+            _, grids, full = nami.sampling_plan(cfg, [3, 2, 2], flat)
+            velocity = nami.model_velocity(model, *conditioning, 3.0, full)
+            got = nami.progressive_sample(velocity, eps, grids, None if flat else bridge)
+            want = sample_before_grids(model, eps, [3, 2, 2], bridge, conditioning, flat)
+            assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), flat
+
+
+def release_scheduler_grids(n, stage_range=(0, 1 / 3, 2 / 3, 1), gamma=1 / 3, N=1000):
+    """The release's per-stage (σ, t) for n steps, from the formulas of its scheduler (release
+    src/scheduling_flow_matching.py: a float32 table t = N … 1, windows with corrected starts, the τ
+    axis split ∝ window lengths, K_k-entry stage tables, then numpy linspaces of n)."""
+    import numpy as np
+    table_t = torch.arange(N, 0, -1, dtype=torch.float32)
+    table_sigma = table_t / N
+    table_t = table_sigma * N
+    lengths = []
+    for i in range(3):
+        s = table_sigma[int(stage_range[i] * N)].item()
+        e = table_sigma[int(stage_range[i + 1] * N)].item() if int(stage_range[i + 1] * N) < N else 0.0
+        if i > 0:
+            o = 1 - s
+            s = 1 - o * (1 / (math.sqrt(1 + 1 / gamma) * (1 - o) + o))
+        lengths.append(s - e)
+    ratios = [0.0, lengths[0] / sum(lengths), (lengths[0] + lengths[1]) / sum(lengths), 1.0]
+    grids = []
+    for i in range(3):
+        t_max, t_min = table_t[int(ratios[i] * N)].item(), table_t[min(int(ratios[i + 1] * N), N - 1)].item()
+        K = int(t_max - t_min)
+        stage_t, stage_sigma = np.linspace(t_max, t_min, K + 1)[:-1], np.linspace(1, 0, K + 1)[:-1]
+        sigma = np.append(np.linspace(stage_sigma[0], stage_sigma[-1], n), 0.0)
+        grids.append((sigma, np.linspace(stage_t[0], stage_t[-1], n)))
+    return grids
+
+
+def test_release_grid_equals_the_release_schedulers_numbers():
+    """docs/method.md §6: t' = [linspace(1, 1/K_k, n), 0] and τ = t/1000, t = linspace(t_max, t_min + 1, n),
+    with (t_max, t_min) = (1000, 744), (744, 386), (386, 1) and K_k = 256, 358, 385 for 1:1:1."""
+    assert nami.release_stage_tables() == [(1000.0, 744.0), (744.0, 386.0), (386.0, 1.0)]
+    grids = nami.release_grids([10, 10, 10])
+    # the release's numbers for 10+10+10 (its scheduler, printed): t' and t at every step
+    assert grids[0].t == pytest.approx([1, .889323, .778646, .667969, .557292, .446615, .335938, .225260, .114583,
+                                        .003906, 0], abs=1e-6)
+    assert [1000 * tau for tau in grids[0].tau] == pytest.approx(
+        [1000, 971.6667, 943.3333, 915, 886.6667, 858.3333, 830, 801.6667, 773.3333, 745], abs=1e-4)
+    assert [1000 * tau for tau in grids[2].tau] == pytest.approx(
+        [386, 343.3333, 300.6667, 258, 215.3333, 172.6667, 130, 87.3333, 44.6667, 2], abs=1e-4)
+    for k, K in enumerate((256, 358, 385)):  # nine steps of (1 − 1/K)/9, then one of 1/K
+        dt = [a - b for a, b in zip(grids[k].t[:-1], grids[k].t[1:])]
+        assert dt[:9] == pytest.approx([(1 - 1 / K) / 9] * 9, abs=1e-12) and dt[9] == pytest.approx(1 / K, abs=1e-12)
+    for n in (10, 7, 1):  # the formulas, for any step count
+        for ours, (sigma, t) in zip(nami.release_grids([n] * 3), release_scheduler_grids(n)):
+            assert ours.t == pytest.approx(sigma.tolist(), abs=1e-12, rel=0)
+            assert ours.tau == pytest.approx((t / 1000).tolist(), abs=1e-12, rel=0)
+            assert len(ours.tau) == n and len(ours.t) == n + 1
+    # not reproduced: the release rounds t to fp16 on its way to the sinusoid (pipeline_flux.py:464,
+    # transformer_flux.py:455), at most 0.25 away from the t we give (971.5 for 971.667)
+    for ours in grids:
+        t = torch.tensor(ours.tau, dtype=torch.float64) * 1000
+        seen = ((t.half() / 1000).half() * 1000).half().double()
+        assert (seen - t).abs().max() <= 0.25
+    # the release's grid on the flat sampler: one stage over the whole table, t = 1000 … 2
+    (flat,) = nami.sampling_plan(nami.NamiConfig(), [4, 3, 3], flat=True, schedule="release")[1]
+    assert flat.tau[0] == 1.0 and flat.tau[-1] == pytest.approx(0.002) and flat.t[-2] == pytest.approx(1 / 999)
 
 
 def test_generate_from_a_later_stage_starts_at_the_noised_real_image():
@@ -308,13 +409,13 @@ def test_generate_from_a_later_stage_starts_at_the_noised_real_image():
 def test_flat_sampler_with_the_exact_velocity_of_a_gaussian_reproduces_it():
     mu, s = 0.7, 0.3  # data ~ N(mu, s²) per element; x_t = t·ε + (1 − t)·x
 
-    def velocity(x, k, t):  # E[ε − x | x_t]
+    def velocity(x, k, t, tau):  # E[ε − x | x_t]
         var = t ** 2 + (1 - t) ** 2 * s ** 2
         r = x - (1 - t) * mu
         return t * r / var - (mu + (1 - t) * s ** 2 * r / var)
 
     eps = torch.randn(1, 1, 200, 200, generator=torch.Generator().manual_seed(5))
-    out = nami.progressive_sample(velocity, eps, [(1.0, 0.0)], [200])[-1]
+    out = nami.progressive_sample(velocity, eps, nami.uniform_grids([(1.0, 0.0)], [200]))[-1]
     assert out.mean().item() == pytest.approx(mu, abs=0.01)
     assert out.std().item() == pytest.approx(s, abs=0.01)
 
@@ -342,13 +443,13 @@ def test_bf16_weights_sample_like_fp32_without_autocast():
     cfg = nami.get_config("tiny", joint_attention_dim=8, pooled_projection_dim=8)
     model = randomize(nami.Nami(cfg), seed=3)
     txt, pooled = torch.randn(2, 5, 8), torch.randn(2, 8)
-    windows, ranges, steps, full = nami.sampling_plan(cfg, [2, 2, 2])
+    _, grids, _ = nami.sampling_plan(cfg, [2, 2, 2])
     eps = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     outputs = {}
     for dtype in (torch.float32, torch.bfloat16):
         model.to(dtype)
-        velocity = nami.model_velocity(model, ranges, txt, pooled, guidance=1.0)
-        outputs[dtype] = nami.progressive_sample(velocity, eps, windows, steps, bridge=None)[-1]
+        velocity = nami.model_velocity(model, txt, pooled, guidance=1.0)
+        outputs[dtype] = nami.progressive_sample(velocity, eps, grids, bridge=None)[-1]
     assert outputs[torch.bfloat16].dtype == torch.float32
     error = (outputs[torch.bfloat16] - outputs[torch.float32]).abs().max() / outputs[torch.float32].abs().max()
     assert 0 < error < 0.05
@@ -475,15 +576,23 @@ def run_cli(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_sample_cli_end_to_end_and_bad_input(tmp_path, encoder_dir):
+def test_sample_cli_end_to_end_and_bad_input(tmp_path, encoder_dir, capsys):
+    import sample
     train.main(tiny_run(tmp_path / "run", encoder_dir, max_steps=2, ckpt_every=2))
+    # a prompt outside the built-in world's words: one note naming them and --weights, then the picture
+    sample.main(["a photo of a cat", "--ckpt", str(tmp_path / "run"), "--steps", "1,1,1", "--out", str(tmp_path / "c.png")])
+    printed = capsys.readouterr().out
+    assert [line for line in printed.splitlines() if line.startswith("note:")] == [
+        sample.world_note("a photo of a cat", json.loads((tmp_path / "run" / "ckpt-0000002" / "config.json").read_text())["vocabulary"])]
+    assert "--weights" in printed and "wrote" in printed
     out = tmp_path / "cat.png"
     r = run_cli("sample.py", "a red circle above a blue square", "--ckpt", str(tmp_path / "run"), "--out", str(out),
                 "--steps", "2,2,2", "-n", "2", "--show-stages")
     assert r.returncode == 0, r.stderr
-    assert "stage 1:" in r.stdout and "stage 3:" in r.stdout
+    assert "stage 1:" in r.stdout and "stage 3:" in r.stdout and "note:" not in r.stdout
     png = Image.open(out)
     assert png.text["prompt"] == "a red circle above a blue square" and png.text["steps"] == "[2, 2, 2]"
+    assert png.text["schedule"] == "uniform" and png.text["negative"] == "" and png.text["prompt_suffix"] == ""
     assert "ckpt-0000002" in png.text["checkpoint"]
     # empty prompt (unconditional), the flat sampler and another valid resolution work
     r = run_cli("sample.py", "", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "u.png"),
@@ -499,6 +608,26 @@ def test_sample_cli_end_to_end_and_bad_input(tmp_path, encoder_dir):
     assert r.returncode != 0 and "'tiny'" in r.stderr and "small" in r.stderr
     r = run_cli("sample.py", "x", "--ckpt", str(tmp_path / "run"), "--steps", "2,2")
     assert r.returncode != 0 and "3 counts" in r.stderr
+
+
+def test_a_prompt_outside_the_training_captions_gets_a_note(tmp_path, encoder_dir):
+    """config.json records the words of the training captions: the built-in world's from shapes.py's
+    templates, a folder's from its captions (function words left out, none past the limit); a prompt
+    that uses none of them is noted in one line, pointing to --weights (sampled all the same: the CLI test)."""
+    import sample
+    vocabulary = data.vocabulary(tiny_run(tmp_path, encoder_dir))
+    assert {"red", "circle", "triangles", "three", "left", "above"} <= set(vocabulary) and "photo" not in vocabulary
+    captions = [shapes.make_sample(0, i).caption for i in range(300)]
+    assert all(set(data.words(c)) <= shapes.caption_words() for c in captions)  # the templates' words, all of them
+    make_image_folder(tmp_path / "images", n_full=3, n_small=0)
+    assert data.vocabulary(tiny_run(tmp_path, encoder_dir, data=str(tmp_path / "images"))) == ["blue", "green", "noise", "orange"]
+    assert data.caption_vocabulary([f"w{i}" for i in range(data.VOCABULARY_LIMIT + 1)]) is None
+    assert data.vocabulary(tiny_run(tmp_path, encoder_dir, cache=str(tmp_path))) is None  # a cache keeps no captions
+    note = sample.world_note("a photo of a cat", vocabulary)
+    assert "circle" in note and "--weights" in note and "\n" not in note
+    for prompt in ("a photo of a red dog", "", "a RED circle"):
+        assert sample.world_note(prompt, vocabulary) is None, prompt
+    assert sample.world_note("a photo of a cat", None) is None  # a checkpoint that records no vocabulary
 
 
 def test_checkpoint_of_another_shape_is_an_error_naming_the_mismatch(tmp_path, encoder_dir):
@@ -547,10 +676,22 @@ def save_tiny_vae(folder):
                   latent_channels=4, scaling_factor=0.5, shift_factor=0.1).save_pretrained(folder)
 
 
+def save_tiny_mt5_tokenizer(folder):
+    """A T5 (sentencepiece-style unigram) tokenizer over single characters and a few pieces, as the
+    mT5 folder's: ids of pieces, then </s>, then <pad> (id 0) up to the length asked for."""
+    from transformers import T5Tokenizer
+    pieces = ["▁a", "▁photo", "▁of", "▁cat", ".", ",", "(", ")"] + list("abcdefghijklmnopqrstuvwxyz▁")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -1.0 - i) for i, p in enumerate(pieces)]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
 def released_dir(tmp_path_factory, encoder_dir):
-    """A folder in the layout of the authors' release (docs/method.md §3, issue 4), with tiny random models:
-    transformer/pytorch_model_fsdp.bin (+ config.json), bridge_flow.bin, vae/, mt5/, mclip/."""
+    """A folder in the layout of the authors' release (release src/infer.py:176-205), tiny random models:
+    transformer/pytorch_model_fsdp.bin, bridge_flow.bin, vae/, mt5/ (MT5EncoderModel + T5 tokenizer),
+    mclip/tokenizer/ (BertTokenizer) and mclip/clip_text_encoder/ (BertModel without pooling layer).
+    One file more than the release: transformer/config.json, which gives the tiny shape (without it
+    the loader builds the release's 2b shape, infer.py:136-151)."""
     from diffusers import FluxTransformer2DModel
     from transformers import AutoTokenizer, BertConfig, BertModel, MT5Config, MT5EncoderModel
     root = tmp_path_factory.mktemp("released") / "weights"
@@ -563,13 +704,14 @@ def released_dir(tmp_path_factory, encoder_dir):
     torch.save({"scale": torch.tensor([1.1, 0.9]), "shift.0": torch.randn(1, 4, 8, 8, generator=g),
                 "shift.1": torch.randn(1, 4, 16, 16, generator=g)}, root / "bridge_flow.bin")
     save_tiny_vae(root / "vae")
-    tok = AutoTokenizer.from_pretrained(encoder_dir, local_files_only=True)
-    for name, model in (("mt5", MT5EncoderModel(MT5Config(vocab_size=tok.vocab_size, d_model=24, d_kv=8, d_ff=32,
-                                                          num_layers=1, num_heads=2))),
-                        ("mclip", BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=20, num_hidden_layers=1,
-                                                       num_attention_heads=2, intermediate_size=32)))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    save_tiny_mt5_tokenizer(root / "mt5")
+    mt5_tokenizer = AutoTokenizer.from_pretrained(root / "mt5", local_files_only=True)
+    randomize(MT5EncoderModel(MT5Config(vocab_size=len(mt5_tokenizer), d_model=24, d_kv=8, d_ff=32, num_layers=1,
+                                        num_heads=2)), seed=3).save_pretrained(root / "mt5")
+    bert_tokenizer = AutoTokenizer.from_pretrained(encoder_dir, local_files_only=True)
+    bert_tokenizer.save_pretrained(root / "mclip" / "tokenizer")
+    BertModel(BertConfig(vocab_size=bert_tokenizer.vocab_size, hidden_size=20, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32), add_pooling_layer=False).save_pretrained(root / "mclip" / "clip_text_encoder")
     return root
 
 
@@ -599,6 +741,14 @@ def test_released_flux_weights_give_diffusers_velocity_at_every_stage(released_d
             got = ours(x, tau, txt, pooled, stage=stage)
             assert want.abs().max() > 0.1  # a real signal, not a zero-initialised head
             assert (got - want).abs().max() <= 1e-4 * want.abs().max(), stage
+    # GPUs load it in bf16 (parallel.sampling_dtype): every tensor cast while loading, and the sampler's
+    # velocity (inputs cast to the weights' dtype) stays within bf16 rounding of the float32 one
+    assert parallel.sampling_dtype("cuda") == torch.bfloat16 and parallel.sampling_dtype("cpu") == torch.float32
+    half = release.load_transformer(released_dir / "transformer", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    got = nami.model_velocity(half, txt, pooled)(x, 2, 0.5, tau[0].item())
+    want = ours(x, tau[:1].expand(2), txt, pooled, stage=2)
+    assert got.dtype == torch.float32 and (got - want).abs().max() <= 0.05 * want.abs().max()
     # a guidance-distilled FLUX (which NAMI does not use) is refused with a reason
     with pytest.raises(ValueError, match="guidance"):
         release.convert_diffusers_flux({"time_text_embed.guidance_embedder.linear_1.weight": torch.zeros(1)})
@@ -615,28 +765,64 @@ def test_released_bridgeflow_layout_loads_and_computes_w_up_plus_b(released_dir)
         assert torch.allclose(bridge(x, k), want, atol=1e-6)
 
 
-def test_sample_with_released_weights_end_to_end(released_dir, tmp_path):
-    """python sample.py --weights DIR: mT5 states (256 tokens, padded states kept) + mCLIP CLS,
-    the transformer, BridgeFlow, the VAE decoder, the release's schedule; bad folders are explained."""
+def test_sample_with_released_weights_end_to_end(released_dir, tmp_path, capsys):
+    """python sample.py --weights DIR on the release's layout: its text encoding, the transformer,
+    BridgeFlow, the VAE decoder, the release's grid and prompts; bad folders are explained."""
+    import sample
     out = tmp_path / "cat.png"
-    r = run_cli("sample.py", "a photo of a cat", "--weights", str(released_dir), "--res", "32x32", "--steps", "2,2,2",
-                "--out", str(out), "--show-stages")
-    assert r.returncode == 0, r.stderr
+    sample.main(["a photo of a cat", "--weights", str(released_dir), "--res", "32x32", "--steps", "2,2,2",
+                 "--out", str(out), "--show-stages"])
+    printed = capsys.readouterr().out
+    assert f"prompt: 'a photo of a cat{release.PROMPT_SUFFIX}'" in printed and release.NEGATIVE_PROMPT in printed
+    assert "schedule: release" in printed and "stage 3:" in printed
     png = Image.open(out)
-    assert png.text["cfg"] == "3.0" and png.text["resolution"] == "32x32"
+    assert png.text["cfg"] == "3.0" and png.text["resolution"] == "32x32" and png.text["schedule"] == "release"
+    assert png.text["prompt"] == "a photo of a cat" and png.text["prompt_suffix"] == release.PROMPT_SUFFIX
+    assert png.text["negative"] == release.NEGATIVE_PROMPT
     assert png.width > 2.5 * png.height  # the three stages side by side
-    r = run_cli("sample.py", "x", "--weights", str(tmp_path))
-    assert r.returncode != 0 and "bridge_flow.bin" in r.stderr and "mt5" in r.stderr
+    # the release's prompts off; an explicit negative prompt wins over the release's; our grid on request
+    sample.main(["a cat", "--weights", str(released_dir), "--res", "32x32", "--steps", "1,1,1", "--out", str(out),
+                 "--no-release-prompts", "--schedule", "uniform"])
+    png = Image.open(out)
+    assert (png.text["prompt_suffix"], png.text["negative"], png.text["schedule"]) == ("", "", "uniform")
+    sample.main(["a cat", "--weights", str(released_dir), "--res", "32x32", "--steps", "1,1,1", "--out", str(out),
+                 "--negative", "blurry"])
+    assert Image.open(out).text["negative"] == "blurry"
+    with pytest.raises(SystemExit, match="(?s)lacks.*bridge_flow.bin.*mclip/clip_text_encoder"):
+        sample.main(["x", "--weights", str(tmp_path), "--out", str(out)])
     _, _, encoder, autoencoder, info = release.load(released_dir)
     assert info["resolution"] == (1024, 1024) and info["steps"] == [10, 10, 10] and info["cfg"] == 3.0
-    assert type(encoder.model).__name__ == "MT5EncoderModel"  # the encoder only, no decoder loaded
-    txt, pooled = encoder.encode(["a cat"])
-    assert txt.shape == (1, 256, 24) and pooled.shape == (1, 20)
-    assert txt[0, -1].abs().sum() > 0  # pad="encoder": padding positions keep the encoder's states
-    tok = encoder.pooled_tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt")
-    cls = encoder.pooled_model(**tok).last_hidden_state[:, 0]
-    assert torch.allclose(pooled, cls, atol=1e-5)  # mCLIP: the CLS state of the last layer
+    assert info["dtype"] == "torch.float32"  # bf16 on a GPU only
     assert autoencoder.channels == 4 and autoencoder.factor == 2
+
+
+def test_released_text_states_are_unmasked_mt5_and_masked_bert_cls(released_dir):
+    """The release's encoding (src/infer.py:17-100): mT5 on 256 tokens padded to the maximum, called with the
+    ids alone, every state kept; mCLIP's BertModel (no pooling layer) with its mask, the CLS state of 77 tokens."""
+    from transformers import AutoTokenizer, BertModel, MT5EncoderModel
+    encoder = release.load(released_dir)[2]
+    prompts = ["a photo of a cat" + release.PROMPT_SUFFIX, release.NEGATIVE_PROMPT]
+    txt, pooled = encoder.encode(prompts)
+    assert encoder.identity()["pad"] == "unmasked" and encoder.pooled_rule() == "cls"
+    mt5, mt5_tokenizer = MT5EncoderModel.from_pretrained(released_dir / "mt5"), AutoTokenizer.from_pretrained(released_dir / "mt5")
+    bert = BertModel.from_pretrained(released_dir / "mclip" / "clip_text_encoder", add_pooling_layer=False)
+    bert_tokenizer = AutoTokenizer.from_pretrained(released_dir / "mclip" / "tokenizer")
+    assert type(encoder.model) is MT5EncoderModel and encoder.pooled_model.pooler is None
+    ids = mt5_tokenizer(prompts, max_length=256, padding="max_length", truncation=True, return_tensors="pt")
+    assert ids["attention_mask"][0].sum() < 256 and ids["input_ids"][0, ids["attention_mask"][0].sum() - 1] == 1  # </s>
+    tok = bert_tokenizer(prompts, max_length=77, padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        unmasked = mt5(input_ids=ids["input_ids"]).last_hidden_state
+        masked = mt5(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
+        cls = bert(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state[:, 0]
+    assert txt.shape == (2, 256, 24) and pooled.shape == (2, 20)
+    torch.testing.assert_close(txt, unmasked, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, cls, rtol=0, atol=1e-6)
+    assert (txt[0, :4] - masked[0, :4]).abs().max() > 1e-3  # a masked mT5 differs, real tokens included
+    # our checkpoints keep the masked rule (padding zeroed); identity() tells the two apart
+    ours = encoders.TextEncoder(released_dir / "mt5", 256, pooled_path=released_dir / "mclip")
+    assert ours.identity()["pad"] == "zeros" and ours.identity()["pooled_config"] == encoder.identity()["pooled_config"]
+    torch.testing.assert_close(ours.encode(prompts[:1])[0][0, :4], masked[0, :4], rtol=0, atol=1e-6)
 
 
 def test_clip_text_model_gives_its_pooler_output_and_t5_its_encoder(tmp_path, encoder_dir):

@@ -140,7 +140,7 @@ def main(cfg: TrainConfig) -> dict:
     encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device, cfg.pooled_encoder, cfg.pooled_len)
     model_config = config.model_config(cfg, encoder.dim, encoder.pooled_dim, autoencoder.channels)
     K, weights = model_config.num_stages, cfg.stage_weights or (1.0,) * model_config.num_stages
-    run.describe(model_config, encoder, autoencoder)
+    run.describe(model_config, encoder, autoencoder, data.vocabulary(cfg) if dist.main else None)
 
     # Algorithm 1, line 2: K time windows [s_k → e_k] (corrected starts, docs/method.md §2), τ ranges
     windows = nami.stage_windows(model_config.window_ratios, model_config.gamma)
