@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+import config
 import encoders
 import nami
 import parallel
@@ -112,7 +113,7 @@ def sampling_times(cfg, device, res, steps, guidance, batch, text_len, dtype, wa
     """Medians of `repeat` runs of both samplers, alternating, after `warmup` untimed ones: NAMI's
     seconds per stage ("stages") and in all ("nami"), the flat sampler's ("flat"). res in pixels."""
     K, f = cfg.num_stages, latent_factor(cfg)
-    nami.check_resolution(res, res, f * cfg.size_multiple, "--res")
+    config.check_resolution(res, res, f * cfg.size_multiple, "--res")
     model = random_model(cfg, device, dtype).eval()  # weights in the dtype asked for, no autocast
     side = res // f
     bridge = BridgeFlow(cfg.in_channels, [(s, s) for s in nami.stage_sizes(side, K)]).to(device)
@@ -223,7 +224,7 @@ def training_step(cfg, device, res, mixes, text_len, bf16, checkpointing=False, 
 def train_table(a):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = bench_config(a.size)
-    nami.check_resolution(a.res, a.res, latent_factor(cfg) * cfg.size_multiple, "--res")
+    config.check_resolution(a.res, a.res, latent_factor(cfg) * cfg.size_multiple, "--res")
     counts = mix_counts(a.mix, a.batch, cfg.num_stages)
     r = training_step(cfg, device, a.res, [counts], a.text_len, a.dtype == "bf16", a.activation_checkpointing,
                       a.compile, a.warmup, a.repeat)
@@ -257,7 +258,7 @@ def flops_table(a):
     piecewise flow (flat -> flow only) and the truncation (flow only -> NAMI)."""
     cfg = bench_config(a.size)
     K, f = cfg.num_stages, latent_factor(cfg)
-    nami.check_resolution(a.res, a.res, f * cfg.size_multiple, "--res")
+    config.check_resolution(a.res, a.res, f * cfg.size_multiple, "--res")
     steps = [int(s) for s in a.steps.split(",")]
     with torch.device("meta"):
         model = nami.Nami(cfg)

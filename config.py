@@ -5,7 +5,7 @@ validation, and the schedules they imply (paper §4.3: the stage mix per phase, 
     from config import TrainConfig, parse_args, validate
     cfg = parse_args(["--size", "tiny", "--max-steps", "100"])    # or TrainConfig(size="tiny", ...)
 
-Also the parsers the sampling scripts share (steps per stage, guidance bounds).
+Also the checks and parsers the scripts share (image sizes, steps per stage, guidance bounds).
 """
 from __future__ import annotations
 
@@ -135,6 +135,20 @@ def in_bounds(value, bounds) -> bool:
     return above and below
 
 
+def check_resolution(height: int, width: int, multiple: int, what: str = "resolution"):
+    """Raise a ValueError naming the nearest valid sizes if a side is not a multiple."""
+    bad = [s for s in (height, width) if s <= 0 or s % multiple]
+    if bad:
+        def near(s):
+            if s > 0 and s % multiple == 0:
+                return [s]
+            lo = max(multiple, s // multiple * multiple)
+            return sorted({lo, lo + multiple})
+        raise ValueError(
+            f"{what} {width}x{height} is not valid: each side must be a positive multiple of {multiple} "
+            f"(patch size × 2^(K−1) × VAE factor). Nearest valid: width {near(width)}, height {near(height)}")
+
+
 def model_config(cfg: TrainConfig, text_dim: int = 1, pooled_dim: int = 1, channels: int = 3) -> nami.NamiConfig:
     """The NamiConfig of this run: preset, mode, ablation overrides, the widths of the encoders
     and the latent channels of the autoencoder."""
@@ -179,7 +193,7 @@ def validate(cfg: TrainConfig):
     stages = model_config(cfg)
     stage_mix_schedule(cfg, stages.num_stages)
     if cfg.vae is None:  # pixel space; with a VAE its factor is known once its config is read
-        nami.check_resolution(cfg.resolution, cfg.resolution, stages.size_multiple, "--resolution")
+        check_resolution(cfg.resolution, cfg.resolution, stages.size_multiple, "--resolution")
     if cfg.stage_weights is not None and (len(cfg.stage_weights) != stages.num_stages or min(cfg.stage_weights) < 0):
         raise ValueError(f"--stage-weights needs {stages.num_stages} non-negative values, got {cfg.stage_weights}")
     check_writable(Path(cfg.out))

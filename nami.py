@@ -255,23 +255,8 @@ def stage_sizes(size: int, num_stages: int) -> list[int]:
 
 
 def size_multiple(num_stages: int, patch_size: int = 2) -> int:
-    """Latent sides must be multiples of patch · 2^(K−1): every stage's side then packs into whole
-    patches. (Image sides: times the autoencoder's factor.)"""
+    """Latent sides must be multiples of patch · 2^(K−1), so that every stage packs into patches."""
     return patch_size * 2 ** (num_stages - 1)
-
-
-def check_resolution(height: int, width: int, multiple: int, what: str = "resolution"):
-    """Raise a ValueError naming the nearest valid sizes if a side is not a multiple."""
-    bad = [s for s in (height, width) if s <= 0 or s % multiple]
-    if bad:
-        def near(s):
-            if s > 0 and s % multiple == 0:
-                return [s]
-            lo = max(multiple, s // multiple * multiple)
-            return sorted({lo, lo + multiple})
-        raise ValueError(
-            f"{what} {width}x{height} is not valid: each side must be a positive multiple of {multiple} "
-            f"(patch size × 2^(K−1) × VAE factor). Nearest valid: width {near(width)}, height {near(height)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,10 +503,9 @@ class Nami(nn.Module):
             self.initialize_weights()
 
     def initial_values(self):
-        """(name, value) of every parameter at initialisation, one at a time, on the CPU, in module
-        order: as DiT, Xavier-uniform linears (drawing from the global RNG as nn.init does), zero
-        biases, zero adaLN modulation and output head — every block starts as the identity and an
-        untrained model predicts zero velocity — and unit RMSNorm scales."""
+        """(name, value) of each parameter at initialisation, one at a time, on the CPU, as DiT:
+        Xavier-uniform linears, zero biases, zero adaLN modulation and output head (every block
+        starts as the identity, an untrained model predicts zero velocity), unit RMSNorm scales."""
         zeroed = {id(self.proj_out)} | {id(m.linear) for m in self.modules() if isinstance(m, AdaNorm)}
         for prefix, module in self.named_modules():
             for name, param in module.named_parameters(recurse=False):
@@ -555,10 +539,9 @@ class Nami(nn.Module):
         return self._pe_cache[key]
 
     def run_block(self, block, *args):
-        """A block, or with checkpointing on (and gradients needed) the block recomputed in
-        backward instead of keeping its activations: the same result for less memory. Compiled
-        blocks see the batch dimension as dynamic (it changes with the stage and the micro-batch;
-        the token count is fixed per stage resolution), so one graph serves every batch size."""
+        """A block; with checkpointing (and gradients needed) recomputed in backward instead of keeping
+        its activations. Compiled, it sees the batch dimension as dynamic (it changes with the stage
+        and the micro-batch): one graph per stage resolution serves every batch size."""
         if self.compiled:
             for activation in args[:-1]:  # img, txt / tokens, vec: (B, ...); pe, the last, has no batch
                 torch._dynamo.maybe_mark_dynamic(activation, 0)
@@ -616,66 +599,23 @@ class StageGrid(NamedTuple):
     tau: list
 
 
-def uniform_grids(ranges, steps) -> list[StageGrid]:
-    """Our grid (docs/method.md §6): t' = linspace(1, 0, n_k + 1) and τ = a_k + t'·(b_k − a_k)."""
+def uniform_grids(steps, ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[StageGrid]:
+    """Our grid (docs/method.md §6): t' = linspace(1, 0, n_k + 1) and τ = a_k + t'·(b_k − a_k).
+    (release.grids, with the same arguments, is the authors'.)"""
     grids = []
-    for tau_range, n in zip(ranges, steps):
+    for tau_range, n in zip(tau_ranges(ratios, gamma), steps):
         t = torch.linspace(1.0, 0.0, n + 1).tolist()
         grids.append(StageGrid(t, [stage_tau(t_j, tau_range) for t_j in t[:-1]]))
     return grids
 
 
-TRAIN_STEPS = 1000  # the release's discrete time table t = 1000, 999, …, 1
-
-
-def release_stage_tables(ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[tuple[float, float]]:
-    """[(t_max, t_min)] per stage on the release's 1000-step table (Pyramid Flow's scheduler, release
-    src/scheduling_flow_matching.py:70-150): the windows and the τ split of docs/method.md §2, each
-    taken at a float32 table entry. For 1:1:1: (1000, 744), (744, 386), (386, 1)."""
-    N, K = TRAIN_STEPS, len(ratios)
-    table_sigma = torch.arange(N, 0, -1, dtype=torch.float32) / N  # σ = t/1000 (shift 1), lines 70-88
-    table_t = table_sigma * N
-    edges = [sum(ratios[:i]) / sum(ratios) for i in range(K + 1)]  # stage_range, e.g. [0, 1/3, 2/3, 1]
-    lengths = []
-    for i in range(K):  # lines 90-121: windows [s_k → e_k] on the table, corrected starts for k > 1
-        start, end = int(edges[i] * N), int(edges[i + 1] * N)
-        s, e = table_sigma[start].item(), table_sigma[end].item() if end < N else 0.0
-        lengths.append((s if i == 0 else corrected_start(s, gamma)) - e)
-    # lines 123-150: the τ axis split ∝ window lengths, each bound truncated to a table entry
-    bounds = [sum(lengths[:i]) / sum(lengths) for i in range(K)] + [1.0]
-    return [(table_t[int(bounds[i] * N)].item(), table_t[min(int(bounds[i + 1] * N), N - 1)].item())
-            for i in range(K)]
-
-
-def release_grids(steps, ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[StageGrid]:
-    """The release's grid (release src/scheduling_flow_matching.py:137-150, 180-207). Stage k trains
-    on K_k = int(t_max − t_min) table steps, local time 1, 1 − 1/K_k, …, 1/K_k paired with model time
-    t_max, t_max − 1, …, t_min + 1. Sampling with n steps takes t' = linspace(1, 1/K_k, n) followed
-    by 0, and τ = t/1000 with t = linspace(t_max, t_min + 1, n): n − 1 steps of (1 − 1/K_k)/(n − 1),
-    then one of 1/K_k (10+10+10: 0.1107, then 0.0039), the last model call at τ ≈ a_k + 0.001."""
-    grids = []
-    for (t_max, t_min), n in zip(release_stage_tables(ratios, gamma), steps):
-        K = int(t_max - t_min)
-        # the last entries of linspace(t_max, t_min, K + 1)[:-1] and linspace(1, 0, K + 1)[:-1]
-        t_last, sigma_last = t_max + (K - 1) * ((t_min - t_max) / K), 1.0 + (K - 1) * (-1.0 / K)
-        sigma = torch.linspace(1.0, sigma_last, n, dtype=torch.float64).tolist() + [0.0]
-        t = torch.linspace(t_max, t_last, n, dtype=torch.float64).tolist()
-        grids.append(StageGrid(sigma, [t_j / TRAIN_STEPS for t_j in t]))
-    return grids
-
-
 @torch.no_grad()
 def progressive_sample(velocity, eps, grids, bridge=None, on_stage_end=None, start=None):
-    """Integrate the K-stage flow from noise to data.
-
-    velocity(x, k, t', τ) -> v at stage k, local time t' (1 = window start, 0 = window end) and
-    global time τ. grids: one StageGrid per stage (uniform_grids, release_grids). eps: full-size
-    noise ε_K; stage 1 starts at ε_1 of its coupled pyramid, so one seed gives the same image
-    whatever the stage count. Between stages x ← BridgeFlow_(k+1)(Up(x)) (bridge(x, k) includes
-    the Up; bridge=None is Up alone). Returns the list of stage outputs.
-    start=(k0, x̂_s): begin at stage k0 from this start point instead (stages before k0 skipped;
-    the outputs then hold stages k0..K), e.g. the training start point of real images.
-    """
+    """Integrate the K-stage flow from noise to data; returns every stage's output. velocity(x, k,
+    t', τ): v at stage k, local time t' (1 = window start, 0 = end), global time τ; grids: one
+    StageGrid per stage. Stage 1 starts at ε_1 of the full-size noise's coupled pyramid (one seed,
+    one image, whatever the stage count); between stages x ← BridgeFlow_(k+1)(Up(x)) (bridge=None:
+    Up alone). start=(k0, x̂_s) begins at stage k0 from that point (e.g. a real image's, noised)."""
     K = len(grids)
     k0, x = start if start is not None else (1, noise_pyramid(eps, K)[0])
     if not 1 <= k0 <= K:
@@ -718,44 +658,29 @@ def default_steps(num_stages: int, total: int = 30) -> list[int]:
     return [total // num_stages + (k < total % num_stages) for k in range(num_stages)]
 
 
-SCHEDULES = ("uniform", "release")
-
-
-def sampling_plan(cfg: NamiConfig, steps, flat: bool = False, schedule: str = "uniform"):
+def sampling_plan(cfg: NamiConfig, steps, flat: bool = False, schedule=uniform_grids):
     """(windows, grids, full_model) of the NAMI sampler, or of the flat baseline: one window
-    [1 → 0] with all sum(steps) steps and every block. schedule "uniform" is our grid, "release"
-    the authors' (docs/method.md §6)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    [1 → 0] with all sum(steps) steps and every block. schedule(steps, ratios, gamma) makes the
+    Euler grids: ours by default, release.grids the authors' (docs/method.md §6)."""
     if flat or cfg.num_stages == 1:
         ratios, steps, full_model = (1.0,), [sum(steps)], True
     else:
         ratios, steps, full_model = cfg.window_ratios, list(steps), False
     if len(steps) != len(ratios):
         raise ValueError(f"{len(steps)} step counts for {len(ratios)} stages")
-    if schedule == "release":
-        grids = release_grids(steps, ratios, cfg.gamma)
-    else:
-        grids = uniform_grids(tau_ranges(ratios, cfg.gamma), steps)
-    return stage_windows(ratios, cfg.gamma), grids, full_model
+    return stage_windows(ratios, cfg.gamma), schedule(steps, ratios, cfg.gamma), full_model
 
 
 @torch.no_grad()
 def generate(model, encoder, prompts, seeds, height, width, steps, guidance=DEFAULT_GUIDANCE, negative="",
              bridge=None, flat=False, on_stage_end=None, from_stage=1, clean=None,
-             schedule="uniform"):
-    """Prompts -> images (B, C, H, W), one Gaussian draw ε_K per seed at the full size.
-
-    flat=True is the baseline sampler: one window [1 → 0] at full size with the full model and
-    sum(steps) Euler steps (for a NAMI checkpoint this is for timing only: such a model never
-    learnt the noisy part of the flow at full size).
-    from_stage=k > 1 with clean latents (B, C, height, width): a diagnostic that starts stage k
-    from the training start point of the clean images (their stage k−1 end, noised with the same
-    seeds, across BridgeFlow; Algorithm 1, lines 7-13), so that stages k..K alone make the image;
-    the outputs then hold stages k..K.
-    schedule: the Euler grid, "uniform" (ours) or "release" (the authors', sampling_plan)."""
+             schedule=uniform_grids):
+    """Prompts -> images (B, C, H, W), one Gaussian draw ε_K per seed at the full size. flat=True:
+    the baseline sampler, one window [1 → 0] with every block and sum(steps) steps. schedule makes
+    the Euler grids (uniform_grids, or release.grids). from_stage=k > 1 with clean latents: stage k
+    starts from their training start point (Algorithm 1, lines 7-13, with the seeds' noise), so
+    that stages k..K alone make the image, a diagnostic (eval.py --from-stage)."""
     cfg = model.cfg
-    check_resolution(height, width, cfg.size_multiple)
     device = next(model.parameters()).device
     txt, pooled = encoder.encode(list(prompts))
     txt_u, pooled_u = encoder.encode([negative] * len(prompts))

@@ -108,7 +108,7 @@ def parse_args(argv=None):
     ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale g (1 = off; default 3)")
     ap.add_argument("--negative", default=None,
                     help="negative prompt, the unconditional half of CFG (default '', with --weights the release's)")
-    ap.add_argument("--schedule", choices=nami.SCHEDULES, default=None,
+    ap.add_argument("--schedule", choices=sorted(release.SCHEDULES), default=None,
                     help="Euler grid: the release's 1000-step table or our uniform one (default: release with "
                          "--weights, uniform otherwise)")
     ap.add_argument("--no-release-prompts", action="store_true",
@@ -142,7 +142,7 @@ def settle(a) -> dict:
                          f"got {a.steps}")
     w, h = parse_res(a.res) if a.res else plan["resolution"]
     if plan["multiple"]:
-        nami.check_resolution(h, w, plan["multiple"], "--res")
+        config.check_resolution(h, w, plan["multiple"], "--res")
     zoom = a.upscale or max(1, -(-256 // max(w, h)))
     if zoom * max(w, h) > MAX_PNG_SIDE:
         raise ValueError(f"--upscale {zoom} makes {w * zoom}x{h * zoom} pixels per image, more than "
@@ -181,7 +181,7 @@ def load(a, plan, device):
                                        a.size, device)
     model, autoencoder = loaded[0], loaded[3]
     w, h = plan["size"]
-    nami.check_resolution(h, w, autoencoder.factor * model.cfg.size_multiple, "--res")
+    config.check_resolution(h, w, autoencoder.factor * model.cfg.size_multiple, "--res")
     model.to(parallel.sampling_dtype(device))
     return loaded
 
@@ -218,7 +218,7 @@ def main(argv=None):
     marks = [time.perf_counter()]
     stage_outputs = nami.generate(model, encoder, [a.prompt + plan["suffix"]] * a.n, range(a.seed, a.seed + a.n),
                                   h // f, w // f, steps, plan["cfg"], plan["negative"], bridge=bridge, flat=a.flat,
-                                  schedule=plan["schedule"],
+                                  schedule=release.SCHEDULES[plan["schedule"]],
                                   on_stage_end=lambda k, x: (parallel.synchronize(device),
                                                              marks.append(time.perf_counter())))
     times = [b - t for t, b in zip(marks[:-1], marks[1:])]

@@ -250,10 +250,10 @@ def test_every_preset_is_a_valid_flux_layout_and_the_cpu_presets_grow_in_order()
 # docs/method.md §6: sampling
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("schedule", nami.SCHEDULES)
+@pytest.mark.parametrize("schedule", sorted(release.SCHEDULES))
 def test_progressive_sampler_with_exact_velocity_lands_on_each_stage_end_and_the_data(schedule):
     K, windows = 3, nami.stage_windows()
-    grids = nami.sampling_plan(nami.NamiConfig(), [4, 3, 2], schedule=schedule)[1]
+    grids = nami.sampling_plan(nami.NamiConfig(), [4, 3, 2], schedule=release.SCHEDULES[schedule])[1]
     g = torch.Generator().manual_seed(4)
     x_star, eps = torch.rand(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
     xs, es = nami.image_pyramid(x_star, K), nami.noise_pyramid(eps, K)
@@ -270,7 +270,7 @@ def test_progressive_sampler_with_exact_velocity_lands_on_each_stage_end_and_the
     torch.testing.assert_close(outs[-1], x_star)
     assert seen_t[0] == (1, 1.0) and [k for k, _ in seen_t] == [1] * 4 + [2] * 3 + [3] * 2
     # with zero velocity the sampler only carries ε_1 across the jumps
-    grids = nami.sampling_plan(nami.NamiConfig(), [2, 2, 2], schedule=schedule)[1]
+    grids = nami.sampling_plan(nami.NamiConfig(), [2, 2, 2], schedule=release.SCHEDULES[schedule])[1]
     outs = nami.progressive_sample(lambda x, k, t, tau: torch.zeros_like(x), eps, grids)
     torch.testing.assert_close(outs[-1], nami.up(nami.up(es[0])))
     bridge = bridgeflow.BridgeFlow(3, [(4, 4), (8, 8), (16, 16)])
@@ -281,7 +281,7 @@ def test_progressive_sampler_with_exact_velocity_lands_on_each_stage_end_and_the
     torch.testing.assert_close(outs[-1], 0.5 * nami.up(2.0 * nami.up(es[0])) + 1.0)
     # started at stage 2 (the diagnostic of eval.py --from-stage): stage 1 is never run
     seen_t.clear()
-    grids = nami.sampling_plan(nami.NamiConfig(), [4, 3, 2], schedule=schedule)[1]
+    grids = nami.sampling_plan(nami.NamiConfig(), [4, 3, 2], schedule=release.SCHEDULES[schedule])[1]
     outs = nami.progressive_sample(velocity, eps, grids, start=(2, nami.up(ends[0])))
     assert len(outs) == 2 and [k for k, _ in seen_t] == [2] * 3 + [3] * 2
     torch.testing.assert_close(outs[-1], x_star)
@@ -357,8 +357,8 @@ def release_scheduler_grids(n, stage_range=(0, 1 / 3, 2 / 3, 1), gamma=1 / 3, N=
 def test_release_grid_equals_the_release_schedulers_numbers():
     """docs/method.md §6: t' = [linspace(1, 1/K_k, n), 0] and τ = t/1000, t = linspace(t_max, t_min + 1, n),
     with (t_max, t_min) = (1000, 744), (744, 386), (386, 1) and K_k = 256, 358, 385 for 1:1:1."""
-    assert nami.release_stage_tables() == [(1000.0, 744.0), (744.0, 386.0), (386.0, 1.0)]
-    grids = nami.release_grids([10, 10, 10])
+    assert release.stage_tables() == [(1000.0, 744.0), (744.0, 386.0), (386.0, 1.0)]
+    grids = release.grids([10, 10, 10])
     # the release's numbers for 10+10+10 (its scheduler, printed): t' and t at every step
     assert grids[0].t == pytest.approx([1, .889323, .778646, .667969, .557292, .446615, .335938, .225260, .114583,
                                         .003906, 0], abs=1e-6)
@@ -370,7 +370,7 @@ def test_release_grid_equals_the_release_schedulers_numbers():
         dt = [a - b for a, b in zip(grids[k].t[:-1], grids[k].t[1:])]
         assert dt[:9] == pytest.approx([(1 - 1 / K) / 9] * 9, abs=1e-12) and dt[9] == pytest.approx(1 / K, abs=1e-12)
     for n in (10, 7, 1):  # the formulas, for any step count
-        for ours, (sigma, t) in zip(nami.release_grids([n] * 3), release_scheduler_grids(n)):
+        for ours, (sigma, t) in zip(release.grids([n] * 3), release_scheduler_grids(n)):
             assert ours.t == pytest.approx(sigma.tolist(), abs=1e-12, rel=0)
             assert ours.tau == pytest.approx((t / 1000).tolist(), abs=1e-12, rel=0)
             assert len(ours.tau) == n and len(ours.t) == n + 1
@@ -381,7 +381,7 @@ def test_release_grid_equals_the_release_schedulers_numbers():
         seen = ((t.half() / 1000).half() * 1000).half().double()
         assert (seen - t).abs().max() <= 0.25
     # the release's grid on the flat sampler: one stage over the whole table, t = 1000 … 2
-    (flat,) = nami.sampling_plan(nami.NamiConfig(), [4, 3, 3], flat=True, schedule="release")[1]
+    (flat,) = nami.sampling_plan(nami.NamiConfig(), [4, 3, 3], flat=True, schedule=release.grids)[1]
     assert flat.tau[0] == 1.0 and flat.tau[-1] == pytest.approx(0.002) and flat.t[-2] == pytest.approx(1 / 999)
 
 
@@ -415,7 +415,7 @@ def test_flat_sampler_with_the_exact_velocity_of_a_gaussian_reproduces_it():
         return t * r / var - (mu + (1 - t) * s ** 2 * r / var)
 
     eps = torch.randn(1, 1, 200, 200, generator=torch.Generator().manual_seed(5))
-    out = nami.progressive_sample(velocity, eps, nami.uniform_grids([(1.0, 0.0)], [200]))[-1]
+    out = nami.progressive_sample(velocity, eps, nami.uniform_grids([200], (1.0,)))[-1]
     assert out.mean().item() == pytest.approx(mu, abs=0.01)
     assert out.std().item() == pytest.approx(s, abs=0.01)
 
@@ -650,7 +650,7 @@ def test_long_prompt_is_truncated_with_a_warning(encoder_dir):
 
 def test_invalid_resolution_names_nearest_valid_sizes():
     with pytest.raises(ValueError, match=r"multiple of 8.*width \[96, 104\].*height \[64\]"):
-        nami.check_resolution(64, 100, 8)
+        config.check_resolution(64, 100, 8)
     with pytest.raises(ValueError, match="unknown preset"):
         nami.get_config("3b")
     with pytest.raises(ValueError, match="cut points"):

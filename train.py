@@ -135,7 +135,7 @@ def main(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     autoencoder = load_autoencoder(cfg.vae, device)
     side = cfg.resolution // autoencoder.factor  # latent side at the full size
-    nami.check_resolution(cfg.resolution, cfg.resolution, autoencoder.factor * config.model_config(cfg).size_multiple,
+    config.check_resolution(cfg.resolution, cfg.resolution, autoencoder.factor * config.model_config(cfg).size_multiple,
                           "--resolution")
     encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device, cfg.pooled_encoder, cfg.pooled_len)
     model_config = config.model_config(cfg, encoder.dim, encoder.pooled_dim, autoencoder.channels)
