@@ -50,18 +50,38 @@ class TrainingStopped(Exception):
 # ----------------------------------------------------------------------------------------------
 
 
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:07d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a folder name the trainer writes (ckpt- and the step, in 7 digits or more,
+    exactly as checkpoint_name gives it), or None: a user's ckpt-best or ckpt-0000600-best is
+    never resumed from, pruned or picked by the lookup."""
+    match = re.fullmatch(rf"{PREFIX}(\d{{7,}})", name)
+    return int(match[1]) if match and checkpoint_name(int(match[1])) == name else None
+
+
 def find_checkpoint(path) -> Path:
-    """A checkpoint folder from a folder that is one, or the newest one below a run folder
-    (or below runs/ when path is None)."""
+    """The checkpoint to sample or evaluate. PATH may be a checkpoint folder (any name: the user
+    chose it), or a run folder: its highest step, as --resume takes it. A folder of runs (runs/
+    when path is None) holds steps that do not compare: the run that saved a checkpoint last
+    (modification time), and in it the highest step."""
     root = Path(path) if path is not None else Path("runs")
     if (root / "weights.safetensors").is_file():
         return root
-    found = sorted(root.glob(f"**/{PREFIX}*/weights.safetensors"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    found = latest_checkpoint(root)
+    if found is None:
+        runs = {p.parent.parent for p in root.glob(f"**/{PREFIX}*/weights.safetensors")
+                if checkpoint_step(p.parent.name) is not None}
+        saved = {run: max((c.stat().st_mtime for c in complete_checkpoints(run)), default=None) for run in runs}
+        last = max((run for run in runs if saved[run] is not None), key=saved.get, default=None)
+        found = last and latest_checkpoint(last)
+    if found is None:
         raise FileNotFoundError(
             f"no checkpoint found under {root}/ (a checkpoint is a folder {PREFIX}NNNNNNN holding "
-            "weights.safetensors and config.json): train one with `python train.py`, or pass --ckpt PATH")
-    return found[-1].parent
+            f"{', '.join(FILES)}): train one with `python train.py`, or pass --ckpt PATH")
+    return found
 
 
 def load_checkpoint(path):
@@ -202,9 +222,13 @@ def fsync_tree(folder: Path):
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
-    """Checkpoint folders holding all their files, oldest first (temporary folders of a save that
-    was interrupted are named .tmp-* and never match)."""
-    return sorted(p for p in Path(out).glob(f"{PREFIX}*") if all((p / n).is_file() for n in FILES))
+    """The checkpoint folders the trainer wrote in a run folder (checkpoint_step names) holding all
+    their files, by step, oldest first (steps of 8 digits and more after 7). Temporary folders of
+    an interrupted save are named .tmp-* and never match."""
+    out = Path(out)
+    found = [(step, p) for p in (out.iterdir() if out.is_dir() else ()) if (step := checkpoint_step(p.name)) is not None
+             and p.is_dir() and all((p / n).is_file() for n in FILES)]
+    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(out: Path):
@@ -213,8 +237,11 @@ def latest_checkpoint(out: Path):
 
 
 def remove_interrupted_saves(out: Path):
-    for tmp in list(out.glob(f".tmp-{PREFIX}*")) + list(out.glob(f".old-{PREFIX}*")):
-        shutil.rmtree(tmp, ignore_errors=True)
+    """The .tmp-ckpt-N/ and .old-ckpt-N/ folders a killed save or prune left (only those names)."""
+    for path in list(out.iterdir()):
+        if any(path.name.startswith(mark) and checkpoint_step(path.name[len(mark):]) is not None
+               for mark in (".tmp-", ".old-")):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def discard(ckpt: Path):
@@ -409,7 +436,7 @@ class RunFolder:
     def save(self, step: int, state: TrainState) -> Path:
         """Write ckpt-<step>/ atomically (collective under FSDP2: every rank writes its dcp/ shards
         and gathers the full weights; the main rank writes the files) and prune old ones."""
-        final = self.out / f"{PREFIX}{step:07d}"
+        final = self.out / checkpoint_name(step)
         tmp = self.out / f".tmp-{final.name}"
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)

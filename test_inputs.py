@@ -539,6 +539,43 @@ def test_pickle_saved_as_safetensors_is_refused_as_damaged(fresh_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# checkpoints are found by their step, and only the trainer's own are pruned or resumed from
+# ----------------------------------------------------------------------------------------------
+
+
+def test_user_copies_of_checkpoints_are_never_resumed_from_or_pruned(fresh_run, encoder_dir):
+    for name in ("ckpt-0000002-best", "ckpt-best"):
+        shutil.copytree(fresh_run / "ckpt-0000002", fresh_run / name)
+    (fresh_run / "ckpt-best" / "train_state.pt").write_bytes(b"resuming from this copy would fail")
+    train.main(tiny_run(fresh_run, encoder_dir, max_steps=4, ckpt_every=1, keep=1, resume=True))
+    assert sorted(p.name for p in fresh_run.glob("ckpt-*")) == ["ckpt-0000002-best", "ckpt-0000004", "ckpt-best"]
+    assert checkpoint.latest_checkpoint(fresh_run).name == "ckpt-0000004"
+    assert checkpoint.find_checkpoint(fresh_run).name == "ckpt-0000004"  # sample.py's and eval.py's lookup
+
+
+def fake_checkpoint(folder: Path, age_s: float = 0) -> Path:
+    folder.mkdir(parents=True)
+    for name in checkpoint.FILES:
+        (folder / name).write_bytes(b"")
+    when = os.stat(folder).st_mtime - age_s
+    os.utime(folder, (when, when))
+    return folder
+
+
+def test_steps_sort_as_numbers_and_the_lookup_takes_the_highest_step(tmp_path):
+    run = tmp_path / "runs" / "a"
+    for name in ("ckpt-10000000", "ckpt-9999999", "ckpt-00000005", "ckpt-10000000-copy", "ckpt-x"):
+        fake_checkpoint(run / name, age_s=100)
+    assert [p.name for p in checkpoint.complete_checkpoints(run)] == ["ckpt-9999999", "ckpt-10000000"]
+    assert checkpoint.latest_checkpoint(run).name == checkpoint.find_checkpoint(run).name == "ckpt-10000000"
+    # runs/ holds runs whose steps do not compare: the run that saved last, its highest step
+    fake_checkpoint(tmp_path / "runs" / "b" / "ckpt-0000003", age_s=10)
+    assert checkpoint.find_checkpoint(tmp_path / "runs") == tmp_path / "runs" / "b" / "ckpt-0000003"
+    fake_checkpoint(run / "ckpt-0000001")  # the newest folder, but not the highest step of run a
+    assert checkpoint.find_checkpoint(tmp_path / "runs") == run / "ckpt-10000000"
+
+
+# ----------------------------------------------------------------------------------------------
 # checkpoints whose tensors do not fit their config: the first mismatch is named
 # ----------------------------------------------------------------------------------------------
 
