@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import images
+import files
 import nami
 import parallel
 from bridgeflow import BridgeFlow
@@ -333,16 +334,46 @@ class RunFolder:
 
     def __init__(self, cfg, main: bool, first_step: int = 0):
         self.cfg, self.out, self.main = cfg, Path(cfg.out), main
-        if main:
-            remove_interrupted_saves(self.out)
-        if not cfg.resume and latest_checkpoint(self.out) is not None:
-            raise ValueError(f"{self.out} already holds a run ({latest_checkpoint(self.out).name}): pass --resume to "
-                             "continue it, or choose another --out (nothing is overwritten)")
+        self.locks = self.lock(cfg, main)
+        try:
+            if main:
+                remove_interrupted_saves(self.out)
+            if not cfg.resume and latest_checkpoint(self.out) is not None:
+                raise ValueError(f"{self.out} already holds a run ({latest_checkpoint(self.out).name}): pass --resume "
+                                 "to continue it, or choose another --out (nothing is overwritten)")
+        except BaseException:
+            self.unlock()
+            raise
         self.record: dict = {}          # what config.json says besides the step (describe())
         self.skipped, self.bad_in_row, self.all_losses = 0, 0, []
         self.stop = None                # StopRequest, from resume() on
         self.log_file, self.bar = None, None
         self.t_last, self.seen = time.perf_counter(), 0
+
+    @staticmethod
+    def lock(cfg, main: bool) -> list:
+        """The main rank's locks for the life of the run: the run folder, exclusive (a second run on
+        it would delete this one's temporary checkpoint, prune its checkpoints and rewrite its
+        log), and the --cache it reads, shared (`python data.py cache` would rewrite it). Every
+        rank learns of a refusal and raises it."""
+        locks, error = [], None
+        if main:
+            try:
+                locks.append(files.lock_folder(cfg.out, purpose=f"train.py --out {cfg.out}"))
+                if cfg.cache:
+                    locks.append(files.lock_folder(cfg.cache, shared=True, purpose=f"train.py reading it for {cfg.out}"))
+            except (files.FolderBusy, OSError) as e:  # busy, or no lock file can be made there
+                error = str(e)
+        error = parallel.broadcast_object(error)
+        if error is not None:
+            for held in locks:
+                held.release()
+            raise ValueError(error)
+        return locks
+
+    def unlock(self):
+        for held in self.locks:
+            held.release()
 
     def describe(self, model_config, encoder, autoencoder):
         """What config.json records, so that sample.py rebuilds the model with the same parts."""
@@ -360,7 +391,11 @@ class RunFolder:
                 print(f"--resume: no checkpoint in {self.out}/, starting from scratch")
             step = 0
         else:
-            step = load_for_resume(ckpt, self.record["model"], state)
+            try:
+                step = load_for_resume(ckpt, self.record["model"], state)
+            except BaseException:  # train.main's try (and run.close) starts after resume
+                self.unlock()
+                raise
             if self.main:
                 truncate_log(self.out / "log.jsonl", step)
                 print(f"resumed from {ckpt} at step {step}")
@@ -474,6 +509,7 @@ class RunFolder:
             self.bar.close()
         if self.log_file is not None:
             self.log_file.close()
+        self.unlock()
         if signal_name and self.main:
             print(f"stopped by {signal_name} at step {step}: checkpoint {latest_checkpoint(self.out)}; "
                   "continue with --resume")

@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import files
 import nami
 import shapes
 from images import to_tensor
@@ -52,6 +54,7 @@ from images import to_tensor
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MANIFEST = "metadata.jsonl"
 CACHE_FORMAT = 1  # bump when the layout of the shards or of cache.json changes
+TEMPORARY = re.compile(r"\.tmp-(shard-\d{5,}\.safetensors|uncond\.safetensors|cache\.json)")  # _write_atomic's
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # What Pillow's decoders raise on a broken file, depending on the format and where it breaks
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error,
@@ -248,9 +251,9 @@ def walk(root: Path, counts: Counts):
     """The files below root, sorted: (images, {stem key: .txt caption}, manifests, second .txt
     captions of one stem); files of other kinds are counted."""
     images, texts, manifests, second_texts = [], {}, [], []
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, names in os.walk(root):
         dirs.sort()  # a fixed walk order: the same items in the same order on every machine
-        for name in sorted(files):
+        for name in sorted(names):
             path = Path(folder) / name
             ext = path.suffix.lower()
             if ext in IMAGE_EXTS:
@@ -467,7 +470,7 @@ def cache_dtype(cache_dir) -> torch.dtype:
     meta = Path(cache_dir) / "cache.json"
     if not meta.is_file():
         return torch.float32
-    return getattr(torch, json.loads(meta.read_text())["key"]["dtype"])
+    return getattr(torch, files.read_json(meta)["key"]["dtype"])
 
 
 def key_differences(built: dict, wanted: dict) -> list[str]:
@@ -495,14 +498,37 @@ def _write_atomic(path: Path, write):
     os.replace(tmp, path)
 
 
+def shard_names(meta: dict, folder: Path) -> list[str]:
+    """The shard files a cache.json lists, each a plain .safetensors file name inside the cache
+    folder; ValueError for anything else (a path outside the folder, a folder part, a hidden name)."""
+    try:
+        names = [shard["file"] for shard in meta["shards"]]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{folder}/cache.json is damaged ({type(e).__name__}: {e}): rebuild the cache")
+    for name in names:
+        if not files.plain_name(name) or not name.endswith(".safetensors"):
+            raise ValueError(f"{folder}/cache.json lists the shard {name!r}, which is not a plain .safetensors file "
+                             "name inside the cache folder: this cache.json was not written by `python data.py cache`")
+    return names
+
+
 def _clear_cache(out: Path):
-    """Remove an earlier cache in `out` (only the files this module writes), cache.json first:
-    until the new cache.json exists, the folder is an incomplete cache that CachedDataset refuses,
-    never old shards mixed with new ones."""
-    (out / "cache.json").unlink(missing_ok=True)
-    for pattern in ("shard-*.safetensors", "uncond.safetensors", ".tmp-*"):
-        for p in out.glob(pattern):
-            p.unlink()
+    """Remove an earlier cache in `out`: the files its cache.json lists (its shards), its
+    uncond.safetensors, temporary files of this module's names (a killed build's), and cache.json
+    last, so that a kill midway leaves the listing of what remains. Only regular files: never a
+    folder, a link, or a file the cache does not name; a cache.json that names anything outside
+    the folder is refused. The caller holds the folder's lock (cmd_cache)."""
+    names = ["uncond.safetensors"]
+    if (out / "cache.json").is_file():
+        try:
+            names += shard_names(files.read_json(out / "cache.json"), out)
+        except OSError as e:
+            raise ValueError(f"{out}/cache.json cannot be read ({e}): remove the old cache by hand")
+    names += [p.name for p in out.iterdir() if TEMPORARY.fullmatch(p.name)]
+    for name in names + ["cache.json"]:
+        path = out / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
 
 
 @torch.no_grad()
@@ -565,18 +591,19 @@ class CachedDataset(torch.utils.data.Dataset):
         if not (self.dir / "cache.json").is_file():
             raise ValueError(f"{self.dir} holds no finished cache (no cache.json: the caching run did not "
                              f"finish, or this is not a cache folder): build it with {command}")
-        meta = json.loads((self.dir / "cache.json").read_text())
+        meta = files.read_json(self.dir / "cache.json")
+        names = shard_names(meta, self.dir)
         problems = key_differences(meta["key"], expect_key)
         if expect_data is not None and meta["data"] != expect_data:
             problems.append(f"cache built from {meta['data']['count']} images, the data folder now has "
                             f"{expect_data['count']} (or changed files or captions)")
         if problems:
             raise ValueError(f"stale cache {self.dir}: " + "; ".join(problems) + f". Rebuild it with {command}")
-        missing = [s["file"] for s in meta["shards"] if not (self.dir / s["file"]).is_file()]
+        missing = [name for name in names if not (self.dir / name).is_file()]
         if missing or not (self.dir / "uncond.safetensors").is_file():
             raise ValueError(f"{self.dir} lacks {missing or 'uncond.safetensors'}: rebuild it with {command}")
         self.meta = meta
-        self.shards = [s["file"] for s in meta["shards"]]
+        self.shards = names
         self.ends = np.cumsum([s["count"] for s in meta["shards"]]).tolist()  # item index bounds per shard
         self._open = {}
 
@@ -761,6 +788,17 @@ def cmd_scan(a):
 
 
 def cmd_cache(a):
+    """Build a cache in a.out, holding its lock (exclusive) from before the scan to the end: a
+    second build, or a training run reading the cache (it holds the lock shared), refuses."""
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    lock = files.lock_folder(a.out, purpose="python data.py cache")
+    try:
+        build_cache_command(a)
+    finally:
+        lock.release()
+
+
+def build_cache_command(a):
     import encoders  # here only: the rest of data.py works without it
     dataset = FolderDataset(a.data, a.resolution, a.stages)  # scan first: data errors before model loading
     device = "cuda" if torch.cuda.is_available() else "cpu"
