@@ -35,6 +35,7 @@ import conftest
 import data
 import encoders
 import images
+import parallel
 import release
 import sample
 import train
@@ -498,6 +499,34 @@ def test_crafted_train_state_is_refused_on_resume_and_runs_nothing(fresh_run, tm
         train.main(tiny_run(fresh_run, encoder_dir, max_steps=4, resume=True))
     assert not marker.exists(), "unpickling ran the crafted code"
     assert "weights_only" in str(e.value)
+
+
+def test_crafted_dcp_metadata_is_refused_on_resume_and_runs_nothing(fresh_run, tmp_path, encoder_dir):
+    """torch.distributed.checkpoint's own reader unpickles dcp/.metadata with plain pickle."""
+    marker = tmp_path / "MARKER"
+    (fresh_run / "ckpt-0000002" / "dcp").mkdir()
+    crafted(fresh_run / "ckpt-0000002" / "dcp" / ".metadata", marker, legacy=True)
+    with pytest.raises(ValueError, match=r"\.metadata was refused \(it names .*exec, .*nothing in it was run"):
+        train.main(tiny_run(fresh_run, encoder_dir, max_steps=4, resume=True))
+    assert not marker.exists(), "unpickling ran the crafted code"
+
+
+def test_crafted_value_in_a_dcp_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    """DCP stores non-tensor values (the optimizer's settings) as pickles, which its default
+    planner loads with weights_only=False: one of them replaced by a crafted pickle."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    parallel.save_sharded(tmp_path / "dcp", model, model, optimizer)
+    metadata = pickle.loads((tmp_path / "dcp" / ".metadata").read_bytes())  # ours, as written above
+    lr = next(i for i in metadata.storage_data if i.fqn == "optim.param_groups.0.lr")
+    shard = tmp_path / "dcp" / metadata.storage_data[lr].relative_path
+    blob = torch_bytes({"lr": RunsCode(tmp_path / "MARKER")})
+    metadata.storage_data[lr].offset, metadata.storage_data[lr].length = shard.stat().st_size, len(blob)
+    shard.write_bytes(shard.read_bytes() + blob)
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ValueError, match=r"optim\.param_groups\.0\.lr.*refused \(weights_only loading.*GLOBAL .*exec"):
+        parallel.load_sharded(tmp_path / "dcp", model, model, optimizer)
+    assert not (tmp_path / "MARKER").exists(), "unpickling ran the crafted code"
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
