@@ -529,6 +529,22 @@ def test_crafted_value_in_a_dcp_checkpoint_is_refused_and_runs_nothing(tmp_path)
     assert not (tmp_path / "MARKER").exists(), "unpickling ran the crafted code"
 
 
+@pytest.mark.parametrize("file", ["config.json", "tokenizer_config.json"])
+def test_encoder_folder_that_names_custom_code_is_refused_without_a_prompt(encoder_dir, tmp_path, file):
+    """transformers would run modeling_crafted.py with trust_remote_code, ask on a terminal without it,
+    or silently load the built-in BERT in its place: we refuse the folder, saying why."""
+    marker, folder = tmp_path / "MARKER", Path(shutil.copytree(encoder_dir, tmp_path / "encoder"))
+    (folder / "modeling_crafted.py").write_text(f"open({str(marker)!r}, 'w').write('code ran')\n")
+    settings = json.loads((folder / file).read_text())
+    settings["auto_map"] = {"AutoConfig": "modeling_crafted.Config", "AutoModel": "modeling_crafted.Model",
+                            "AutoTokenizer": ["modeling_crafted.Tokenizer", None]}
+    (folder / file).write_text(json.dumps(settings))
+    with mock.patch("builtins.input", side_effect=AssertionError("transformers prompted")):
+        with pytest.raises(ValueError, match=rf"{file} names custom code .*trust_remote_code=False"):
+            encoders.TextEncoder(folder, max_len=8)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
 def test_crafted_bin_weights_are_refused_by_read_state_dict_and_run_nothing(tmp_path, legacy):
     marker = tmp_path / "MARKER"
