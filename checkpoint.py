@@ -88,7 +88,7 @@ def find_checkpoint(path) -> Path:
 def load_checkpoint(path):
     """-> (folder, config dict, {"model": sd, "ema": sd, "bridge": sd}) from a checkpoint folder."""
     folder = find_checkpoint(path)
-    config = json.loads((folder / "config.json").read_text())
+    config = files.read_json(folder / "config.json")
     parts: dict[str, dict] = {}
     for key, value in load_file(folder / "weights.safetensors").items():
         if "." not in key:
@@ -123,6 +123,17 @@ def load_state(module: nn.Module, state_dict: dict, what: str, assign: bool = Fa
     module.load_state_dict(state_dict, assign=assign)
 
 
+def build_filled(build, state_dict: dict, what: str) -> nn.Module:
+    """build() on the meta device, then filled with state_dict's tensors: whatever sizes a config
+    file claims take no memory before load_state has compared every name and shape with the
+    weights (a hidden_size of 10⁶ is refused, not allocated), and the weights are adopted
+    (assign), not copied."""
+    with torch.device("meta"):
+        module = build()
+    load_state(module, state_dict, what, assign=True)
+    return module
+
+
 def read_train_state(ckpt: Path) -> dict:
     """train_state.pt with weights_only loading: a file crafted to run code is refused, not run."""
     try:
@@ -139,7 +150,7 @@ def plan(ckpt) -> dict:
     the resolution, the steps and the guidance."""
     folder = find_checkpoint(ckpt)
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = files.read_json(folder / "config.json")
         model_config = nami.NamiConfig.from_dict(config["model"])
         factor = (config.get("vae") or {}).get("factor") or 1  # no VAE: pixel space
         resolution = config["resolution"]
@@ -171,11 +182,10 @@ def load_model(ckpt, use_ema=True, text_encoder=None, pooled_encoder=None, vae=N
     if autoencoder.channels != model_config.in_channels or autoencoder.identity().get("config") != vae_saved.get("config"):
         raise ValueError(f"{folder} was trained on latents of {vae_saved.get('vae') or 'pixel space'} "
                          f"({model_config.in_channels} channels); {vae or vae_saved['vae']} is another autoencoder")
-    model = nami.Nami(model_config)
-    load_state(model, parts["ema" if use_ema else "model"], f"{folder} ({preset})")
+    model = build_filled(lambda: nami.Nami(model_config), parts["ema" if use_ema else "model"], f"{folder} ({preset})")
     K, side = model_config.num_stages, config["resolution"] // autoencoder.factor
-    bridge = BridgeFlow(model_config.in_channels, [(s, s) for s in nami.stage_sizes(side, K)])
-    load_state(bridge, parts["bridge"], f"{folder} (BridgeFlow)")
+    bridge = build_filled(lambda: BridgeFlow(model_config.in_channels, [(s, s) for s in nami.stage_sizes(side, K)]),
+                          parts["bridge"], f"{folder} (BridgeFlow)")
     info = {"folder": str(folder), "resolution": (config["resolution"],) * 2, "steps": nami.default_steps(K),
             "cfg": nami.DEFAULT_GUIDANCE}
     return model.to(device).eval(), bridge.to(device).eval(), encoder, autoencoder, info

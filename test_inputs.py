@@ -16,6 +16,7 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -644,6 +645,33 @@ def test_weights_that_do_not_fit_the_config_name_the_first_mismatch(fresh_run, e
     edit_weights(ckpt, edit)
     with pytest.raises(ValueError, match=message):
         checkpoint.load_model(ckpt)
+
+
+@pytest.mark.parametrize("claim, message", [
+    (dict(hidden_size=10 ** 6, num_heads=31250), r"x_embedder\.weight' has shape \(64, 12\), the model wants "
+                                                 r"\(1000000, 12\)"),
+    (dict(depth_single=10 ** 9, cuts=[1, 2, 10 ** 9]), r"1000000000 single blocks: at most 1000"),
+], ids=["width", "depth"])
+def test_config_json_claiming_a_huge_model_is_refused_fast_without_building_it(fresh_run, claim, message):
+    ckpt = fresh_run / "ckpt-0000002"
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"].update(claim)  # 10⁶ wide: 4·10¹² parameters; 10⁹ blocks: hours to build
+    (ckpt / "config.json").write_text(json.dumps(config))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load_model(ckpt)
+    assert time.perf_counter() - started < 30
+
+
+def test_release_config_json_claiming_a_huge_model_is_refused(tmp_path):
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    save_file({"x_embedder.weight": torch.zeros(16, 64)}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(dict(
+        patch_size=1, in_channels=64, num_layers=10 ** 9, num_single_layers=3, attention_head_dim=16,
+        num_attention_heads=1, joint_attention_dim=8, pooled_projection_dim=8, axes_dims_rope=[4, 6, 6])))
+    with pytest.raises(ValueError, match=r"1000000000 double and 3 single blocks: at most 1000"):
+        release.load_transformer(folder)
 
 
 def test_config_that_does_not_fit_the_weights_names_the_first_mismatch(fresh_run):
