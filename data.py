@@ -8,7 +8,10 @@ A data folder holds images with captions, found recursively, from either source:
 Every image is decoded once by `scan`; missing captions or ones that are not UTF-8, unreadable
 or truncated files, images too small for stage 1 and files that are not images are skipped, and
 grayscale, palette, RGBA, 16-bit and CMYK images are converted to 8-bit RGB (transparency over
-white). Each case is counted in one summary line, never passed over silently.
+white). So that no folder can hang or exhaust a run, images over MAX_PIXELS, caption files and
+manifest lines over MAX_TEXT_BYTES, and FIFOs or devices in place of a file are skipped without
+being read, and linked or unreadable folders are not entered. Each case is counted in one summary
+line, never passed over silently.
 
 Algorithm 1's rule [paper §3.4]: stage k trains only on images whose native (shorter) side is at
 least the stage's size, downsampled to it. `FolderDataset` returns every image at the full size R
@@ -34,6 +37,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -59,15 +63,26 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # What Pillow's decoders raise on a broken file, depending on the format and where it breaks
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error,
                  Image.DecompressionBombError)
+# Files that could exhaust a worker: an image is decoded whole (Pillow only refuses above 179 MP,
+# 0.5 GB as RGB), so images above 40 megapixels are skipped: every common camera (24-33 MP) and
+# 9.5 times a 2048² training image pass, and a decoded image with its conversions stays under 1 GB.
+# A caption file or a metadata.jsonl line above 1 MiB (some 150,000 words) is skipped unread.
+MAX_PIXELS = 40_000_000
+MAX_TEXT_BYTES = 1 << 20
 
 # The summary line's wording, in its order; keys are those of scan's counts
 SKIPPED = {
     "no caption": "without caption",
     "empty caption": "with an empty caption",
     "bad caption": "with a caption that is not UTF-8 text or cannot be read",
+    "large caption": "with a caption file over 1 MiB",
     "unreadable": "unreadable",
     "too small": "too small",
+    "too many pixels": f"over {MAX_PIXELS // 10 ** 6} megapixels",
     "non-image": "non-image files",
+    "special file": "FIFOs, devices or sockets in place of a file",
+    "linked folder": "linked folders (not followed)",
+    "unreadable folder": "folders that cannot be read",
     "bad manifest line": f"bad {MANIFEST} lines",
     "missing image": f"{MANIFEST} entries without an image",
     "orphan caption": ".txt files without an image",
@@ -113,11 +128,18 @@ def _orientation(im: Image.Image) -> int:
     return value if value in range(2, 9) else 1
 
 
+class TooManyPixels(ValueError):
+    """An image above MAX_PIXELS, refused from its header before any pixel is decoded."""
+
+
 def load_rgb(path) -> tuple[Image.Image, tuple[str, ...]]:
     """Decode an image file fully into 8-bit RGB; returns (image, notes) where notes names each
     conversion that happened ("16-bit", "grayscale", "palette", "RGBA", "CMYK", "EXIF-rotated").
-    Raises one of DECODE_ERRORS on a truncated, empty or unreadable file."""
-    with Image.open(path) as im:
+    Raises TooManyPixels above MAX_PIXELS, one of DECODE_ERRORS on a truncated, empty or
+    unreadable file, or on anything but a regular file (a FIFO would block)."""
+    with files.open_regular(path) as f, Image.open(f) as im:
+        if im.width * im.height > MAX_PIXELS:
+            raise TooManyPixels(f"{im.width}x{im.height} pixels")
         deep = _is_16_bit(im)
         im.load()  # decode everything now, so a truncated file fails here and not mid-training
         notes = ["16-bit"] if deep or im.mode.startswith("I") else []
@@ -214,12 +236,17 @@ def read_manifest(path: Path, root: Path, counts: Counts) -> dict[str, str]:
     captions = {}
     where = path.relative_to(root).as_posix()
     try:
-        f = open(path, "rb")  # bytes: each line is decoded on its own, so one bad line costs one line
+        f = files.open_regular(path)  # bytes: each line is decoded on its own, so one bad line costs one line
     except OSError as e:
         counts.note("bad manifest line", f"{where}: {e.strerror or e}")
         return captions
     with f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_TEXT_BYTES + 1), b""), 1):
+            if len(raw) > MAX_TEXT_BYTES:  # read past the rest of it in pieces: memory stays bounded
+                while not raw.endswith(b"\n") and (raw := f.readline(MAX_TEXT_BYTES)):
+                    pass
+                counts.note("bad manifest line", f"{where}:{lineno} (over 1 MiB)")
+                continue
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 if not line.strip():
@@ -237,26 +264,31 @@ def read_manifest(path: Path, root: Path, counts: Counts) -> dict[str, str]:
     return captions
 
 
-def read_caption(path: Path) -> str | None:
-    """A .txt caption (a leading byte-order mark, as some Windows editors write, dropped), or None
-    if it is not valid UTF-8 (a caption guessed from bytes would be trained on as if true) or
-    cannot be read (a broken link, no permission)."""
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except (UnicodeDecodeError, OSError):
-        return None
+def read_caption(path: Path) -> str:
+    """A .txt caption (a leading byte-order mark, as some Windows editors write, dropped). Raises
+    UnicodeDecodeError if it is not valid UTF-8 (a caption guessed from bytes would be trained on
+    as if true), files.TooLarge above MAX_TEXT_BYTES (nothing read), OSError if it cannot be read
+    (a broken link, no permission, not a regular file)."""
+    return files.read_bounded(path, MAX_TEXT_BYTES).decode("utf-8-sig")
 
 
 def walk(root: Path, counts: Counts):
     """The files below root, sorted: (images, {stem key: .txt caption}, manifests, second .txt
     captions of one stem); files of other kinds are counted."""
     images, texts, manifests, second_texts = [], {}, [], []
-    for folder, dirs, names in os.walk(root):
+
+    def where(path) -> str:
+        return Path(path).relative_to(root).as_posix()
+    for folder, dirs, names in os.walk(root, onerror=lambda e: counts.note("unreadable folder", where(e.filename))):
+        for name in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            counts.note("linked folder", where(os.path.join(folder, name)))  # os.walk does not follow them
         dirs.sort()  # a fixed walk order: the same items in the same order on every machine
         for name in sorted(names):
             path = Path(folder) / name
             ext = path.suffix.lower()
-            if ext in IMAGE_EXTS:
+            if not _regular_or_broken(path):
+                counts.note("special file", where(path))
+            elif ext in IMAGE_EXTS:
                 images.append(path)
             elif ext == ".txt":
                 key = _key(path.with_suffix(""))
@@ -269,6 +301,15 @@ def walk(root: Path, counts: Counts):
             else:
                 counts["non-image"] += 1
     return images, texts, manifests, second_texts
+
+
+def _regular_or_broken(path: Path) -> bool:
+    """False for a FIFO, device or socket (also behind a link): opening or reading one could block
+    or never end. A broken link passes: reading it fails, and is counted there."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
 
 
 def scan(root, min_size: int = 1, progress: bool = True) -> tuple[list[Item], Counts]:
@@ -308,10 +349,13 @@ def read_item(path: Path, root: Path, from_manifests: dict, texts: dict, min_siz
     """One image and its caption as an Item, or None with the reason counted."""
     rel = path.relative_to(root).as_posix()
     caption = from_manifests.get(_key(path))
-    if caption is None and _key(path.with_suffix("")) in texts:
-        caption = read_caption(texts[_key(path.with_suffix(""))])
-        if caption is None:
-            counts.note("bad caption", texts[_key(path.with_suffix(""))].relative_to(root).as_posix())
+    text_file = texts.get(_key(path.with_suffix("")))
+    if caption is None and text_file is not None:
+        try:
+            caption = read_caption(text_file)
+        except (UnicodeDecodeError, OSError) as e:
+            counts.note("large caption" if isinstance(e, files.TooLarge) else "bad caption",
+                        text_file.relative_to(root).as_posix())
             return None
     if caption is None:
         counts.note("no caption", rel)
@@ -321,6 +365,9 @@ def read_item(path: Path, root: Path, from_manifests: dict, texts: dict, min_siz
         return None
     try:
         img, notes = load_rgb(path)
+    except TooManyPixels as e:
+        counts.note("too many pixels", f"{rel}: {e}")
+        return None
     except DECODE_ERRORS as e:
         counts.note("unreadable", f"{rel}: {e}")
         return None

@@ -16,7 +16,9 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 import time
+import tracemalloc
 import warnings
 import zlib
 from pathlib import Path
@@ -326,7 +328,8 @@ def expected_buckets(root: Path) -> dict:
             "captioned stems": len({os.path.normpath(p.with_suffix("")) for p in texts} & stems)}
 
 
-PER_IMAGE = ("images", "no caption", "empty caption", "bad caption", "unreadable", "too small")
+PER_IMAGE = ("images", "no caption", "empty caption", "bad caption", "large caption", "unreadable", "too small",
+             "too many pixels")
 
 
 def test_fuzzed_data_folders_scan_or_raise_the_documented_error():
@@ -412,6 +415,65 @@ def test_cases_the_fuzzing_found(tmp_path):
     assert counts["duplicate caption"] == 1 and counts.first["duplicate caption"] == "two.txt"
     assert counts["bad caption"] == 1 and counts.first["bad caption"] == "linked.txt"
     assert counts["no caption"] == 1 and counts["EXIF-rotated"] == 0 and counts["unreadable"] == 0
+
+
+def scan_within(root: Path, seconds: float):
+    """data.scan in a daemon thread: a scan that hangs (open() of a FIFO waits for a writer) fails
+    the test instead of blocking it."""
+    outcome = []
+
+    def scan():
+        try:
+            outcome.append(data.scan(root, progress=False))
+        except BaseException as e:  # e.g. MemoryError from a caption read whole
+            outcome.append(e)
+    worker = threading.Thread(target=scan, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert outcome, f"data.scan did not return within {seconds} s"
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def test_data_folder_that_would_hang_or_exhaust_a_run_is_counted_in_bounded_time_and_memory(tmp_path, monkeypatch):
+    png = png_bytes()
+    root = folder_with(tmp_path / "data", {
+        "ok.png": png, "ok.txt": b"fine", "zero.png": png, "fifo.txt": b"an image that is a FIFO", "piped.png": png,
+        "huge.png": png, "from-manifest.png": png})
+    os.symlink("/dev/zero", root / "zero.txt")                  # a caption that never ends
+    for fifo in ("fifo.png", "piped.txt", "sub/metadata.jsonl"):  # FIFOs named like an image, a caption, a manifest
+        (root / fifo).parent.mkdir(exist_ok=True)
+        os.mkfifo(root / fifo)
+    with open(root / "huge.txt", "wb") as f:                    # 3 GB, sparse
+        f.truncate(3 << 30)
+    with open(root / "metadata.jsonl", "wb") as f:              # a line of 3 GB, then a good one
+        f.write(b'{"image": "ok.png", "text": "')
+        f.seek(3 << 30)
+        f.write(b'"}\n' + json.dumps({"image": "from-manifest.png", "text": "after the long line"}).encode())
+    Image.new("1", (7000, 6000)).save(root / "big.png")        # 42 megapixels, a 40 kB file
+    (root / "big.txt").write_text("too many pixels")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", root / "linked")
+    (root / "locked").mkdir(mode=0)
+    if os.geteuid() == 0:  # root reads any folder: refuse this one as the OS would refuse others
+        real_scandir = os.scandir
+        monkeypatch.setattr(os, "scandir", lambda p=".": real_scandir(p) if not str(p).endswith("locked") else
+                            (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(p))))
+    tracemalloc.start()
+    try:
+        items, counts = scan_within(root, seconds=60)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [it.rel for it in items] == ["from-manifest.png", "ok.png"] and peak < 256 << 20
+    assert counts["special file"] == 4 and counts["large caption"] == 1 and counts["too many pixels"] == 1
+    assert counts.first["bad manifest line"] == "metadata.jsonl:1 (over 1 MiB)"
+    assert counts["linked folder"] == 1 and counts.first["unreadable folder"] == "locked"
+    line = data.summary_line(counts)
+    for words in ("4 FIFOs, devices or sockets", "1 with a caption file over 1 MiB", "1 over 40 megapixels",
+                  "1 linked folders", "1 folders that cannot be read"):
+        assert words in line, line
 
 
 def image_with_exif(exif: bytes) -> bytes:
