@@ -4,6 +4,10 @@
     RUN/samples/step-NNNNNNN.png   sample grids of fixed prompts and seeds (EMA weights)
     RUN/ckpt-NNNNNNN/              weights.safetensors (model., ema., bridge. tensors), config.json,
                                    train_state.pt (step, RNG, optimizer), dcp/ (FSDP2 shards)
+    RUN/.lock                      the OS lock of the run that holds the folder (its PID and host)
+
+Only folders named as the trainer names them (ckpt- and the step in 7 digits or more) are resumed
+from, pruned, or found by sample.py and eval.py; a user's copy such as ckpt-best is left alone.
 
 Checkpoints are never partial on disk: each is written into a temporary folder, every file
 flushed and fsynced, the folder renamed into place (atomic on POSIX) and the parent fsynced, so
@@ -31,8 +35,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import images
 import files
+import images
 import nami
 import parallel
 from bridgeflow import BridgeFlow
