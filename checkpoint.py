@@ -4,6 +4,10 @@
     RUN/samples/step-NNNNNNN.png   sample grids of fixed prompts and seeds (EMA weights)
     RUN/ckpt-NNNNNNN/              weights.safetensors (model., ema., bridge. tensors), config.json,
                                    train_state.pt (step, RNG, optimizer), dcp/ (FSDP2 shards)
+    RUN/.lock                      the OS lock of the run that holds the folder (its PID and host)
+
+Only folders named as the trainer names them (ckpt- and the step in 7 digits or more) are resumed
+from, pruned, or found by sample.py and eval.py; a user's copy such as ckpt-best is left alone.
 
 Checkpoints are never partial on disk: each is written into a temporary folder, every file
 flushed and fsynced, the folder renamed into place (atomic on POSIX) and the parent fsynced, so
@@ -31,6 +35,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import files
 import images
 import nami
 import parallel
@@ -50,24 +55,44 @@ class TrainingStopped(Exception):
 # ----------------------------------------------------------------------------------------------
 
 
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:07d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a folder name the trainer writes (ckpt- and the step, in 7 digits or more,
+    exactly as checkpoint_name gives it), or None: a user's ckpt-best or ckpt-0000600-best is
+    never resumed from, pruned or picked by the lookup."""
+    match = re.fullmatch(rf"{PREFIX}(\d{{7,}})", name)
+    return int(match[1]) if match and checkpoint_name(int(match[1])) == name else None
+
+
 def find_checkpoint(path) -> Path:
-    """A checkpoint folder from a folder that is one, or the newest one below a run folder
-    (or below runs/ when path is None)."""
+    """The checkpoint to sample or evaluate. PATH may be a checkpoint folder (any name: the user
+    chose it), or a run folder: its highest step, as --resume takes it. A folder of runs (runs/
+    when path is None) holds steps that do not compare: the run that saved a checkpoint last
+    (modification time), and in it the highest step."""
     root = Path(path) if path is not None else Path("runs")
     if (root / "weights.safetensors").is_file():
         return root
-    found = sorted(root.glob(f"**/{PREFIX}*/weights.safetensors"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    found = latest_checkpoint(root)
+    if found is None:
+        runs = {p.parent.parent for p in root.glob(f"**/{PREFIX}*/weights.safetensors")
+                if checkpoint_step(p.parent.name) is not None}
+        saved = {run: max((c.stat().st_mtime for c in complete_checkpoints(run)), default=None) for run in runs}
+        last = max((run for run in runs if saved[run] is not None), key=saved.get, default=None)
+        found = last and latest_checkpoint(last)
+    if found is None:
         raise FileNotFoundError(
             f"no checkpoint found under {root}/ (a checkpoint is a folder {PREFIX}NNNNNNN holding "
-            "weights.safetensors and config.json): train one with `python train.py`, or pass --ckpt PATH")
-    return found[-1].parent
+            f"{', '.join(FILES)}): train one with `python train.py`, or pass --ckpt PATH")
+    return found
 
 
 def load_checkpoint(path):
     """-> (folder, config dict, {"model": sd, "ema": sd, "bridge": sd}) from a checkpoint folder."""
     folder = find_checkpoint(path)
-    config = json.loads((folder / "config.json").read_text())
+    config = files.read_json(folder / "config.json")
     parts: dict[str, dict] = {}
     for key, value in load_file(folder / "weights.safetensors").items():
         if "." not in key:
@@ -102,6 +127,17 @@ def load_state(module: nn.Module, state_dict: dict, what: str, assign: bool = Fa
     module.load_state_dict(state_dict, assign=assign)
 
 
+def build_filled(build, state_dict: dict, what: str) -> nn.Module:
+    """build() on the meta device, then filled with state_dict's tensors: whatever sizes a config
+    file claims take no memory before load_state has compared every name and shape with the
+    weights (a hidden_size of 10⁶ is refused, not allocated), and the weights are adopted
+    (assign), not copied."""
+    with torch.device("meta"):
+        module = build()
+    load_state(module, state_dict, what, assign=True)
+    return module
+
+
 def read_train_state(ckpt: Path) -> dict:
     """train_state.pt with weights_only loading: a file crafted to run code is refused, not run."""
     try:
@@ -118,7 +154,7 @@ def plan(ckpt) -> dict:
     the resolution, the steps and the guidance."""
     folder = find_checkpoint(ckpt)
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = files.read_json(folder / "config.json")
         model_config = nami.NamiConfig.from_dict(config["model"])
         factor = (config.get("vae") or {}).get("factor") or 1  # no VAE: pixel space
         resolution = config["resolution"]
@@ -153,11 +189,10 @@ def load_model(ckpt, use_ema=True, text_encoder=None, pooled_encoder=None, vae=N
     if autoencoder.channels != model_config.in_channels or autoencoder.identity().get("config") != vae_saved.get("config"):
         raise ValueError(f"{folder} was trained on latents of {vae_saved.get('vae') or 'pixel space'} "
                          f"({model_config.in_channels} channels); {vae or vae_saved['vae']} is another autoencoder")
-    model = nami.Nami(model_config)
-    load_state(model, parts["ema" if use_ema else "model"], f"{folder} ({preset})")
+    model = build_filled(lambda: nami.Nami(model_config), parts["ema" if use_ema else "model"], f"{folder} ({preset})")
     K, side = model_config.num_stages, config["resolution"] // autoencoder.factor
-    bridge = BridgeFlow(model_config.in_channels, [(s, s) for s in nami.stage_sizes(side, K)])
-    load_state(bridge, parts["bridge"], f"{folder} (BridgeFlow)")
+    bridge = build_filled(lambda: BridgeFlow(model_config.in_channels, [(s, s) for s in nami.stage_sizes(side, K)]),
+                          parts["bridge"], f"{folder} (BridgeFlow)")
     info = {"folder": str(folder), "resolution": (config["resolution"],) * 2, "steps": nami.default_steps(K),
             "cfg": nami.DEFAULT_GUIDANCE}
     return model.to(device).eval(), bridge.to(device).eval(), encoder, autoencoder, info
@@ -205,9 +240,13 @@ def fsync_tree(folder: Path):
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
-    """Checkpoint folders holding all their files, oldest first (temporary folders of a save that
-    was interrupted are named .tmp-* and never match)."""
-    return sorted(p for p in Path(out).glob(f"{PREFIX}*") if all((p / n).is_file() for n in FILES))
+    """The checkpoint folders the trainer wrote in a run folder (checkpoint_step names) holding all
+    their files, by step, oldest first (steps of 8 digits and more after 7). Temporary folders of
+    an interrupted save are named .tmp-* and never match."""
+    out = Path(out)
+    found = [(step, p) for p in (out.iterdir() if out.is_dir() else ()) if (step := checkpoint_step(p.name)) is not None
+             and p.is_dir() and all((p / n).is_file() for n in FILES)]
+    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(out: Path):
@@ -216,8 +255,11 @@ def latest_checkpoint(out: Path):
 
 
 def remove_interrupted_saves(out: Path):
-    for tmp in list(out.glob(f".tmp-{PREFIX}*")) + list(out.glob(f".old-{PREFIX}*")):
-        shutil.rmtree(tmp, ignore_errors=True)
+    """The .tmp-ckpt-N/ and .old-ckpt-N/ folders a killed save or prune left (only those names)."""
+    for path in list(out.iterdir()):
+        if any(path.name.startswith(mark) and checkpoint_step(path.name[len(mark):]) is not None
+               for mark in (".tmp-", ".old-")):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def discard(ckpt: Path):
@@ -309,16 +351,46 @@ class RunFolder:
 
     def __init__(self, cfg, main: bool, first_step: int = 0):
         self.cfg, self.out, self.main = cfg, Path(cfg.out), main
-        if main:
-            remove_interrupted_saves(self.out)
-        if not cfg.resume and latest_checkpoint(self.out) is not None:
-            raise ValueError(f"{self.out} already holds a run ({latest_checkpoint(self.out).name}): pass --resume to "
-                             "continue it, or choose another --out (nothing is overwritten)")
+        self.locks = self.lock(cfg, main)
+        try:
+            if main:
+                remove_interrupted_saves(self.out)
+            if not cfg.resume and latest_checkpoint(self.out) is not None:
+                raise ValueError(f"{self.out} already holds a run ({latest_checkpoint(self.out).name}): pass --resume "
+                                 "to continue it, or choose another --out (nothing is overwritten)")
+        except BaseException:
+            self.unlock()
+            raise
         self.record: dict = {}          # what config.json says besides the step (describe())
         self.skipped, self.bad_in_row, self.all_losses = 0, 0, []
         self.stop = None                # StopRequest, from resume() on
         self.log_file, self.bar = None, None
         self.t_last, self.seen = time.perf_counter(), 0
+
+    @staticmethod
+    def lock(cfg, main: bool) -> list:
+        """The main rank's locks for the life of the run: the run folder, exclusive (a second run on
+        it would delete this one's temporary checkpoint, prune its checkpoints and rewrite its
+        log), and the --cache it reads, shared (`python data.py cache` would rewrite it). Every
+        rank learns of a refusal and raises it."""
+        locks, error = [], None
+        if main:
+            try:
+                locks.append(files.lock_folder(cfg.out, purpose=f"train.py --out {cfg.out}"))
+                if cfg.cache:
+                    locks.append(files.lock_folder(cfg.cache, shared=True, purpose=f"train.py reading it for {cfg.out}"))
+            except (files.FolderBusy, OSError) as e:  # busy, or no lock file can be made there
+                error = str(e)
+        error = parallel.broadcast_object(error)
+        if error is not None:
+            for held in locks:
+                held.release()
+            raise ValueError(error)
+        return locks
+
+    def unlock(self):
+        for held in self.locks:
+            held.release()
 
     def describe(self, model_config, encoder, autoencoder, vocabulary=None):
         """What config.json records, so that sample.py rebuilds the model with the same parts (and
@@ -413,7 +485,7 @@ class RunFolder:
     def save(self, step: int, state: TrainState) -> Path:
         """Write ckpt-<step>/ atomically (collective under FSDP2: every rank writes its dcp/ shards
         and gathers the full weights; the main rank writes the files) and prune old ones."""
-        final = self.out / f"{PREFIX}{step:07d}"
+        final = self.out / checkpoint_name(step)
         tmp = self.out / f".tmp-{final.name}"
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -442,15 +514,24 @@ class RunFolder:
         parallel.barrier()
         return final
 
-    def close(self, step: int) -> dict:
-        """Give the signal handlers back and close the log; also after an error."""
-        signal_name = self.stop.signal if self.stop is not None else None
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        """Whatever happened (an error too): the signal handlers go back, the log is closed, the
+        locks are released."""
         if self.stop is not None:
             self.stop.restore()
         if self.bar is not None:
             self.bar.close()
         if self.log_file is not None:
             self.log_file.close()
+        self.unlock()
+
+    def result(self, step: int) -> dict:
+        """What train.main returns: the losses of this process's steps, the folder, the skipped
+        steps and the signal that stopped the run, if one did (said on the main rank)."""
+        signal_name = self.stop.signal if self.stop is not None else None
         if signal_name and self.main:
             print(f"stopped by {signal_name} at step {step}: checkpoint {latest_checkpoint(self.out)}; "
                   "continue with --resume")

@@ -8,7 +8,10 @@ A data folder holds images with captions, found recursively, from either source:
 Every image is decoded once by `scan`; missing captions or ones that are not UTF-8, unreadable
 or truncated files, images too small for stage 1 and files that are not images are skipped, and
 grayscale, palette, RGBA, 16-bit and CMYK images are converted to 8-bit RGB (transparency over
-white). Each case is counted in one summary line, never passed over silently.
+white). So that no folder can hang or exhaust a run, images over MAX_PIXELS, caption files and
+manifest lines over MAX_TEXT_BYTES, and FIFOs or devices in place of a file are skipped without
+being read, and linked or unreadable folders are not entered. Each case is counted in one summary
+line, never passed over silently.
 
 Algorithm 1's rule [paper §3.4]: stage k trains only on images whose native (shorter) side is at
 least the stage's size, downsampled to it. `FolderDataset` returns every image at the full size R
@@ -34,6 +37,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import files
 import nami
 import parallel
 import shapes
@@ -54,19 +59,31 @@ from images import to_tensor
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MANIFEST = "metadata.jsonl"
 CACHE_FORMAT = 1  # bump when the layout of the shards or of cache.json changes
+TEMPORARY = re.compile(r"\.tmp-(shard-\d{5,}\.safetensors|uncond\.safetensors|cache\.json)")  # _write_atomic's
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # What Pillow's decoders raise on a broken file, depending on the format and where it breaks
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error,
                  Image.DecompressionBombError)
+# Files that could exhaust a worker: an image is decoded whole (Pillow only refuses above 179 MP,
+# 0.5 GB as RGB), so images above 40 megapixels are skipped: every common camera (24-33 MP) and
+# 9.5 times a 2048² training image pass, and a decoded image with its conversions stays under 1 GB.
+# A caption file or a metadata.jsonl line above 1 MiB (some 150,000 words) is skipped unread.
+MAX_PIXELS = 40_000_000
+MAX_TEXT_BYTES = 1 << 20
 
 # The summary line's wording, in its order; keys are those of scan's counts
 SKIPPED = {
     "no caption": "without caption",
     "empty caption": "with an empty caption",
     "bad caption": "with a caption that is not UTF-8 text or cannot be read",
+    "large caption": "with a caption file over 1 MiB",
     "unreadable": "unreadable",
     "too small": "too small",
+    "too many pixels": f"over {MAX_PIXELS // 10 ** 6} megapixels",
     "non-image": "non-image files",
+    "special file": "FIFOs, devices or sockets in place of a file",
+    "linked folder": "linked folders (not followed)",
+    "unreadable folder": "folders that cannot be read",
     "bad manifest line": f"bad {MANIFEST} lines",
     "missing image": f"{MANIFEST} entries without an image",
     "orphan caption": ".txt files without an image",
@@ -112,11 +129,18 @@ def _orientation(im: Image.Image) -> int:
     return value if value in range(2, 9) else 1
 
 
+class TooManyPixels(ValueError):
+    """An image above MAX_PIXELS, refused from its header before any pixel is decoded."""
+
+
 def load_rgb(path) -> tuple[Image.Image, tuple[str, ...]]:
     """Decode an image file fully into 8-bit RGB; returns (image, notes) where notes names each
     conversion that happened ("16-bit", "grayscale", "palette", "RGBA", "CMYK", "EXIF-rotated").
-    Raises one of DECODE_ERRORS on a truncated, empty or unreadable file."""
-    with Image.open(path) as im:
+    Raises TooManyPixels above MAX_PIXELS, one of DECODE_ERRORS on a truncated, empty or
+    unreadable file, or on anything but a regular file (a FIFO would block)."""
+    with files.open_regular(path) as f, Image.open(f) as im:
+        if im.width * im.height > MAX_PIXELS:
+            raise TooManyPixels(f"{im.width}x{im.height} pixels")
         deep = _is_16_bit(im)
         im.load()  # decode everything now, so a truncated file fails here and not mid-training
         notes = ["16-bit"] if deep or im.mode.startswith("I") else []
@@ -213,12 +237,17 @@ def read_manifest(path: Path, root: Path, counts: Counts) -> dict[str, str]:
     captions = {}
     where = path.relative_to(root).as_posix()
     try:
-        f = open(path, "rb")  # bytes: each line is decoded on its own, so one bad line costs one line
+        f = files.open_regular(path)  # bytes: each line is decoded on its own, so one bad line costs one line
     except OSError as e:
         counts.note("bad manifest line", f"{where}: {e.strerror or e}")
         return captions
     with f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_TEXT_BYTES + 1), b""), 1):
+            if len(raw) > MAX_TEXT_BYTES:  # read past the rest of it in pieces: memory stays bounded
+                while not raw.endswith(b"\n") and (raw := f.readline(MAX_TEXT_BYTES)):
+                    pass
+                counts.note("bad manifest line", f"{where}:{lineno} (over 1 MiB)")
+                continue
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 if not line.strip():
@@ -236,26 +265,31 @@ def read_manifest(path: Path, root: Path, counts: Counts) -> dict[str, str]:
     return captions
 
 
-def read_caption(path: Path) -> str | None:
-    """A .txt caption (a leading byte-order mark, as some Windows editors write, dropped), or None
-    if it is not valid UTF-8 (a caption guessed from bytes would be trained on as if true) or
-    cannot be read (a broken link, no permission)."""
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except (UnicodeDecodeError, OSError):
-        return None
+def read_caption(path: Path) -> str:
+    """A .txt caption (a leading byte-order mark, as some Windows editors write, dropped). Raises
+    UnicodeDecodeError if it is not valid UTF-8 (a caption guessed from bytes would be trained on
+    as if true), files.TooLarge above MAX_TEXT_BYTES (nothing read), OSError if it cannot be read
+    (a broken link, no permission, not a regular file)."""
+    return files.read_bounded(path, MAX_TEXT_BYTES).decode("utf-8-sig")
 
 
 def walk(root: Path, counts: Counts):
     """The files below root, sorted: (images, {stem key: .txt caption}, manifests, second .txt
     captions of one stem); files of other kinds are counted."""
     images, texts, manifests, second_texts = [], {}, [], []
-    for folder, dirs, files in os.walk(root):
+
+    def where(path) -> str:
+        return Path(path).relative_to(root).as_posix()
+    for folder, dirs, names in os.walk(root, onerror=lambda e: counts.note("unreadable folder", where(e.filename))):
+        for name in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            counts.note("linked folder", where(os.path.join(folder, name)))  # os.walk does not follow them
         dirs.sort()  # a fixed walk order: the same items in the same order on every machine
-        for name in sorted(files):
+        for name in sorted(names):
             path = Path(folder) / name
             ext = path.suffix.lower()
-            if ext in IMAGE_EXTS:
+            if not _regular_or_broken(path):
+                counts.note("special file", where(path))
+            elif ext in IMAGE_EXTS:
                 images.append(path)
             elif ext == ".txt":
                 key = _key(path.with_suffix(""))
@@ -275,9 +309,22 @@ def folder_captions(root):
     without decoding an image (for the vocabulary a checkpoint records)."""
     root, counts = Path(root), Counts()
     _, texts, manifests, _ = walk(root, counts)
-    yield from filter(None, map(read_caption, texts.values()))
+    for path in texts.values():
+        try:
+            yield read_caption(path)
+        except (UnicodeDecodeError, OSError):  # scan counts these; the vocabulary takes what reads
+            continue
     for path in manifests:
         yield from read_manifest(path, root, counts).values()
+
+
+def _regular_or_broken(path: Path) -> bool:
+    """False for a FIFO, device or socket (also behind a link): opening or reading one could block
+    or never end. A broken link passes: reading it fails, and is counted there."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
 
 
 def scan(root, min_size: int = 1, progress: bool = True) -> tuple[list[Item], Counts]:
@@ -317,10 +364,13 @@ def read_item(path: Path, root: Path, from_manifests: dict, texts: dict, min_siz
     """One image and its caption as an Item, or None with the reason counted."""
     rel = path.relative_to(root).as_posix()
     caption = from_manifests.get(_key(path))
-    if caption is None and _key(path.with_suffix("")) in texts:
-        caption = read_caption(texts[_key(path.with_suffix(""))])
-        if caption is None:
-            counts.note("bad caption", texts[_key(path.with_suffix(""))].relative_to(root).as_posix())
+    text_file = texts.get(_key(path.with_suffix("")))
+    if caption is None and text_file is not None:
+        try:
+            caption = read_caption(text_file)
+        except (UnicodeDecodeError, OSError) as e:
+            counts.note("large caption" if isinstance(e, files.TooLarge) else "bad caption",
+                        text_file.relative_to(root).as_posix())
             return None
     if caption is None:
         counts.note("no caption", rel)
@@ -330,6 +380,9 @@ def read_item(path: Path, root: Path, from_manifests: dict, texts: dict, min_siz
         return None
     try:
         img, notes = load_rgb(path)
+    except TooManyPixels as e:
+        counts.note("too many pixels", f"{rel}: {e}")
+        return None
     except DECODE_ERRORS as e:
         counts.note("unreadable", f"{rel}: {e}")
         return None
@@ -510,7 +563,7 @@ def cache_dtype(cache_dir) -> torch.dtype:
     meta = Path(cache_dir) / "cache.json"
     if not meta.is_file():
         return torch.float32
-    return getattr(torch, json.loads(meta.read_text())["key"]["dtype"])
+    return getattr(torch, files.read_json(meta)["key"]["dtype"])
 
 
 def key_differences(built: dict, wanted: dict) -> list[str]:
@@ -538,14 +591,37 @@ def _write_atomic(path: Path, write):
     os.replace(tmp, path)
 
 
+def shard_names(meta: dict, folder: Path) -> list[str]:
+    """The shard files a cache.json lists, each a plain .safetensors file name inside the cache
+    folder; ValueError for anything else (a path outside the folder, a folder part, a hidden name)."""
+    try:
+        names = [shard["file"] for shard in meta["shards"]]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{folder}/cache.json is damaged ({type(e).__name__}: {e}): rebuild the cache")
+    for name in names:
+        if not files.plain_name(name) or not name.endswith(".safetensors"):
+            raise ValueError(f"{folder}/cache.json lists the shard {name!r}, which is not a plain .safetensors file "
+                             "name inside the cache folder: this cache.json was not written by `python data.py cache`")
+    return names
+
+
 def _clear_cache(out: Path):
-    """Remove an earlier cache in `out` (only the files this module writes), cache.json first:
-    until the new cache.json exists, the folder is an incomplete cache that CachedDataset refuses,
-    never old shards mixed with new ones."""
-    (out / "cache.json").unlink(missing_ok=True)
-    for pattern in ("shard-*.safetensors", "uncond.safetensors", ".tmp-*"):
-        for p in out.glob(pattern):
-            p.unlink()
+    """Remove an earlier cache in `out`: the files its cache.json lists (its shards), its
+    uncond.safetensors, temporary files of this module's names (a killed build's), and cache.json
+    last, so that a kill midway leaves the listing of what remains. Only regular files: never a
+    folder, a link, or a file the cache does not name; a cache.json that names anything outside
+    the folder is refused. The caller holds the folder's lock (cmd_cache)."""
+    names = ["uncond.safetensors"]
+    if (out / "cache.json").is_file():
+        try:
+            names += shard_names(files.read_json(out / "cache.json"), out)
+        except OSError as e:
+            raise ValueError(f"{out}/cache.json cannot be read ({e}): remove the old cache by hand")
+    names += [p.name for p in out.iterdir() if TEMPORARY.fullmatch(p.name)]
+    for name in names + ["cache.json"]:
+        path = out / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
 
 
 @torch.no_grad()
@@ -608,18 +684,19 @@ class CachedDataset(torch.utils.data.Dataset):
         if not (self.dir / "cache.json").is_file():
             raise ValueError(f"{self.dir} holds no finished cache (no cache.json: the caching run did not "
                              f"finish, or this is not a cache folder): build it with {command}")
-        meta = json.loads((self.dir / "cache.json").read_text())
+        meta = files.read_json(self.dir / "cache.json")
+        names = shard_names(meta, self.dir)
         problems = key_differences(meta["key"], expect_key)
         if expect_data is not None and meta["data"] != expect_data:
             problems.append(f"cache built from {meta['data']['count']} images, the data folder now has "
                             f"{expect_data['count']} (or changed files or captions)")
         if problems:
             raise ValueError(f"stale cache {self.dir}: " + "; ".join(problems) + f". Rebuild it with {command}")
-        missing = [s["file"] for s in meta["shards"] if not (self.dir / s["file"]).is_file()]
+        missing = [name for name in names if not (self.dir / name).is_file()]
         if missing or not (self.dir / "uncond.safetensors").is_file():
             raise ValueError(f"{self.dir} lacks {missing or 'uncond.safetensors'}: rebuild it with {command}")
         self.meta = meta
-        self.shards = [s["file"] for s in meta["shards"]]
+        self.shards = names
         self.ends = np.cumsum([s["count"] for s in meta["shards"]]).tolist()  # item index bounds per shard
         self._open = {}
 
@@ -822,6 +899,17 @@ def cmd_scan(a):
 
 
 def cmd_cache(a):
+    """Build a cache in a.out, holding its lock (exclusive) from before the scan to the end: a
+    second build, or a training run reading the cache (it holds the lock shared), refuses."""
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    lock = files.lock_folder(a.out, purpose="python data.py cache")
+    try:
+        build_cache_command(a)
+    finally:
+        lock.release()
+
+
+def build_cache_command(a):
     import encoders  # here only: the rest of data.py works without it
     dataset = FolderDataset(a.data, a.resolution, a.stages)  # scan first: data errors before model loading
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import warnings
 from pathlib import Path
 
 import torch
+
+import files
 
 
 def default_text_encoder_path() -> Path:
@@ -51,7 +54,21 @@ def config_digest(folder) -> str:
     same config are not told apart, a different architecture always is."""
     folder = Path(folder)
     config = folder / "clip_text_encoder" / "config.json" if is_release_mclip(folder) else folder / "config.json"
-    return hashlib.sha256(config.read_bytes()).hexdigest()[:12] if config.is_file() else "no-config"
+    return hashlib.sha256(files.read_bounded(config, files.MAX_JSON_BYTES)).hexdigest()[:12] if config.is_file() \
+        else "no-config"
+
+
+def refuse_custom_code(folder: Path):
+    """transformers runs Python files that a model folder's config names (auto_map) when asked to
+    trust remote code, and asks on a terminal when it is not told; we never run them, and say so
+    rather than load the built-in class of the same model_type in their place."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = folder / name
+        settings = files.read_json(path) if path.is_file() else {}
+        if isinstance(settings, dict) and "auto_map" in settings:
+            raise ValueError(f"{path} names custom code (auto_map: {json.dumps(settings['auto_map'])[:200]}): nami "
+                             "loads only the architectures built into transformers and never runs code from a "
+                             "model folder (trust_remote_code=False); use a folder of a built-in architecture")
 
 
 def load_transformers_encoder(path, dtype, device):
@@ -69,19 +86,22 @@ def load_transformers_encoder(path, dtype, device):
         if not (folder / "tokenizer").is_dir():
             raise FileNotFoundError(f"{folder} has clip_text_encoder/ but no tokenizer/ beside it (the release's "
                                     "mCLIP layout: mclip/tokenizer and mclip/clip_text_encoder)")
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        refuse_custom_code(folder / "tokenizer")
+        refuse_custom_code(folder / "clip_text_encoder")
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True, trust_remote_code=False)
         model = transformers.BertModel.from_pretrained(folder / "clip_text_encoder", local_files_only=True,
-                                                       dtype=dtype, add_pooling_layer=False)
+                                                       dtype=dtype, add_pooling_layer=False, trust_remote_code=False)
         return tokenizer, model.to(device).eval().requires_grad_(False)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    refuse_custom_code(folder)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     if config.model_type == "clip":
         cls = transformers.CLIPTextModel
     elif config.model_type in MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES:  # e.g. t5/mt5 -> T5EncoderModel
         cls = AutoModelForTextEncoding
     else:
         cls = AutoModel
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = cls.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    model = cls.from_pretrained(folder, local_files_only=True, dtype=dtype, trust_remote_code=False)
     return tokenizer, model.to(device).eval().requires_grad_(False)
 
 

@@ -28,6 +28,9 @@ import torch.utils.checkpoint
 # ----------------------------------------------------------------------------------------------
 
 
+MAX_BLOCKS = 1000  # per kind: far above any published model (FLUX.1: 19 double + 38 single blocks)
+
+
 @dataclass
 class NamiConfig:
     hidden_size: int = 192
@@ -65,6 +68,9 @@ class NamiConfig:
                             f"(the last stage runs the whole model), got {self.cuts}")
         if any(r <= 0 for r in self.window_ratios):
             problems.append(f"window ratios must be positive, got {self.window_ratios}")
+        if not (0 <= self.depth_double <= MAX_BLOCKS and 1 <= self.depth_single <= MAX_BLOCKS):
+            problems.append(f"{self.depth_double} double and {self.depth_single} single blocks: at most {MAX_BLOCKS} "
+                            "of each (a config file claiming more is damaged or crafted)")
         if problems:
             raise ValueError("invalid NamiConfig: " + "; ".join(problems))
 

@@ -10,12 +10,18 @@ process group, the plain model.
 """
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+import files
 
 
 @dataclass
@@ -233,16 +239,92 @@ def save_sharded(folder, model, ema, opt):
 
 def load_sharded(folder, model, ema, opt):
     """Read a DCP checkpoint into this run's model, EMA and optimizer, whatever the number of
-    ranks that wrote it or reads it now (also a single process without a process group)."""
+    ranks that wrote it or reads it now (also a single process without a process group). Through
+    the restricted reader and planner below: nothing in the folder can run code."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
     state = {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
              "optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=str(folder))
+    reader = restricted_reader(folder)
+    reader.read_metadata()  # a refusal here is raised on every rank as it is
+    try:
+        dcp.load(state, storage_reader=reader, planner=restricted_planner())
+    except dcp.api.CheckpointException as e:  # what a rank raised inside, wrapped with its stack
+        refusals = [error for error, _ in e.failures.values() if isinstance(error, ValueError)]
+        if refusals:
+            raise refusals[0] from None
+        raise
     set_model_state_dict(model, state["model"])
     set_model_state_dict(ema, state["ema"])
     set_optimizer_state_dict(model, opt, state["optim"])
+
+
+# What a DCP checkpoint's .metadata is made of (torch 2.6 to 2.13): its dataclasses, and the
+# torch.Size, dtypes, layout and paths inside them
+DCP_METADATA_CLASSES = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+    "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that builds only DCP_METADATA_CLASSES and torch dtypes. torch's
+    FileSystemReader unpickles .metadata with plain pickle, which runs whatever a crafted file
+    names (exec, os.system)."""
+
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in DCP_METADATA_CLASSES or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a DCP checkpoint's metadata never holds")
+
+
+def restricted_reader(folder):
+    """A torch.distributed.checkpoint FileSystemReader whose .metadata is read by MetadataUnpickler
+    and must name only shard files inside the folder. (Its tensors are read with
+    torch.load(weights_only=True) by torch itself, safe from torch 2.6 on.)"""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class RestrictedReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):  # torch >= 2.7 passes rank=None: one .metadata
+            path = Path(self.path) / ".metadata"
+            try:
+                with files.open_regular(path) as f:
+                    metadata = MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+                raise ValueError(f"{path} was refused ({e}): restricted unpickling, nothing in it was run")
+            shards = {getattr(info, "relative_path", None) for info in getattr(metadata, "storage_data", {}).values()}
+            if not isinstance(metadata, Metadata) or not all(files.plain_name(name) for name in shards):
+                raise ValueError(f"{path} is not the metadata of a DCP checkpoint, or names shard files outside "
+                                 f"{path.parent} ({sorted(map(str, shards))[:3]})")
+            if getattr(metadata, "storage_meta", None) is None:  # as torch's own read_metadata does
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+    return RestrictedReader(str(folder))
+
+
+def restricted_planner():
+    """DCP's DefaultLoadPlanner, except that the non-tensor values it stores pickled (the
+    optimizer's settings) must load with weights_only=True first: its own load_bytes unpickles
+    them with weights_only=False."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class RestrictedPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            blob = value.read()
+            try:
+                torch.load(io.BytesIO(blob), weights_only=True)
+            except pickle.UnpicklingError as e:  # its reason, without torch's advice to load it unsafely
+                reason = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+", str(e))
+                raise ValueError(f"a value of the DCP checkpoint ({read_item.dest_index.fqn}) holds more than plain "
+                                 f"data and was refused (weights_only loading; nothing was run): "
+                                 f"{reason[0] if reason else 'not a pickle of plain data'}")
+            super().load_bytes(read_item, io.BytesIO(blob))  # the same bytes, shown to hold plain data only
+    return RestrictedPlanner()
 
 
 def full_state_dict(module: nn.Module) -> dict:

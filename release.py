@@ -13,7 +13,6 @@ anything but tensors is refused, never run.
 """
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import parallel
 from bridgeflow import BridgeFlow
 from checkpoint import load_state, unpickling_refusal
 from encoders import TextEncoder, load_autoencoder
+from files import read_json
 
 LAYOUT = """  DIR/transformer/pytorch_model_fsdp.bin   diffusers FluxTransformer2DModel state dict
                                            (or *.safetensors; config.json optional, else the 2b shape)
@@ -166,7 +166,7 @@ def load_transformer(folder: Path, cuts=None, device="cpu", dtype=torch.float32)
         raise FileNotFoundError(f"no *.safetensors or *.bin weights in {folder}; expected layout:\n{LAYOUT}")
     config_file = folder / "config.json"
     if config_file.is_file():
-        model_config = config_from_diffusers(json.loads(config_file.read_text()), cuts)
+        model_config = config_from_diffusers(read_json(config_file), cuts)  # built on meta below
     else:
         model_config = nami.get_config("2b", cuts=cuts or CUTS)
     state = {}
@@ -228,7 +228,7 @@ def plan(weights) -> dict:
     release is K = 3 with 2×2 patches, and its VAE's config sets the pixels per latent cell."""
     root = Path(weights)
     try:
-        vae = json.loads((root / "vae" / "config.json").read_text())
+        vae = read_json(root / "vae" / "config.json")
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         factor = None  # load() explains what is missing or wrong

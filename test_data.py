@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import shutil
 import struct
 import zlib
 
@@ -482,6 +483,35 @@ def test_killed_rebuild_leaves_no_complete_looking_cache(dataset, tmp_path):
     assert (tmp_path / "shard-00000.safetensors").exists()  # the partial run wrote a shard ...
     with pytest.raises(ValueError, match="no cache.json"):  # ... but the cache is refused
         data.CachedDataset(tmp_path, key(dataset))
+
+
+def test_rebuilding_a_cache_deletes_only_the_files_its_cache_json_lists(dataset, tmp_path):
+    build = dict(batch_size=3, progress=False)
+    data.build_cache(dataset, FakeText(), FakeVAE(), tmp_path, shard_size=4, **build)  # 3 shards
+    (tmp_path / "notes.txt").write_text("the user's")
+    (tmp_path / "shard-00007.safetensors").write_bytes(b"not listed in cache.json")
+    (tmp_path / "shard-00099.safetensors").mkdir()  # a folder named like a shard
+    data.build_cache(dataset, FakeText(), FakeVAE(), tmp_path, shard_size=8, **build)  # 2 shards
+    assert (tmp_path / "notes.txt").is_file() and (tmp_path / "shard-00007.safetensors").is_file()
+    assert (tmp_path / "shard-00099.safetensors").is_dir()
+    assert not (tmp_path / "shard-00002.safetensors").exists()  # the old cache's third shard is gone
+    assert len(data.CachedDataset(tmp_path, key(dataset))) == 9
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "OUTSIDE", "sub/shard-00000.safetensors",
+                                  ".hidden.safetensors", 7])
+def test_cache_json_naming_anything_but_a_plain_file_in_the_cache_is_refused(dataset, tmp_path, name):
+    out, outside = tmp_path / "cache", tmp_path / "outside.safetensors"
+    data.build_cache(dataset, FakeText(), FakeVAE(), out, shard_size=4, batch_size=3, progress=False)
+    shutil.copy(out / "shard-00000.safetensors", outside)
+    meta = json.loads((out / "cache.json").read_text())
+    meta["shards"][0]["file"] = str(outside) if name == "OUTSIDE" else name
+    (out / "cache.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="not a plain .safetensors file name inside the cache"):
+        data.CachedDataset(out, key(dataset))
+    with pytest.raises(ValueError, match="not a plain .safetensors file name inside the cache"):
+        data.build_cache(dataset, FakeText(), FakeVAE(), out, shard_size=4, batch_size=3, progress=False)
+    assert outside.is_file()
 
 
 def test_cli_scan_and_errors(folder, capsys):

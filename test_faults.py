@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,9 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import checkpoint
+import files
 import nami
 import train
 from conftest import tiny_encoder
@@ -206,6 +209,68 @@ def test_ctrl_c_and_sigterm_write_a_final_checkpoint_and_exit_cleanly(tmp_path, 
     ckpt = checkpoint.latest_checkpoint(tmp_path)
     assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 10  # the first log line came at step 10
     check_checkpoints_complete(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# two processes, one folder: the OS lock of the run folder and of the cache (files.lock_folder)
+# ----------------------------------------------------------------------------------------------
+
+
+def started(out: Path, proc) -> bool:
+    """Wait until a training process has opened its log (it holds its folders' locks by then)."""
+    return wait_for(lambda: (out / "log.jsonl").is_file(), proc, poll=0.05)
+
+
+def train_in_background(out: Path, encoder: str, *extra):
+    return subprocess.Popen([*cli_args(out, encoder, max_steps=10 ** 6, ckpt_every=10 ** 6), *extra], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(tmp_path, encoder):
+    """A job requeued while the old one still runs: the second train.py is refused, naming the
+    first's PID and host, and the first runs on; the lock dies with its holder (SIGKILL)."""
+    out = tmp_path / "run"
+    first = train_in_background(out, encoder)
+    try:
+        assert started(out, first)
+        second = run(*cli_args(out, encoder, max_steps=2)[1:])
+        assert second.returncode != 0 and f"PID {first.pid} on host {socket.gethostname()}" in second.stderr
+        assert first.poll() is None, "the first run was disturbed"
+    finally:
+        first.kill()
+        first.wait()
+    files.lock_folder(out).release()  # free again at once: no stale lock after a kill
+
+
+def test_a_cache_is_not_rebuilt_while_a_run_reads_it_nor_read_while_it_is_built(tmp_path, encoder):
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"red {i}")
+    build = [ROOT / "data.py", "cache", images, "--out", cache, "--resolution", "16", "--text-encoder", encoder,
+             "--text-len", "16", "--dtype", "fp32"]
+    assert run(*build).returncode == 0
+    built = (cache / "cache.json").read_bytes()
+    reader = train_in_background(tmp_path / "run", encoder, "--cache", str(cache), "--workers", "0")
+    try:
+        assert started(tmp_path / "run", reader)
+        rebuild = run(*build)
+        assert rebuild.returncode != 0 and f"PID {reader.pid} on host" in rebuild.stderr
+        assert (cache / "cache.json").read_bytes() == built and reader.poll() is None
+    finally:
+        reader.kill()
+        reader.wait()
+    builder = files.lock_folder(cache, purpose="python data.py cache")  # as a build in progress holds it
+    try:
+        refused = run(*cli_args(tmp_path / "run2", encoder, max_steps=2)[1:], "--cache", cache)
+        assert refused.returncode != 0 and f"PID {os.getpid()} on host" in refused.stderr
+    finally:
+        builder.release()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
+import time
+import tracemalloc
 import warnings
 import zlib
 from pathlib import Path
@@ -35,6 +38,7 @@ import conftest
 import data
 import encoders
 import images
+import parallel
 import release
 import sample
 import train
@@ -324,7 +328,8 @@ def expected_buckets(root: Path) -> dict:
             "captioned stems": len({os.path.normpath(p.with_suffix("")) for p in texts} & stems)}
 
 
-PER_IMAGE = ("images", "no caption", "empty caption", "bad caption", "unreadable", "too small")
+PER_IMAGE = ("images", "no caption", "empty caption", "bad caption", "large caption", "unreadable", "too small",
+             "too many pixels")
 
 
 def test_fuzzed_data_folders_scan_or_raise_the_documented_error():
@@ -410,6 +415,65 @@ def test_cases_the_fuzzing_found(tmp_path):
     assert counts["duplicate caption"] == 1 and counts.first["duplicate caption"] == "two.txt"
     assert counts["bad caption"] == 1 and counts.first["bad caption"] == "linked.txt"
     assert counts["no caption"] == 1 and counts["EXIF-rotated"] == 0 and counts["unreadable"] == 0
+
+
+def scan_within(root: Path, seconds: float):
+    """data.scan in a daemon thread: a scan that hangs (open() of a FIFO waits for a writer) fails
+    the test instead of blocking it."""
+    outcome = []
+
+    def scan():
+        try:
+            outcome.append(data.scan(root, progress=False))
+        except BaseException as e:  # e.g. MemoryError from a caption read whole
+            outcome.append(e)
+    worker = threading.Thread(target=scan, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert outcome, f"data.scan did not return within {seconds} s"
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def test_data_folder_that_would_hang_or_exhaust_a_run_is_counted_in_bounded_time_and_memory(tmp_path, monkeypatch):
+    png = png_bytes()
+    root = folder_with(tmp_path / "data", {
+        "ok.png": png, "ok.txt": b"fine", "zero.png": png, "fifo.txt": b"an image that is a FIFO", "piped.png": png,
+        "huge.png": png, "from-manifest.png": png})
+    os.symlink("/dev/zero", root / "zero.txt")                  # a caption that never ends
+    for fifo in ("fifo.png", "piped.txt", "sub/metadata.jsonl"):  # FIFOs named like an image, a caption, a manifest
+        (root / fifo).parent.mkdir(exist_ok=True)
+        os.mkfifo(root / fifo)
+    with open(root / "huge.txt", "wb") as f:                    # 3 GB, sparse
+        f.truncate(3 << 30)
+    with open(root / "metadata.jsonl", "wb") as f:              # a line of 3 GB, then a good one
+        f.write(b'{"image": "ok.png", "text": "')
+        f.seek(3 << 30)
+        f.write(b'"}\n' + json.dumps({"image": "from-manifest.png", "text": "after the long line"}).encode())
+    Image.new("1", (7000, 6000)).save(root / "big.png")        # 42 megapixels, a 40 kB file
+    (root / "big.txt").write_text("too many pixels")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", root / "linked")
+    (root / "locked").mkdir(mode=0)
+    if os.geteuid() == 0:  # root reads any folder: refuse this one as the OS would refuse others
+        real_scandir = os.scandir
+        monkeypatch.setattr(os, "scandir", lambda p=".": real_scandir(p) if not str(p).endswith("locked") else
+                            (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(p))))
+    tracemalloc.start()
+    try:
+        items, counts = scan_within(root, seconds=60)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [it.rel for it in items] == ["from-manifest.png", "ok.png"] and peak < 256 << 20
+    assert counts["special file"] == 4 and counts["large caption"] == 1 and counts["too many pixels"] == 1
+    assert counts.first["bad manifest line"] == "metadata.jsonl:1 (over 1 MiB)"
+    assert counts["linked folder"] == 1 and counts.first["unreadable folder"] == "locked"
+    line = data.summary_line(counts)
+    for words in ("4 FIFOs, devices or sockets", "1 with a caption file over 1 MiB", "1 over 40 megapixels",
+                  "1 linked folders", "1 folders that cannot be read"):
+        assert words in line, line
 
 
 def image_with_exif(exif: bytes) -> bytes:
@@ -500,6 +564,50 @@ def test_crafted_train_state_is_refused_on_resume_and_runs_nothing(fresh_run, tm
     assert "weights_only" in str(e.value)
 
 
+def test_crafted_dcp_metadata_is_refused_on_resume_and_runs_nothing(fresh_run, tmp_path, encoder_dir):
+    """torch.distributed.checkpoint's own reader unpickles dcp/.metadata with plain pickle."""
+    marker = tmp_path / "MARKER"
+    (fresh_run / "ckpt-0000002" / "dcp").mkdir()
+    crafted(fresh_run / "ckpt-0000002" / "dcp" / ".metadata", marker, legacy=True)
+    with pytest.raises(ValueError, match=r"\.metadata was refused \(it names .*exec, .*nothing in it was run"):
+        train.main(tiny_run(fresh_run, encoder_dir, max_steps=4, resume=True))
+    assert not marker.exists(), "unpickling ran the crafted code"
+
+
+def test_crafted_value_in_a_dcp_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    """DCP stores non-tensor values (the optimizer's settings) as pickles, which its default
+    planner loads with weights_only=False: one of them replaced by a crafted pickle."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    parallel.save_sharded(tmp_path / "dcp", model, model, optimizer)
+    metadata = pickle.loads((tmp_path / "dcp" / ".metadata").read_bytes())  # ours, as written above
+    lr = next(i for i in metadata.storage_data if i.fqn == "optim.param_groups.0.lr")
+    shard = tmp_path / "dcp" / metadata.storage_data[lr].relative_path
+    blob = torch_bytes({"lr": RunsCode(tmp_path / "MARKER")})
+    metadata.storage_data[lr].offset, metadata.storage_data[lr].length = shard.stat().st_size, len(blob)
+    shard.write_bytes(shard.read_bytes() + blob)
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ValueError, match=r"optim\.param_groups\.0\.lr.*refused \(weights_only loading.*GLOBAL .*exec"):
+        parallel.load_sharded(tmp_path / "dcp", model, model, optimizer)
+    assert not (tmp_path / "MARKER").exists(), "unpickling ran the crafted code"
+
+
+@pytest.mark.parametrize("file", ["config.json", "tokenizer_config.json"])
+def test_encoder_folder_that_names_custom_code_is_refused_without_a_prompt(encoder_dir, tmp_path, file):
+    """transformers would run modeling_crafted.py with trust_remote_code, ask on a terminal without it,
+    or silently load the built-in BERT in its place: we refuse the folder, saying why."""
+    marker, folder = tmp_path / "MARKER", Path(shutil.copytree(encoder_dir, tmp_path / "encoder"))
+    (folder / "modeling_crafted.py").write_text(f"open({str(marker)!r}, 'w').write('code ran')\n")
+    settings = json.loads((folder / file).read_text())
+    settings["auto_map"] = {"AutoConfig": "modeling_crafted.Config", "AutoModel": "modeling_crafted.Model",
+                            "AutoTokenizer": ["modeling_crafted.Tokenizer", None]}
+    (folder / file).write_text(json.dumps(settings))
+    with mock.patch("builtins.input", side_effect=AssertionError("transformers prompted")):
+        with pytest.raises(ValueError, match=rf"{file} names custom code .*trust_remote_code=False"):
+            encoders.TextEncoder(folder, max_len=8)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
 def test_crafted_bin_weights_are_refused_by_read_state_dict_and_run_nothing(tmp_path, legacy):
     marker = tmp_path / "MARKER"
@@ -539,6 +647,43 @@ def test_pickle_saved_as_safetensors_is_refused_as_damaged(fresh_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# checkpoints are found by their step, and only the trainer's own are pruned or resumed from
+# ----------------------------------------------------------------------------------------------
+
+
+def test_user_copies_of_checkpoints_are_never_resumed_from_or_pruned(fresh_run, encoder_dir):
+    for name in ("ckpt-0000002-best", "ckpt-best"):
+        shutil.copytree(fresh_run / "ckpt-0000002", fresh_run / name)
+    (fresh_run / "ckpt-best" / "train_state.pt").write_bytes(b"resuming from this copy would fail")
+    train.main(tiny_run(fresh_run, encoder_dir, max_steps=4, ckpt_every=1, keep=1, resume=True))
+    assert sorted(p.name for p in fresh_run.glob("ckpt-*")) == ["ckpt-0000002-best", "ckpt-0000004", "ckpt-best"]
+    assert checkpoint.latest_checkpoint(fresh_run).name == "ckpt-0000004"
+    assert checkpoint.find_checkpoint(fresh_run).name == "ckpt-0000004"  # sample.py's and eval.py's lookup
+
+
+def fake_checkpoint(folder: Path, age_s: float = 0) -> Path:
+    folder.mkdir(parents=True)
+    for name in checkpoint.FILES:
+        (folder / name).write_bytes(b"")
+    when = os.stat(folder).st_mtime - age_s
+    os.utime(folder, (when, when))
+    return folder
+
+
+def test_steps_sort_as_numbers_and_the_lookup_takes_the_highest_step(tmp_path):
+    run = tmp_path / "runs" / "a"
+    for name in ("ckpt-10000000", "ckpt-9999999", "ckpt-00000005", "ckpt-10000000-copy", "ckpt-x"):
+        fake_checkpoint(run / name, age_s=100)
+    assert [p.name for p in checkpoint.complete_checkpoints(run)] == ["ckpt-9999999", "ckpt-10000000"]
+    assert checkpoint.latest_checkpoint(run).name == checkpoint.find_checkpoint(run).name == "ckpt-10000000"
+    # runs/ holds runs whose steps do not compare: the run that saved last, its highest step
+    fake_checkpoint(tmp_path / "runs" / "b" / "ckpt-0000003", age_s=10)
+    assert checkpoint.find_checkpoint(tmp_path / "runs") == tmp_path / "runs" / "b" / "ckpt-0000003"
+    fake_checkpoint(run / "ckpt-0000001")  # the newest folder, but not the highest step of run a
+    assert checkpoint.find_checkpoint(tmp_path / "runs") == run / "ckpt-10000000"
+
+
+# ----------------------------------------------------------------------------------------------
 # checkpoints whose tensors do not fit their config: the first mismatch is named
 # ----------------------------------------------------------------------------------------------
 
@@ -562,6 +707,33 @@ def test_weights_that_do_not_fit_the_config_name_the_first_mismatch(fresh_run, e
     edit_weights(ckpt, edit)
     with pytest.raises(ValueError, match=message):
         checkpoint.load_model(ckpt)
+
+
+@pytest.mark.parametrize("claim, message", [
+    (dict(hidden_size=10 ** 6, num_heads=31250), r"x_embedder\.weight' has shape \(64, 12\), the model wants "
+                                                 r"\(1000000, 12\)"),
+    (dict(depth_single=10 ** 9, cuts=[1, 2, 10 ** 9]), r"1000000000 single blocks: at most 1000"),
+], ids=["width", "depth"])
+def test_config_json_claiming_a_huge_model_is_refused_fast_without_building_it(fresh_run, claim, message):
+    ckpt = fresh_run / "ckpt-0000002"
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"].update(claim)  # 10⁶ wide: 4·10¹² parameters; 10⁹ blocks: hours to build
+    (ckpt / "config.json").write_text(json.dumps(config))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load_model(ckpt)
+    assert time.perf_counter() - started < 30
+
+
+def test_release_config_json_claiming_a_huge_model_is_refused(tmp_path):
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    save_file({"x_embedder.weight": torch.zeros(16, 64)}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(dict(
+        patch_size=1, in_channels=64, num_layers=10 ** 9, num_single_layers=3, attention_head_dim=16,
+        num_attention_heads=1, joint_attention_dim=8, pooled_projection_dim=8, axes_dims_rope=[4, 6, 6])))
+    with pytest.raises(ValueError, match=r"1000000000 double and 3 single blocks: at most 1000"):
+        release.load_transformer(folder)
 
 
 def test_config_that_does_not_fit_the_weights_names_the_first_mismatch(fresh_run):

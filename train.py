@@ -131,27 +131,26 @@ def main(cfg: TrainConfig) -> dict:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {micro} × {dist.world} ranks")
     sharded = (cfg.parallel or parallel.default_strategy(cfg.size)) == "fsdp" and dist.active
     autocast = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
-    run = checkpoint.RunFolder(cfg, dist.main)
-    torch.manual_seed(cfg.seed)
-    autoencoder = load_autoencoder(cfg.vae, device)
-    side = cfg.resolution // autoencoder.factor  # latent side at the full size
-    config.check_resolution(cfg.resolution, cfg.resolution, autoencoder.factor * config.model_config(cfg).size_multiple,
-                          "--resolution")
-    encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device, cfg.pooled_encoder, cfg.pooled_len)
-    model_config = config.model_config(cfg, encoder.dim, encoder.pooled_dim, autoencoder.channels)
-    K, weights = model_config.num_stages, cfg.stage_weights or (1.0,) * model_config.num_stages
-    run.describe(model_config, encoder, autoencoder, data.vocabulary(cfg) if dist.main else None)
+    with checkpoint.RunFolder(cfg, dist.main) as run:  # locked for the run; released however it ends
+        torch.manual_seed(cfg.seed)
+        autoencoder = load_autoencoder(cfg.vae, device)
+        side = cfg.resolution // autoencoder.factor  # latent side at the full size
+        config.check_resolution(cfg.resolution, cfg.resolution,
+                                autoencoder.factor * config.model_config(cfg).size_multiple, "--resolution")
+        encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device, cfg.pooled_encoder, cfg.pooled_len)
+        model_config = config.model_config(cfg, encoder.dim, encoder.pooled_dim, autoencoder.channels)
+        K, weights = model_config.num_stages, cfg.stage_weights or (1.0,) * model_config.num_stages
+        run.describe(model_config, encoder, autoencoder, data.vocabulary(cfg) if dist.main else None)
 
-    # Algorithm 1, line 2: K time windows [s_k → e_k] (corrected starts, docs/method.md §2), τ ranges
-    windows = nami.stage_windows(model_config.window_ratios, model_config.gamma)
-    ranges = nami.tau_ranges(model_config.window_ratios, model_config.gamma)
-    # line 3: θ_k = m_1 ⊕ … ⊕ m_k, one model whose stage k stops after cut point c_k
-    model, ema = build_model(model_config, cfg, sharded, autocast, device)
-    bridge = BridgeFlow(model_config.in_channels, [(s, s) for s in nami.stage_sizes(side, K)]).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = checkpoint.TrainState(model, ema, bridge, optimizer, torch.Generator().manual_seed(cfg.seed), sharded)
-    step = run.resume(state)  # 0 for a new run; from here on, SIGINT/SIGTERM stop with a checkpoint
-    try:  # whatever happens, the signal handlers go back and the log is closed (run.close)
+        # Algorithm 1, line 2: K time windows [s_k → e_k] (corrected starts, docs/method.md §2), τ ranges
+        windows = nami.stage_windows(model_config.window_ratios, model_config.gamma)
+        ranges = nami.tau_ranges(model_config.window_ratios, model_config.gamma)
+        # line 3: θ_k = m_1 ⊕ … ⊕ m_k, one model whose stage k stops after cut point c_k
+        model, ema = build_model(model_config, cfg, sharded, autocast, device)
+        bridge = BridgeFlow(model_config.in_channels, [(s, s) for s in nami.stage_sizes(side, K)]).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        state = checkpoint.TrainState(model, ema, bridge, optimizer, torch.Generator().manual_seed(cfg.seed), sharded)
+        step = run.resume(state)  # 0 for a new run; from here on, SIGINT/SIGTERM stop with a checkpoint
         if step == 0 and K > 1:  # §3.3: BridgeFlow, pre-trained and frozen before the transformer
             pretrain_bridgeflow(cfg, bridge, windows, encoder, autoencoder, state.generator, dist)
         bridge.requires_grad_(False)
@@ -190,9 +189,7 @@ def main(cfg: TrainConfig) -> dict:
             run.sample_grid(step, ema, bridge, encoder, autoencoder, batches.prompts)
             if run.checkpoint(step, last, state):  # also asks whether a stop signal came
                 break
-    finally:
-        result = run.close(step)
-    return result
+    return run.result(step)
 
 
 if __name__ == "__main__":
