@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import json
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -71,10 +72,12 @@ def refuse_custom_code(folder: Path):
                              "model folder (trust_remote_code=False); use a folder of a built-in architecture")
 
 
-def load_transformers_encoder(path, dtype, device):
-    """(tokenizer, encoder-only model) from a local folder: T5/mT5 load just their encoder (not
-    the decoder), a full CLIP folder just its text tower, the release's mCLIP layout its
-    tokenizer/ and clip_text_encoder/, anything else through AutoModel."""
+def encoder_parts(path):
+    """(tokenizer, config, build) of a local encoder folder, with build(dtype, device) loading the
+    encoder-only model's weights when they are needed: T5/mT5 load just their encoder (not the
+    decoder), a full CLIP folder just its text tower (its config: the text tower's), the release's
+    mCLIP layout its tokenizer/ and clip_text_encoder/ (a BertModel without pooling layer),
+    anything else through AutoModel. A folder naming custom code is refused."""
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
@@ -82,27 +85,30 @@ def load_transformers_encoder(path, dtype, device):
     if not folder.is_dir():
         raise FileNotFoundError(f"text encoder folder {folder} does not exist: pass a local folder "
                                 "saved with transformers' save_pretrained (no downloads here)")
+    options = dict(local_files_only=True, trust_remote_code=False)
+    tokenizer_folder, model_folder, extra = folder, folder, {}
     if is_release_mclip(folder):
         if not (folder / "tokenizer").is_dir():
             raise FileNotFoundError(f"{folder} has clip_text_encoder/ but no tokenizer/ beside it (the release's "
                                     "mCLIP layout: mclip/tokenizer and mclip/clip_text_encoder)")
-        refuse_custom_code(folder / "tokenizer")
-        refuse_custom_code(folder / "clip_text_encoder")
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True, trust_remote_code=False)
-        model = transformers.BertModel.from_pretrained(folder / "clip_text_encoder", local_files_only=True,
-                                                       dtype=dtype, add_pooling_layer=False, trust_remote_code=False)
-        return tokenizer, model.to(device).eval().requires_grad_(False)
-    refuse_custom_code(folder)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    if config.model_type == "clip":
-        cls = transformers.CLIPTextModel
+        tokenizer_folder, model_folder, extra = folder / "tokenizer", folder / "clip_text_encoder", {"add_pooling_layer": False}
+        refuse_custom_code(tokenizer_folder)
+    refuse_custom_code(model_folder)
+    config = AutoConfig.from_pretrained(model_folder, **options)
+    if extra:
+        cls = transformers.BertModel
+    elif config.model_type == "clip":
+        cls, config = transformers.CLIPTextModel, config.text_config
     elif config.model_type in MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES:  # e.g. t5/mt5 -> T5EncoderModel
         cls = AutoModelForTextEncoding
     else:
         cls = AutoModel
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    model = cls.from_pretrained(folder, local_files_only=True, dtype=dtype, trust_remote_code=False)
-    return tokenizer, model.to(device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, **options)
+
+    def build(dtype, device):
+        model = cls.from_pretrained(model_folder, dtype=dtype, **options, **extra)
+        return model.to(device).eval().requires_grad_(False)
+    return tokenizer, config, build
 
 
 def write_tiny_encoder(folder, words) -> str:
@@ -135,10 +141,10 @@ def check_prompt(prompt, what: str = "prompt"):
                          f"not UTF-8 ({prompt[:80]!r}): pass the prompt as UTF-8") from None
 
 
-def check_positions(model, length: int, path, what: str):
+def check_positions(config, length: int, path, what: str):
     """An encoder with learnt positions (BERT, CLIP) has max_position_embeddings of them; asking
     for more tokens would fail deep inside it. T5's relative positions have no such limit."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and length > limit:
         raise ValueError(f"{what} = {length}, but the encoder at {path} has {limit} positions: "
                          f"use {limit} tokens or fewer")
@@ -146,7 +152,11 @@ def check_positions(model, length: int, path, what: str):
 
 class TextEncoder:
     """Frozen text encoder(s): encode(prompts) -> txt (B, max_len, dim), pooled (B, pooled_dim),
-    both float32. Results are cached per prompt (captions repeat in the built-in data).
+    both float32 on the CPU. Results are cached per prompt (captions repeat in the built-in data),
+    on the CPU and within cache_bytes, the least recently used going first (mT5-XXL's 256 states
+    are 4 MiB a prompt). lazy=True loads the weights only when a prompt is not cached; release()
+    frees them again (a run whose text states come from a cache needs them only for its sample
+    grids' prompts: keep_only).
 
     pad = "zeros": the encoder masks the padding tokens and their states are zeroed (our default);
     pad = "unmasked": the encoder gets the token ids alone, so every token attends to the padding,
@@ -154,24 +164,44 @@ class TextEncoder:
     The pooled encoder always gets its mask (release src/infer.py:42-45). identity() records the rule."""
 
     def __init__(self, path=None, max_len: int = 16, device="cpu", pooled_path=None, pooled_len: int = 77,
-                 dtype=torch.float32, pad: str = "zeros"):
+                 dtype=torch.float32, pad: str = "zeros", lazy: bool = False, cache_bytes: int = 512 << 20):
         if pad not in ("zeros", "unmasked"):
             raise ValueError(f"pad must be 'zeros' or 'unmasked', got {pad!r}")
         if max_len < 1 or pooled_len < 1:
             raise ValueError(f"token lengths must be positive, got max_len={max_len}, pooled_len={pooled_len}")
         self.path = str(path or default_text_encoder_path())
-        self.tokenizer, self.model = load_transformers_encoder(self.path, dtype, device)
-        self.dim = self.model.config.hidden_size
-        check_positions(self.model, max_len, self.path, "max_len (--text-len)")
+        self.tokenizer, self.config, self._build = encoder_parts(self.path)
+        self.dim = self.config.hidden_size
+        check_positions(self.config, max_len, self.path, "max_len (--text-len)")
         self.pooled_path = str(pooled_path) if pooled_path else None
+        self.pooled_dim, self.pooled_config = self.dim, None
         if self.pooled_path:
-            self.pooled_tokenizer, self.pooled_model = load_transformers_encoder(self.pooled_path, dtype, device)
-            self.pooled_dim = self.pooled_model.config.hidden_size
-            check_positions(self.pooled_model, pooled_len, self.pooled_path, "pooled_len (--pooled-len)")
-        else:
-            self.pooled_dim = self.dim
-        self.max_len, self.pooled_len, self.pad, self.device = max_len, pooled_len, pad, device
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            self.pooled_tokenizer, self.pooled_config, self._build_pooled = encoder_parts(self.pooled_path)
+            self.pooled_dim = self.pooled_config.hidden_size
+            check_positions(self.pooled_config, pooled_len, self.pooled_path, "pooled_len (--pooled-len)")
+        self.max_len, self.pooled_len, self.pad, self.device, self.dtype = max_len, pooled_len, pad, device, dtype
+        self.model = self.pooled_model = None
+        self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.cache_bytes = cache_bytes
+        if not lazy:
+            self.load()
+
+    def load(self):
+        if self.model is None:
+            self.model = self._build(self.dtype, self.device)
+        if self.pooled_path and self.pooled_model is None:
+            self.pooled_model = self._build_pooled(self.dtype, self.device)
+
+    def release(self):
+        """Free the encoders' weights; their cached states stay."""
+        self.model = self.pooled_model = None
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()
+
+    def keep_only(self, prompts):
+        """Encode these prompts (loading the weights if need be), then free the weights."""
+        self.encode(prompts)
+        self.release()
 
     def identity(self) -> dict:
         return {"path": self.path, "config": config_digest(self.path), "dim": self.dim, "max_len": self.max_len,
@@ -183,7 +213,7 @@ class TextEncoder:
     def pooled_rule(self) -> str:
         if not self.pooled_path:
             return "mean"
-        return "pooler_output" if "clip" in self.pooled_model.config.model_type else "cls"
+        return "pooler_output" if "clip" in self.pooled_config.model_type else "cls"
 
     @torch.no_grad()
     def _states(self, tokenizer, model, prompts, max_len, masked=True):
@@ -191,7 +221,8 @@ class TextEncoder:
         ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
         return model(input_ids=ids, attention_mask=mask if masked else None), mask
 
-    def _encode_new(self, prompts):
+    def _encode_new(self, prompts) -> dict:
+        self.load()
         out, mask = self._states(self.tokenizer, self.model, prompts, self.max_len, masked=self.pad == "zeros")
         states = out.last_hidden_state.float()                       # (B, max_len, dim)
         m = mask.unsqueeze(-1).float()
@@ -204,8 +235,8 @@ class TextEncoder:
             # CLIP: the EOS state after the final norm; BERT-style mCLIP: the CLS state (release)
             pooled = p_out.pooler_output if self.pooled_rule() == "pooler_output" else p_out.last_hidden_state[:, 0]
             pooled = pooled.float()
-        for i, prompt in enumerate(prompts):
-            self.cache[prompt] = (states[i].clone(), pooled[i].clone())
+        states, pooled = states.cpu(), pooled.cpu()
+        return {prompt: (states[i].clone(), pooled[i].clone()) for i, prompt in enumerate(prompts)}
 
     def encode(self, prompts):
         new = sorted({p for p in prompts if p not in self.cache})
@@ -216,13 +247,25 @@ class TextEncoder:
             n_tokens = len(self.tokenizer(p, verbose=False)["input_ids"])
             if n_tokens > self.max_len:
                 warnings.warn(f"prompt has {n_tokens} tokens; truncated to {self.max_len}: {p[:80]!r}…")
+        fresh = {}
         for i in range(0, len(new), 64):
-            self._encode_new(new[i:i + 64])
+            fresh.update(self._encode_new(new[i:i + 64]))
         if not prompts:
             return torch.zeros(0, self.max_len, self.dim), torch.zeros(0, self.pooled_dim)
-        txt = torch.stack([self.cache[p][0] for p in prompts])
-        pooled = torch.stack([self.cache[p][1] for p in prompts])
-        return txt, pooled
+        pairs = [fresh[p] if p in fresh else self.cache[p] for p in prompts]
+        self.remember(fresh, prompts)
+        return torch.stack([s for s, _ in pairs]), torch.stack([p for _, p in pairs])
+
+    def remember(self, fresh: dict, used):
+        """Put the new states in the cache and mark the used ones recent; then drop the least
+        recently used entries beyond cache_bytes."""
+        self.cache.update(fresh)
+        for p in used:
+            self.cache.move_to_end(p)
+        size = sum(s.nbytes + p.nbytes for s, p in self.cache.values())
+        while size > self.cache_bytes and self.cache:
+            s, p = self.cache.popitem(last=False)[1]
+            size -= s.nbytes + p.nbytes
 
 
 # ----------------------------------------------------------------------------------------------

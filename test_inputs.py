@@ -923,3 +923,32 @@ def test_train_valid_flags_pass_validation(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert train_flag_error(["--out", "run", "--size", "tiny", "--cuts", "1,2,3", "--window-ratios", "2:1:1",
                              "--resolution", "16", "--stage-weights", "1,1,2", "--seed", "7"], capsys) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory at scale: the text encoder's cache is bounded and off the GPU; a cached run loads no encoder
+# ----------------------------------------------------------------------------------------------
+
+
+def test_text_cache_is_bounded_and_evicted_prompts_encode_the_same(encoder_dir):
+    """mT5 states are 4 MiB per caption: a run over a real caption set kept every one on the device
+    forever. The cache keeps its most recent entries within a byte budget, on the CPU."""
+    encoder = encoders.TextEncoder(encoder_dir, 16, cache_bytes=10 * 16 * 32 * 4)  # about 10 prompts
+    prompts = [f"a photo of {n} squares" for n in range(40)]
+    first = encoder.encode(prompts)
+    assert sum(s.nbytes + p.nbytes for s, p in encoder.cache.values()) <= 10 * 16 * 32 * 4 < 40 * 16 * 32 * 4
+    assert all(s.device.type == "cpu" for s, _ in encoder.cache.values())
+    again = encoder.encode(prompts)  # most of them re-encoded after eviction
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_lazy_text_encoder_loads_weights_only_to_encode_and_releases_them(encoder_dir):
+    """With --cache the text states come from the cache: the encoders are needed only for the
+    sample grids' prompts, so they load then and are freed (not held on the GPU all run)."""
+    eager = encoders.TextEncoder(encoder_dir, 16)
+    lazy = encoders.TextEncoder(encoder_dir, 16, lazy=True)
+    assert lazy.model is None and lazy.identity() == eager.identity()
+    lazy.keep_only(["a red circle", ""])
+    assert lazy.model is None  # encoded, then released
+    assert torch.equal(lazy.encode(["a red circle"])[0], eager.encode(["a red circle"])[0])
+    assert lazy.model is None  # a cached prompt needs no weights

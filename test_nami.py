@@ -909,6 +909,26 @@ def test_train_on_an_image_folder_equals_training_on_its_cache(tmp_path, encoder
         train.main(tiny_run(tmp_path / "c", encoder_dir, cache=str(tmp_path / "cache"), workers=0, text_len=8))
 
 
+def test_a_run_on_a_cache_holds_no_text_encoder_while_it_trains(tmp_path, encoder_dir, monkeypatch):
+    """With --cache the text states come from the cache: the encoders load once, for the sample
+    grids' prompts, and are freed before the model is built (mT5-XXL alone is 9 GB in bf16)."""
+    make_image_folder(tmp_path / "images")
+    r = run_cli("data.py", "cache", str(tmp_path / "images"), "--out", str(tmp_path / "cache"), "--resolution", "16",
+                "--text-encoder", encoder_dir, "--text-len", "16", "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    loaded, real_load, real_build = [], encoders.TextEncoder.load, train.build_model
+    monkeypatch.setattr(encoders.TextEncoder, "load", lambda self: (loaded.append(self), real_load(self))[1])
+
+    def build_model(*args, **kwargs):
+        assert loaded and all(e.model is None for e in loaded), "a text encoder holds its weights during training"
+        return real_build(*args, **kwargs)
+    monkeypatch.setattr(train, "build_model", build_model)
+    result = train.main(tiny_run(tmp_path / "run", encoder_dir, cache=str(tmp_path / "cache"), workers=0,
+                                 max_steps=2, ckpt_every=2, sample_every=2))
+    assert len(loaded) == 1 and loaded[0].model is None and all(math.isfinite(l) for l in result["losses"])
+    assert (tmp_path / "run" / "samples" / "step-0000002.png").is_file()
+
+
 def test_flop_count_of_2b_at_1024_matches_spec_section_7():
     """docs/method.md §7: 10+10+10 steps vs 30, 256 text tokens, batch 1: NAMI 158, flow only 174, flat 392 TFLOP
     (counted on the meta device: no memory needed for 2B parameters)."""

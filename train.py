@@ -28,6 +28,7 @@ import config
 import data
 import nami
 import parallel
+import shapes
 from bridgeflow import BridgeFlow, pretrain
 from config import TrainConfig, validate
 from encoders import TextEncoder, load_autoencoder
@@ -137,7 +138,10 @@ def main(cfg: TrainConfig) -> dict:
         side = cfg.resolution // autoencoder.factor  # latent side at the full size
         config.check_resolution(cfg.resolution, cfg.resolution,
                                 autoencoder.factor * config.model_config(cfg).size_multiple, "--resolution")
-        encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device, cfg.pooled_encoder, cfg.pooled_len)
+        encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device, cfg.pooled_encoder, cfg.pooled_len,
+                              parallel.sampling_dtype(device), lazy=bool(cfg.cache))
+        if cfg.cache:  # the text states come from the cache: encode the grids' prompts now, free the encoders
+            encoder.keep_only(shapes.SAMPLE_PROMPTS + [""])
         model_config = config.model_config(cfg, encoder.dim, encoder.pooled_dim, autoencoder.channels)
         K, weights = model_config.num_stages, cfg.stage_weights or (1.0,) * model_config.num_stages
         run.describe(model_config, encoder, autoencoder, data.vocabulary(cfg) if dist.main else None)
