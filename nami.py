@@ -28,9 +28,6 @@ import torch.utils.checkpoint
 # ----------------------------------------------------------------------------------------------
 
 
-MAX_BLOCKS = 1000  # per kind: far above any published model (FLUX.1: 19 double + 38 single blocks)
-
-
 @dataclass
 class NamiConfig:
     hidden_size: int = 192
@@ -47,6 +44,7 @@ class NamiConfig:
     mlp_ratio: float = 4.0
     window_ratios: tuple = (1, 1, 1)  # lengths of the K original time windows, stage 1 first
     gamma: float = 1 / 3              # Pyramid Flow's corrected-start constant
+    MAX_BLOCKS = 1000  # per kind (not a field): far above any published model (FLUX.1: 19 double + 38 single)
 
     def __post_init__(self):
         self.cuts = tuple(int(c) for c in self.cuts)
@@ -68,9 +66,9 @@ class NamiConfig:
                             f"(the last stage runs the whole model), got {self.cuts}")
         if any(r <= 0 for r in self.window_ratios):
             problems.append(f"window ratios must be positive, got {self.window_ratios}")
-        if not (0 <= self.depth_double <= MAX_BLOCKS and 1 <= self.depth_single <= MAX_BLOCKS):
-            problems.append(f"{self.depth_double} double and {self.depth_single} single blocks: at most {MAX_BLOCKS} "
-                            "of each (a config file claiming more is damaged or crafted)")
+        if not (0 <= self.depth_double <= self.MAX_BLOCKS and 1 <= self.depth_single <= self.MAX_BLOCKS):
+            problems.append(f"{self.depth_double} double and {self.depth_single} single blocks: at most "
+                            f"{self.MAX_BLOCKS} of each (a config file claiming more is damaged or crafted)")
         if problems:
             raise ValueError("invalid NamiConfig: " + "; ".join(problems))
 
@@ -332,14 +330,10 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).type_as(x)
 
 
-def layer_norm(x):
-    """LayerNorm without affine parameters (adaLN supplies scale and shift)."""
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
-
-
 def modulate(x, shift, scale):
-    """adaLN: LayerNorm(x)·(1 + scale) + shift, per sample."""
-    return torch.addcmul(shift[:, None], layer_norm(x), 1 + scale[:, None])
+    """adaLN: LayerNorm(x)·(1 + scale) + shift, per sample (the LayerNorm has no affine parameters
+    of its own: adaLN supplies them)."""
+    return torch.addcmul(shift[:, None], F.layer_norm(x, x.shape[-1:], eps=1e-6), 1 + scale[:, None])
 
 
 class AdaNorm(nn.Module):
