@@ -365,7 +365,7 @@ class RunFolder:
         self.skipped, self.bad_in_row, self.all_losses = 0, 0, []
         self.stop = None                # StopRequest, from resume() on
         self.log_file, self.bar = None, None
-        self.t_last, self.seen = time.perf_counter(), 0
+        self.log_time, self.images_since_log = time.perf_counter(), 0
 
     @staticmethod
     def lock(cfg, main: bool) -> list:
@@ -443,16 +443,16 @@ class RunFolder:
     def log(self, step: int, stage_loss: dict, total: float, **extra):
         """The progress bar every step, a log.jsonl line every --log-every steps (and the last)."""
         self.all_losses.append(total)
-        self.seen += self.cfg.batch_size
+        self.images_since_log += self.cfg.batch_size
         self.bar.update(1)
         self.bar.set_postfix({f"L{k}": f"{l:.3f}" for k, l in stage_loss.items()})
         if self.main and (step % self.cfg.log_every == 0 or step == self.cfg.max_steps):
             now = time.perf_counter()
             record = {"step": step, "loss": total, **{f"loss_stage{k}": l for k, l in stage_loss.items()}, **extra,
-                      "skipped_steps": self.skipped, "images_per_s": self.seen / (now - self.t_last)}
+                      "skipped_steps": self.skipped, "images_per_s": self.images_since_log / (now - self.log_time)}
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
-            self.t_last, self.seen = now, 0
+            self.log_time, self.images_since_log = now, 0
 
     def sample_grid(self, step: int, ema, bridge, encoder, autoencoder, prompts):
         """Every --sample-every steps (and the last), a grid of the EMA model's samples of fixed
@@ -471,11 +471,11 @@ class RunFolder:
             path.parent.mkdir(parents=True, exist_ok=True)
             images.grid(pictures, ncols=4).save(path)
 
-    def checkpoint(self, step: int, last: int, state: TrainState) -> bool:
+    def checkpoint(self, step: int, last_step: int, state: TrainState) -> bool:
         """Save every --ckpt-every steps, at the last step and when a stop signal came (all ranks
         agree on it); True when the run must stop now."""
         stopping = parallel.any_rank(self.stop.signal is not None)
-        if step % self.cfg.ckpt_every == 0 or step == last or stopping:
+        if step % self.cfg.ckpt_every == 0 or step == last_step or stopping:
             if parallel.any_rank(not all_finite(state.model, state.ema)):
                 raise TrainingStopped(f"non-finite weights at step {step}: no checkpoint written; the last good "
                                       f"one is {latest_checkpoint(self.out) or 'none'}")

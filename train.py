@@ -164,9 +164,9 @@ def main(cfg: TrainConfig) -> dict:
         batches = data.Batches(cfg, encoder, autoencoder, K, device, start_step=step,
                                slots=parallel.micro_batches(cfg.batch_size, micro, dist.world, dist.rank))
         schedule = config.stage_mix_schedule(cfg, K)
-        last = cfg.max_steps if cfg.stop_after is None else min(cfg.stop_after, cfg.max_steps)
+        last_step = cfg.max_steps if cfg.stop_after is None else min(cfg.stop_after, cfg.max_steps)
         model.train()
-        while step < last:  # line 4: repeat … until the last step
+        while step < last_step:  # line 4: repeat … until the last step
             ratios, lr = config.stage_ratios(schedule, step), config.learning_rate(cfg, step, schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -191,7 +191,7 @@ def main(cfg: TrainConfig) -> dict:
             run.log(step, stage_loss, sum(weights[k - 1] * l for k, l in stage_loss.items()), lr=lr,
                     grad_norm=grad_norm.item() if finite else None, ratios=list(ratios))
             run.sample_grid(step, ema, bridge, encoder, autoencoder, batches.prompts)
-            if run.checkpoint(step, last, state):  # also asks whether a stop signal came
+            if run.checkpoint(step, last_step, state):  # also asks whether a stop signal came
                 break
     return run.result(step)
 
