@@ -151,12 +151,12 @@ def take_bridge(source: Source, bridge, model_config: nami.NamiConfig) -> tuple[
     (taken, what config.json says)."""
     if model_config.num_stages == 1:
         return False, "none (a flat run has no jumps)"
-    theirs = source.model_config
     if source.bridge is None:
         return False, "pre-trained in this run (the source is a flat model)"
-    if (theirs.window_ratios, theirs.gamma) != (model_config.window_ratios, model_config.gamma):
+    windows = source.model_config.window_ratios, source.model_config.gamma
+    if windows != (model_config.window_ratios, model_config.gamma):
         return False, (f"pre-trained in this run (the source's maps are for the time windows "
-                       f"{theirs.window_ratios}, this run's are {model_config.window_ratios})")
+                       f"{windows[0]}, this run's are {model_config.window_ratios})")
     own = dict(bridge.named_parameters())
     if set(source.bridge) != set(own) or any(source.bridge[k].shape[:2] != own[k].shape[:2] for k in own):
         def shapes(tensors):
@@ -164,15 +164,15 @@ def take_bridge(source: Source, bridge, model_config: nami.NamiConfig) -> tuple[
         raise ValueError(f"{source.folder}: its BridgeFlow tensors ({shapes(source.bridge)}) do not fit this run's "
                          f"({shapes(own)}), whose bias maps may differ in size only")
     own["scale"].copy_(source.bridge["scale"])
-    sizes = []
+    sizes = []  # (the source's, this run's) side of each bias map
     for j, shift in enumerate(bridge.shift):
         value = source.bridge[f"shift.{j}"].float()
         shift.copy_(resize_bias(value, shift.shape[-2:]))
         sizes.append((tuple(value.shape[-2:]), tuple(shift.shape[-2:])))
-    if all(theirs == mine for theirs, mine in sizes):
+    if all(given == wanted for given, wanted in sizes):
         return True, "from the source"
     return True, "from the source, bias maps resized bilinearly (" + ", ".join(
-        f"{theirs[0]}x{theirs[1]} -> {mine[0]}x{mine[1]}" for theirs, mine in sizes) + ")"
+        f"{given[0]}x{given[1]} -> {wanted[0]}x{wanted[1]}" for given, wanted in sizes) + ")"
 
 
 def load(cfg, model, ema, bridge, run) -> bool:
