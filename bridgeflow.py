@@ -38,10 +38,15 @@ class BridgeFlow(nn.Module):
     def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
         # x̂_s = W_k · Up(x̂_e^(k−1)) + B_k
         u = up(x)
-        bias = self.shift[k - 2]
-        if bias.shape[-1] > 1 and bias.shape[-2:] != u.shape[-2:]:
-            bias = F.interpolate(bias, size=u.shape[-2:], mode="bilinear", align_corners=False)
-        return self.scale[k - 2] * u + bias
+        return self.scale[k - 2] * u + resize_bias(self.shift[k - 2], u.shape[-2:])
+
+
+def resize_bias(bias: torch.Tensor, size) -> torch.Tensor:
+    """A bias map B_k at another latent size, resized bilinearly [ours, docs/method.md §4]; a
+    per-channel bias (1×1) is the same at every size."""
+    if bias.shape[-1] > 1 and tuple(bias.shape[-2:]) != tuple(size):
+        bias = F.interpolate(bias, size=tuple(size), mode="bilinear", align_corners=False)
+    return bias
 
 
 def bridge_pairs(x: torch.Tensor, eps: torch.Tensor, windows, k: int):

@@ -112,16 +112,23 @@ def unpickling_refusal(e: Exception) -> str:
     return reason[:300]
 
 
+def key_mismatches(own: dict, state_dict: dict) -> tuple[list, list, list]:
+    """The names of state_dict's tensors that do not fit a module's {name: shape}: (missing,
+    unexpected, of another shape)."""
+    missing = [k for k in own if k not in state_dict]
+    extra = [k for k in state_dict if k not in own]
+    shape = [k for k in own if k in state_dict and tuple(own[k]) != tuple(state_dict[k].shape)]
+    return missing, extra, shape
+
+
 def load_state(module: nn.Module, state_dict: dict, what: str, assign: bool = False):
     """load_state_dict(strict) with an error naming the first mismatch, not a deep stack trace.
     assign=True adopts the given tensors (for a model built on the meta device: no second copy)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    extra = [k for k in state_dict if k not in own]
-    shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    own = {name: value.shape for name, value in module.state_dict().items()}
+    missing, extra, shape = key_mismatches(own, state_dict)
     if missing or extra or shape:
         first = (f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}" if extra else
-                 f"{shape[0]!r} has shape {tuple(state_dict[shape[0]].shape)}, the model wants {tuple(own[shape[0]].shape)}")
+                 f"{shape[0]!r} has shape {tuple(state_dict[shape[0]].shape)}, the model wants {tuple(own[shape[0]])}")
         raise ValueError(f"{what} does not match the model ({len(missing)} missing, {len(extra)} unexpected, "
                          f"{len(shape)} of other shape keys): {first}")
     module.load_state_dict(state_dict, assign=assign)
@@ -410,6 +417,7 @@ class RunFolder:
             step = 0
         else:
             step = load_for_resume(ckpt, self.record["model"], state)
+            self.keep_source(ckpt)
             if self.main:
                 truncate_log(self.out / "log.jsonl", step)
                 print(f"resumed from {ckpt} at step {step}")
@@ -419,6 +427,15 @@ class RunFolder:
         self.bar = tqdm(total=self.cfg.max_steps, initial=step, desc=f"train {self.cfg.size}/{self.cfg.mode}",
                         disable=not (self.cfg.progress and self.main))
         return step
+
+    def keep_source(self, ckpt: Path):
+        """A run started with --init-from resumes with --resume alone: its checkpoints keep saying
+        where its first weights came from, and its warm-up stays the fine-tuning one
+        (config.warmup_plan reads cfg.init_from)."""
+        source = files.read_json(ckpt / "config.json").get("init_from")
+        if isinstance(source, dict) and isinstance(source.get("path"), str):
+            self.record["init_from"] = source
+            self.cfg.init_from = self.record["train"]["init_from"] = source["path"]
 
     def step_is_finite(self, step: int, stage_loss: dict, grad_norm: torch.Tensor) -> bool:
         """The NaN guard: False (skip the update: weights, optimizer state and EMA stay as they were)

@@ -52,7 +52,10 @@ class TrainConfig:
     batch_size: int = flag(32, "global batch (samples per step over all ranks)", type=int, bounds=(1, 1 << 16))
     lr: float = flag(1e-3, "peak learning rate (AdamW)", type=float, bounds=("(", 0, 1, ")"))
     max_steps: int = flag(1200, "training steps", type=int, bounds=(1, 10 ** 9))
-    warmup: int = flag(100, "linear lr warm-up steps", type=int, bounds=(0, 10 ** 9))
+    warmup: int | None = flag(None, "linear lr warm-up steps (default 100; 20 with --init-from)", type=int,
+                              bounds=(0, 10 ** 9))
+    warmup_start: float | None = flag(None, "the warm-up rises linearly from this fraction of --lr (default 0; 0.1 "
+                                      "with --init-from)", type=float, bounds=(0, 1))
     weight_decay: float = flag(0.0, "AdamW weight decay", type=float, bounds=("[", 0, 10, ")"))
     grad_clip: float = flag(1.0, "max gradient norm", type=float, bounds=("(", 0, 1e6, "]"))
     ema_decay: float = flag(0.995, "EMA decay of the weights used for sampling", type=float, bounds=("[", 0, 1, ")"))
@@ -87,6 +90,11 @@ class TrainConfig:
     out: str = flag("runs/shapes-small", "output folder (default runs/<data>-<size>[-<mode>], data = shapes or "
                     "the folder's name)")
     resume: bool = flag(False, "continue from the newest checkpoint in --out", action="store_true")
+    init_from: str | None = flag(None, "start a new run (fresh optimizer, schedule and step count) from the weights "
+                                 "in this folder: one of our checkpoints (a run or ckpt-N folder), the authors' "
+                                 "release, or a diffusers FluxTransformer2DModel folder (init_from.py)")
+    init_from_raw: bool = flag(False, "with --init-from one of our checkpoints: its raw weights, not the EMA",
+                               action="store_true")
     stop_after: int | None = flag(None, "stop with a checkpoint at this step (the schedules still follow "
                                   "--max-steps, so --resume continues the same run)", type=int, bounds=(1, 10 ** 9))
     seed: int = flag(0, "seed of the data order, the noise and the initial weights", type=int,
@@ -179,12 +187,16 @@ def validate(cfg: TrainConfig):
             raise ValueError(f"{name} must be in {left}{low:g}, {high:g}{right}, got {value}")
     checks = [(not (cfg.data and cfg.cache), "give --data (images, encoded on the fly) or --cache (precomputed), not both"),
               (not cfg.flip or bool(cfg.data), "--flip applies to --data images only (a cache holds unflipped latents)"),
+              (not (cfg.resume and cfg.init_from), "--resume continues the run in --out, --init-from starts a new "
+               "one from other weights: give one of them (a run started with --init-from resumes with --resume "
+               "alone: its checkpoints record where its weights came from)"),
+              (not cfg.init_from_raw or bool(cfg.init_from), "--init-from-raw applies to --init-from only"),
               (cfg.micro_batch is None or cfg.micro_batch <= cfg.batch_size,
                f"--micro-batch must be at most --batch-size {cfg.batch_size}, got {cfg.micro_batch}")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    for name in ("data", "cache", "vae", "text_encoder", "pooled_encoder"):
+    for name in ("data", "cache", "vae", "text_encoder", "pooled_encoder", "init_from"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_dir():
             raise ValueError(f"--{name.replace('_', '-')} {path}: no such folder")
@@ -247,9 +259,24 @@ def stage_ratios(schedule, step: int):
     return next(ratios for first, last, ratios in schedule if first <= step < last)
 
 
+# (steps, start) of the linear warm-up, from start·lr to lr: a new model's, and a fine-tuning one's
+# (--init-from). The latter is short because the weights are already good: only AdamW's fresh moment
+# estimates need it. Its first update is exactly lr·sign(g) for every parameter, and updates stay
+# near that size until the first moment has averaged about 1/(1−β1) = 10 gradients: the warm-up
+# covers 2/(1−β1) = 20 steps and starts at lr/10, so those updates stay small.
+WARMUP, FINE_TUNE_WARMUP = (100, 0.0), (20, 0.1)
+
+
+def warmup_plan(cfg: TrainConfig) -> tuple[int, float]:
+    """(steps, start) of this run's warm-up: --warmup and --warmup-start, else the defaults above."""
+    steps, start = FINE_TUNE_WARMUP if cfg.init_from else WARMUP
+    return (steps if cfg.warmup is None else cfg.warmup), (start if cfg.warmup_start is None else cfg.warmup_start)
+
+
 def learning_rate(cfg: TrainConfig, step: int, schedule) -> float:
-    """Linear warm-up, constant, and final_lr_scale·lr in the last mix phase (paper §4.3)."""
-    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    """Linear warm-up (warmup_plan), constant, and final_lr_scale·lr in the last mix phase (paper §4.3)."""
+    steps, start = warmup_plan(cfg)
+    lr = cfg.lr * (start + (1 - start) * min(1.0, (step + 1) / max(1, steps)))
     if len(schedule) > 1 and step >= schedule[-1][0]:
         lr *= cfg.final_lr_scale
     return lr

@@ -8,6 +8,7 @@ or at gigabytes where a few bytes were expected. So:
     open_regular(path)            a binary file object, only for a regular file
     read_bounded(path, limit)     its bytes, refused above `limit` without reading them
     read_json(path)               a JSON file of at most MAX_JSON_BYTES
+    sha256(path)                  the hash of a regular file, in constant memory
     plain_name(name)              True for a bare file name, which stays inside its folder
 
     lock_folder(folder, shared=False, purpose="")   an OS lock on FOLDER/.lock
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -83,6 +85,15 @@ def read_bounded(path, limit: int) -> bytes:
 def read_json(path, limit: int = MAX_JSON_BYTES):
     """A JSON file of at most `limit` bytes (ValueError if it is not JSON, OSError if unreadable)."""
     return json.loads(read_bounded(path, limit))
+
+
+def sha256(path, block: int = 1 << 24) -> str:
+    """The SHA-256 of a regular file, read in 16 MiB blocks (a 2B model's 8 GB in constant memory)."""
+    digest = hashlib.sha256()
+    with open_regular(path) as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def plain_name(name) -> bool:

@@ -158,21 +158,29 @@ def read_state_dict(path: Path) -> dict:
     return sd
 
 
-def load_transformer(folder: Path, cuts=None, device="cpu", dtype=torch.float32) -> nami.Nami:
-    """A diffusers-format FLUX transformer folder -> our Nami in `dtype`, built on the meta device and
-    filled with the converted tensors, each cast as it is taken (no second copy of 2B parameters)."""
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if not files:
+def read_transformer(folder: Path, cuts=None) -> tuple[nami.NamiConfig, dict, list[Path]]:
+    """(its NamiConfig, its state dict in our keys, the files read) of a diffusers-format FLUX
+    transformer folder: *.safetensors (one file or shards), else *.bin, and config.json (without
+    it, the release's 2b shape)."""
+    weight_files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not weight_files:
         raise FileNotFoundError(f"no *.safetensors or *.bin weights in {folder}; expected layout:\n{LAYOUT}")
     config_file = folder / "config.json"
     if config_file.is_file():
-        model_config = config_from_diffusers(read_json(config_file), cuts)  # built on meta below
+        model_config = config_from_diffusers(read_json(config_file), cuts)
     else:
         model_config = nami.get_config("2b", cuts=cuts or CUTS)
     state = {}
-    for file in files:
+    for file in weight_files:
         state.update(read_state_dict(file))
-    state = convert_diffusers_flux(state)
+    read = weight_files + ([config_file] if config_file.is_file() else [])
+    return model_config, convert_diffusers_flux(state), read
+
+
+def load_transformer(folder: Path, cuts=None, device="cpu", dtype=torch.float32) -> nami.Nami:
+    """A diffusers-format FLUX transformer folder -> our Nami in `dtype`, built on the meta device and
+    filled with the converted tensors, each cast as it is taken (no second copy of 2B parameters)."""
+    model_config, state, _ = read_transformer(folder, cuts)  # the model is built on meta below
     for key in list(state):  # one tensor at a time: the file's copy of each goes as its cast arrives
         state[key] = state.pop(key).to(dtype)
     with torch.device("meta"):

@@ -38,6 +38,7 @@ import conftest
 import data
 import encoders
 import images
+import nami
 import parallel
 import release
 import sample
@@ -637,6 +638,37 @@ def torch_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
+def tiny_release(root: Path) -> Path:
+    """A release-layout folder whose transformer has the tiny preset's shape (our module names are
+    diffusers', so our state dict is one), with 32-d text like conftest's encoder: --init-from reads it."""
+    (root / "transformer").mkdir(parents=True)
+    model_config = nami.get_config("tiny", joint_attention_dim=32, pooled_projection_dim=32)
+    torch.save(nami.Nami(model_config).state_dict(), root / "transformer" / "pytorch_model_fsdp.bin")
+    (root / "transformer" / "config.json").write_text(json.dumps(dict(
+        patch_size=1, in_channels=12, num_layers=1, num_single_layers=3, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[8, 12, 12])))
+    torch.save({"scale": torch.ones(2), "shift.0": torch.zeros(1, 3, 8, 8), "shift.1": torch.zeros(1, 3, 16, 16)},
+               root / "bridge_flow.bin")
+    return root
+
+
+@pytest.mark.parametrize("file", ["release/transformer/pytorch_model_fsdp.bin", "release/bridge_flow.bin",
+                                  "run/ckpt-0000002/weights.safetensors"])
+def test_crafted_weights_are_refused_by_init_from_and_run_nothing(fresh_run, tmp_path, encoder_dir, file):
+    """--init-from reads the release's pickles with weights_only and our weights with safetensors;
+    a file crafted to run code when unpickled is refused, and nothing is trained from it."""
+    tiny_release(tmp_path / "release")
+    train.main(tiny_run(tmp_path / "control", encoder_dir, init_from=str(tmp_path / "release")))  # it loads as made
+    marker = tmp_path / "MARKER"
+    crafted(tmp_path / file, marker)
+    message = r"weights\.safetensors there is damaged" if file.startswith("run") else \
+        rf"{Path(file).name} was refused: .*GLOBAL exec.*nothing in it was run"
+    with pytest.raises(ValueError, match=message):
+        train.main(tiny_run(tmp_path / "new", encoder_dir, init_from=str(tmp_path / file.split("/")[0])))
+    assert not marker.exists(), "unpickling ran the crafted code"
+    assert checkpoint.latest_checkpoint(tmp_path / "new") is None
+
+
 def test_pickle_saved_as_safetensors_is_refused_as_damaged(fresh_run, tmp_path):
     marker = tmp_path / "MARKER"
     ckpt = fresh_run / "ckpt-0000002"
@@ -893,6 +925,11 @@ TRAIN_BAD = [  # (id, flags, regular expression the message must match)
     ("data-missing", ["--data", "no-such-folder"], "--data no-such-folder: no such folder"),
     ("data-and-cache", ["--data", ".", "--cache", "."], "not both"),
     ("flip-without-data", ["--flip"], "--flip applies to --data"),
+    ("init-from-and-resume", ["--init-from", ".", "--resume"], "--resume continues the run in --out, --init-from "
+     "starts a new one from other weights: give one of them"),
+    ("init-from-missing", ["--init-from", "no-such-folder"], "--init-from no-such-folder: no such folder"),
+    ("init-from-raw-alone", ["--init-from-raw"], "--init-from-raw applies to --init-from only"),
+    ("warmup-start-above-one", ["--warmup-start", "2"], "--warmup-start"),
 ]
 
 

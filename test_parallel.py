@@ -66,6 +66,20 @@ def test_two_ranks_repeat_the_one_process_run(tmp_path, encoder_dir, reference, 
         assert (checkpoint.latest_checkpoint(tmp_path) / "dcp" / ".metadata").is_file()
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_init_from_on_two_ranks_repeats_the_one_process_run(tmp_path, encoder_dir, reference, strategy):
+    """--init-from under torchrun: every rank reads the source and copies into its replica (DDP) or
+    its own shard of each parameter (FSDP2, parallel.fill_shard), one parameter at a time; the
+    losses from the first step on are those of one process started from the same checkpoint."""
+    one_process(tmp_path / "one", encoder_dir, max_steps=2, init_from=str(reference))
+    torchrun(tmp_path / "two", encoder_dir, "--parallel", strategy, "--max-steps", "2", "--init-from", str(reference))
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=TOLERANCE)
+    assert losses(tmp_path / "one")[0] < 0.95 * losses(reference)[0]  # not a new model: 0.62 against 0.68
+    recorded = [json.loads((checkpoint.latest_checkpoint(tmp_path / run) / "config.json").read_text())["init_from"]
+                for run in ("one", "two")]
+    assert recorded[0] == recorded[1] and recorded[0]["step"] == 4
+
+
 def test_fsdp_checkpoint_of_two_ranks_resumes_on_one_and_on_two(tmp_path, encoder_dir, reference):
     torchrun(tmp_path / "two", encoder_dir, "--parallel", "fsdp", "--max-steps", "4", "--stop-after", "2")
     assert (tmp_path / "two" / "ckpt-0000002" / "dcp").is_dir()

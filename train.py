@@ -5,6 +5,8 @@ the progressive rectified flow transformer), on the built-in shapes data or an i
     python train.py --max-steps 7000 --ema-decay 0.999 --out runs/shapes-small-long   # the longer recipe
     python train.py --mode flat              # the flat baseline (K = 1, full model)
     python train.py --resume                 # continue the run in --out where it stopped
+    python train.py --init-from runs/shapes-small-flat --out runs/converted   # a new run from a checkpoint,
+                                             # the authors' release or a flat transformer (init_from.py)
     python train.py --size 0.6b --data DIR --vae VAE --text-encoder MT5 --pooled-encoder MCLIP \\
         --text-len 256 --resolution 1024      # real data in the FLUX VAE's latent space
     python data.py cache DIR --out CACHE ...  # then train with --cache CACHE instead of --data DIR
@@ -26,6 +28,7 @@ from tqdm import tqdm
 import checkpoint
 import config
 import data
+import init_from
 import nami
 import parallel
 import shapes
@@ -152,10 +155,12 @@ def main(cfg: TrainConfig) -> dict:
         # line 3: θ_k = m_1 ⊕ … ⊕ m_k, one model whose stage k stops after cut point c_k
         model, ema = build_model(model_config, cfg, sharded, autocast, device)
         bridge = BridgeFlow(model_config.in_channels, [(s, s) for s in nami.stage_sizes(side, K)]).to(device)
+        # or θ and BridgeFlow from weights the user has (--init-from: ours, the release's, a flat model's)
+        bridge_given = init_from.load(cfg, model, ema, bridge, run)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         state = checkpoint.TrainState(model, ema, bridge, optimizer, torch.Generator().manual_seed(cfg.seed), sharded)
         step = run.resume(state)  # 0 for a new run; from here on, SIGINT/SIGTERM stop with a checkpoint
-        if step == 0 and K > 1:  # §3.3: BridgeFlow, pre-trained and frozen before the transformer
+        if step == 0 and K > 1 and not bridge_given:  # §3.3: BridgeFlow, pre-trained and frozen first
             pretrain_bridgeflow(cfg, bridge, windows, encoder, autoencoder, state.generator, dist)
         bridge.requires_grad_(False)
         loss_fn = Algorithm1Loss(model, bridge, windows, ranges, weights, cfg.mode == "flat", cfg.start,
