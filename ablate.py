@@ -11,19 +11,35 @@ is scored once with eval.py's judge (GenEval-style accuracy) and Fréchet distan
 are cached in scores.json beside it. Interrupted? Run the same command again: training resumes
 (train.py's --resume) and scored checkpoints are not scored again. At the end the figure's curves
 go to results/fig<N>.png and a markdown table to results/fig<N>.md.
+
+    python ablate.py --gpu           # Fig. 6 decided on one CUDA device in about 8 minutes
+    python ablate.py --gpu --tiny    # the same steps at toy sizes (runs on a CPU; the tests do)
+
+--gpu trains flat, flow only and NAMI on the full built-in world at 32² with one budget of steps
+(bf16, large batches), picked from the throughput it measures at start-up so that the whole
+command fits in --minutes; judges each on ≥ 100 prompts per category with standard errors, and
+writes results/fig6-gpu.md and .png saying for each of the paper's claims whether it holds,
+fails, or stays within noise.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 import checkpoint
 import judge
+import parallel
 
 # Layers per stage = blocks added by that stage: stage 1 runs the 2 double blocks and c_1 single
 # blocks, stage k adds c_k − c_(k−1) (small preset: 2 double + 6 single = 8 in all).
@@ -79,16 +95,24 @@ def train_variant(out: Path, overrides: dict, a) -> float:
     return minutes
 
 
+def score(ckpt: Path, per_category: int, seed: int, heldout: bool = True) -> dict:
+    """The judge's result for one checkpoint, sampled on the best device (bf16 weights on CUDA)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, bridge, encoder, autoencoder, info = checkpoint.load_model(ckpt, device=device)
+    model.to(parallel.sampling_dtype(device))
+    result = judge.evaluate(model, bridge, encoder, autoencoder, info["resolution"], per_category=per_category,
+                            seed=seed, heldout=heldout, batch_size=256 if device.type == "cuda" else 64)
+    result.pop("samples", None)  # per-prompt records: not needed for the curves
+    return result
+
+
 def score_checkpoints(out: Path, a) -> list[dict]:
     """Judge accuracy and Fréchet distance of every checkpoint of a run (cached per checkpoint)."""
     scores = []
     for ckpt in checkpoint.complete_checkpoints(out):
         cache = ckpt / "scores.json"
         if not cache.is_file():
-            model, bridge, encoder, autoencoder, info = checkpoint.load_model(ckpt)
-            result = judge.evaluate(model, bridge, encoder, autoencoder, info["resolution"],
-                                    per_category=a.per_category, seed=a.eval_seed)
-            result.pop("samples", None)  # per-prompt records: not needed for the curves
+            result = score(ckpt, a.per_category, a.eval_seed)
             cache.write_text(json.dumps(result, indent=1))
         result = json.loads(cache.read_text())
         scores.append({"step": int(ckpt.name.split("-")[1]), **result})
@@ -145,9 +169,143 @@ def table(figure: int, title: str, runs: dict, a, minutes: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------
+# --gpu: Fig. 6 decided where the compute is, in one command
+# ----------------------------------------------------------------------------------------------
+
+GPU_VARIANTS = {"flat": dict(mode="flat"), "flow only": dict(mode="flow-only"), "NAMI": {}}
+PROBE_STEPS = 30          # steps of each variant timed at start-up (3 when --tiny)
+EVALUATION_SHARE = 0.25   # of --minutes kept for judging the three runs
+
+
+def gpu_flags(a) -> list[str]:
+    """train.py's flags of every --gpu run: the full built-in world at 32² (16² when --tiny),
+    large batches, bf16 and compiled blocks on CUDA."""
+    cuda = torch.cuda.is_available()
+    return ["--size", "tiny" if a.tiny else a.size, "--resolution", "16" if a.tiny else "32",
+            "--batch-size", str(a.batch), "--lr", str(a.lr), "--warmup", "20", "--seed", str(a.seed),
+            "--sample-every", str(10 ** 9), "--log-every", "1" if a.tiny else "5", "--no-progress",
+            *(["--bf16", "--compile"] if cuda else [])]
+
+
+def run_train(out: Path, flags: list[str], steps: int):
+    command = [sys.executable, str(Path(__file__).parent / "train.py"), *flags, "--max-steps", str(steps),
+               "--ckpt-every", str(steps), "--out", str(out)]
+    r = subprocess.run(command, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[1:])} failed: {r.stderr[-2000:]}")
+
+
+def seconds_per_step(out: Path, flags: list[str], steps: int) -> float:
+    """Train a throw-away run of `steps` steps; its median step time from log.jsonl (the first
+    lines, with compilation and warm-up, left out)."""
+    shutil.rmtree(out, ignore_errors=True)
+    run_train(out, flags, steps)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in records[1:]] or [r["images_per_s"] for r in records]
+    shutil.rmtree(out, ignore_errors=True)
+    return int(flags[flags.index("--batch-size") + 1]) / statistics.median(rates)
+
+
+def overall_with_error(result: dict) -> tuple[float, float]:
+    """GenEval's overall score (the mean of the six categories) and its standard error, each
+    category a binomial proportion: sqrt(Σ p(1 − p)/n) / 6."""
+    cats = [c for c in result["categories"].values() if c]
+    variance = sum(c["accuracy"] * (1 - c["accuracy"]) / c["n"] for c in cats)
+    return result["overall"], math.sqrt(variance) / len(cats)
+
+
+def verdict(better: str, worse: str, scores: dict, claim: str) -> str:
+    """'holds' when `better` beats `worse` by more than two standard errors of the difference,
+    'fails' when it loses by as much, else 'within noise'."""
+    (b, se_b), (w, se_w) = scores[better], scores[worse]
+    margin = 2 * math.sqrt(se_b ** 2 + se_w ** 2)
+    outcome = "holds" if b - w > margin else "fails" if w - b > margin else "within noise"
+    return f"- {claim}: **{outcome}** ({better} {b:.3f} ± {se_b:.3f} against {worse} {w:.3f} ± {se_w:.3f})"
+
+
+def gpu_report(a, steps: int, step_times: dict, results: dict, seconds: float) -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    scores = {name: overall_with_error(r) for name, r in results.items()}
+    cats = list(next(iter(results.values()))["categories"])
+    lines = [f"# Fig. 6 on one device: flat, flow only, NAMI with one budget of {steps} steps × {a.batch}", "",
+             f"`python ablate.py {a.command}` — {device}, torch {torch.__version__}, {datetime.date.today()}, "
+             f"{seconds / 60:.1f} min in all; preset {'tiny' if a.tiny else a.size}, full built-in world, judge on "
+             f"{a.per_category} prompts per category (seed {a.eval_seed}), 10+10+10 steps (flat: 30), CFG 3.", "",
+             "| variant | " + " | ".join(c.replace("_", " ") for c in cats) +
+             " | overall ± SE | held-out | Fréchet distance | s/step (training) | s (sampling all prompts) |",
+             "|---" * (len(cats) + 6) + "|"]
+    for name, r in results.items():
+        held = r["heldout"]["accuracy"] if r.get("heldout") else float("nan")
+        lines.append(f"| {name} | " + " | ".join(f"{r['categories'][c]['accuracy']:.2f}" for c in cats) +
+                     f" | {scores[name][0]:.3f} ± {scores[name][1]:.3f} | {held:.2f} | {r['fd']:.3f} | "
+                     f"{step_times[name]:.3f} | {r['seconds']:.1f} |")
+    lines += ["", "## The paper's claims (§4.4, Fig. 6)", "",
+              verdict("NAMI", "flat", scores, "NAMI trains to better quality than the flat model in the same budget"),
+              verdict("flow only", "flat", scores, "the piecewise flow alone beats the flat model"),
+              f"- the partition (NAMI against flow only) costs little quality: **"
+              f"{'holds' if abs(scores['NAMI'][0] - scores['flow only'][0]) <= 2 * math.hypot(scores['NAMI'][1], scores['flow only'][1]) else 'fails'}** "
+              f"(NAMI {scores['NAMI'][0]:.3f}, flow only {scores['flow only'][0]:.3f}), and samples faster: **"
+              f"{'holds' if results['NAMI']['seconds'] < results['flow only']['seconds'] else 'fails'}** "
+              f"({results['flow only']['seconds'] / results['NAMI']['seconds']:.2f}×)",
+              f"- NAMI trains faster per step than flat: {step_times['flat'] / step_times['NAMI']:.2f}× "
+              f"(flow only {step_times['flat'] / step_times['flow only']:.2f}×)", "",
+              "Fréchet distance: lower is better; it has no error bar here (one set of prompts)."]
+    return "\n".join(lines) + "\n"
+
+
+def gpu_plot(results: dict, path: Path, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(results)
+    scores = [overall_with_error(results[n]) for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    axes[0].bar(names, [s for s, _ in scores], yerr=[2 * e for _, e in scores], color=["C0", "C1", "C2"], capsize=4)
+    axes[0].set(ylabel="judge overall (± 2 SE)", ylim=(0, 1))
+    axes[1].bar(names, [results[n]["fd"] for n in names], color=["C0", "C1", "C2"])
+    axes[1].set(ylabel="Fréchet distance (lower is better)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def gpu_ablation(a):
+    """Fig. 6 in one command: time each variant, pick one budget of steps that fits, train, judge."""
+    if not torch.cuda.is_available() and not a.tiny:
+        raise SystemExit("error: --gpu needs a CUDA device (--tiny runs the same steps at toy sizes on a CPU)")
+    t0, root, flags = time.perf_counter(), Path(a.out) / "fig6-gpu", gpu_flags(a)
+    probe = 3 if a.tiny else PROBE_STEPS
+    step_times = {name: seconds_per_step(root / f"probe-{slug(name)}", flags + train_flags(overrides), probe)
+                  for name, overrides in GPU_VARIANTS.items()}
+    left = a.minutes * 60 * (1 - EVALUATION_SHARE) - (time.perf_counter() - t0)
+    steps = max(probe, int(left / (sum(step_times.values()) * 1.1)))  # 10 % for start-ups and checkpoints
+    print(f"seconds per step {step_times}: {steps} steps of {a.batch} for every variant", flush=True)
+    results = {}
+    for name, overrides in GPU_VARIANTS.items():
+        out = root / slug(name)
+        shutil.rmtree(out, ignore_errors=True)
+        run_train(out, flags + train_flags(overrides), steps)
+        results[name] = score(checkpoint.latest_checkpoint(out), a.per_category, a.eval_seed)
+        print(f"{name}: overall {results[name]['overall']:.3f}, FD {results[name]['fd']:.3f}", flush=True)
+    results_dir = Path(a.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    report = gpu_report(a, steps, step_times, results, time.perf_counter() - t0)
+    (results_dir / "fig6-gpu.md").write_text(report)
+    gpu_plot(results, results_dir / "fig6-gpu.png", report.splitlines()[0].lstrip("# "))
+    print(report)
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--figure", type=int, required=True, choices=sorted(FIGURES))
+    ap.add_argument("--figure", type=int, choices=sorted(FIGURES))
+    ap.add_argument("--gpu", action="store_true", help="Fig. 6 on one CUDA device within --minutes (see above)")
+    ap.add_argument("--tiny", action="store_true", help="--gpu at toy sizes (runs on a CPU)")
+    ap.add_argument("--minutes", type=float, default=8.0, help="--gpu: the whole command's time budget")
+    ap.add_argument("--batch", type=int, default=256, help="--gpu: batch size of every variant")
+    ap.add_argument("--lr", type=float, default=1e-3, help="--gpu: peak learning rate")
     ap.add_argument("--steps", type=int, help="training steps per variant (default: about an hour per figure)")
     ap.add_argument("--eval-every", type=int, help="steps between scored checkpoints (default: steps / 3)")
     ap.add_argument("--size", default="small", help="model preset")
@@ -159,9 +317,14 @@ def main(argv=None):
     ap.add_argument("--only", help="comma-separated variant names to run (default: all)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
+    a.command = " ".join(f"'{v}'" if " " in v else v for v in (argv if argv is not None else sys.argv[1:]))
+    if a.gpu:
+        a.per_category = max(a.per_category, 100) if not a.tiny else a.per_category
+        return gpu_ablation(a)
+    if a.figure is None:
+        raise SystemExit("error: give --figure 6, 7 or 8, or --gpu")
     a.steps = a.steps or DEFAULT_STEPS[a.figure]
     a.eval_every = a.eval_every or max(1, a.steps // 3)
-    a.command = " ".join(f"'{v}'" if " " in v else v for v in (argv if argv is not None else sys.argv[1:]))
     if a.steps <= 0 or a.eval_every <= 0 or a.per_category <= 0:
         raise SystemExit("error: --steps, --eval-every and --per-category must be positive")
     title, variants = FIGURES[a.figure]

@@ -1,7 +1,8 @@
 """Tests of eval.py, the GenEval-style judge of the shapes world: it passes real renders and
 fails renders that break their prompt in one way, the detector reads hand-built pictures right,
 the Fréchet distance orders real and degraded images, and `python eval.py --ckpt` prints the
-table for a tiny checkpoint trained here. Run: python -m pytest -q test_eval.py  (CPU, ~20 s)."""
+table for a tiny checkpoint trained here, and `python ablate.py --gpu` runs at a toy budget.
+Run: python -m pytest -q test_eval.py  (CPU, about 3 minutes)."""
 from __future__ import annotations
 
 import json
@@ -242,3 +243,24 @@ def test_eval_cli_refuses_bad_flags_before_loading_anything(tmp_path, capsys):
             eval.main(argv + ["--ckpt", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="no checkpoint"):
         eval.main(["--ckpt", str(tmp_path / "nowhere")])
+
+
+# ---------------------------------------------------------------------------------------------
+# ablate.py --gpu at a toy budget: the command a GPU runs, so that it cannot rot on a CPU
+# ---------------------------------------------------------------------------------------------
+
+def test_gpu_ablation_runs_every_step_at_a_toy_budget_and_writes_its_report(tmp_path):
+    import ablate
+    results = ablate.main(["--gpu", "--tiny", "--minutes", "0.01", "--batch", "4", "--per-category", "1",
+                           "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    assert set(results) == {"flat", "flow only", "NAMI"}
+    report = (tmp_path / "results" / "fig6-gpu.md").read_text()
+    assert "torch " + torch.__version__ in report and "ablate.py --gpu --tiny" in report
+    claims = [line for line in report.splitlines() if line.startswith("- ") and "**" in line]
+    assert len(claims) == 3 and all(any(v in c for v in ("holds", "fails", "within noise")) for c in claims)
+    assert (tmp_path / "results" / "fig6-gpu.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="CUDA"):  # without --tiny it needs the device it is for
+        if not torch.cuda.is_available():
+            ablate.main(["--gpu", "--out", str(tmp_path / "runs")])
+        else:
+            raise SystemExit("CUDA present")
