@@ -1,4 +1,4 @@
-"""The paper's ablations (Fig. 6, 7, 8) at small scale on the built-in data.
+"""The paper's ablations (Fig. 6, 7, 8) at small scale on the built-in data, and ours.
 
     python ablate.py --figure 6      # flat vs "flow only" vs NAMI, at 24² and 32² (paper: 256², 512²)
     python ablate.py --figure 7      # layer ratios across the three stages, total depth fixed
@@ -12,6 +12,7 @@ are cached in scores.json beside it. Interrupted? Run the same command again: tr
 (train.py's --resume) and scored checkpoints are not scored again. At the end the figure's curves
 go to results/fig<N>.png and a markdown table to results/fig<N>.md.
 
+    python ablate.py --conversion    # issue 16: NAMI / flat then NAMI (--init-from) / flat, 600 steps each
     python ablate.py --gpu           # Fig. 6 decided on one CUDA device in about 8 minutes
     python ablate.py --gpu --tiny    # the same steps at toy sizes (runs on a CPU; the tests do)
 
@@ -38,8 +39,11 @@ from pathlib import Path
 import torch
 
 import checkpoint
+import encoders
+import files
 import judge
 import parallel
+import shapes
 
 # Layers per stage = blocks added by that stage: stage 1 runs the 2 double blocks and c_1 single
 # blocks, stage k adds c_k − c_(k−1) (small preset: 2 double + 6 single = 8 in all).
@@ -60,6 +64,8 @@ FIGURES = {
 }
 NOTES = "## What it shows"  # a section written by hand below the generated tables: kept on re-runs
 DEFAULT_STEPS = {6: 600, 7: 900, 8: 900}  # sized for about an hour per figure on 2 CPU cores
+# Every ablation's setting: the full built-in world in pixel space, the paper's method (no jump noise)
+SETTING = ["--resolution", "32", "--vae", "none", "--world-level", "3", "--no-jump-noise"]
 
 
 def slug(name: str) -> str:
@@ -75,7 +81,7 @@ def train_flags(overrides: dict) -> list[str]:
     return flags
 
 
-def train_variant(out: Path, overrides: dict, a) -> float:
+def train_variant(out: Path, overrides: dict, a, setting=SETTING) -> float:
     """Train (or resume) one variant up to the budget with `python train.py`, keeping every
     checkpoint for scoring. Returns the training minutes of the run so far (kept in
     train_minutes.txt across resumes)."""
@@ -84,10 +90,12 @@ def train_variant(out: Path, overrides: dict, a) -> float:
     done = checkpoint.latest_checkpoint(out)
     if done is not None and int(done.name.split("-")[1]) >= a.steps:
         return float("nan") if before is None else before  # nan: trained before minutes were kept
+    if done is not None:  # a resumed run keeps the weights it started from (--init-from is for new runs)
+        overrides = {k: v for k, v in overrides.items() if k != "init_from"}
     command = [sys.executable, str(Path(__file__).parent / "train.py"), "--size", a.size, "--max-steps", str(a.steps),
                "--ckpt-every", str(a.eval_every), "--keep", "1000", "--sample-every", str(a.steps), "--out", str(out),
                "--seed", str(a.seed), *(["--resume"] if done is not None else []),
-               *(["--no-progress"] if a.quiet else []), *train_flags(overrides)]
+               *(["--no-progress"] if a.quiet else []), *setting, *train_flags(overrides)]
     t = time.perf_counter()
     subprocess.run(command, check=True)
     minutes = (before or 0.0) + (time.perf_counter() - t) / 60
@@ -100,8 +108,9 @@ def score(ckpt: Path, per_category: int, seed: int, heldout: bool = True) -> dic
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, bridge, encoder, autoencoder, info = checkpoint.load_model(ckpt, device=device)
     model.to(parallel.sampling_dtype(device))
+    level = files.read_json(Path(ckpt) / "config.json")["train"].get("world_level", 3)  # the level it learnt
     result = judge.evaluate(model, bridge, encoder, autoencoder, info["resolution"], per_category=per_category,
-                            seed=seed, heldout=heldout, batch_size=256 if device.type == "cuda" else 64)
+                            seed=seed, heldout=heldout, batch_size=256 if device.type == "cuda" else 64, level=level)
     result.pop("samples", None)  # per-prompt records: not needed for the curves
     return result
 
@@ -170,6 +179,77 @@ def table(figure: int, title: str, runs: dict, a, minutes: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# --conversion: can a flat model become NAMI by training Algorithm 1 from its weights?
+# ----------------------------------------------------------------------------------------------
+
+def conversion(a) -> dict:
+    """One budget of --steps N on the default run's setting: A, NAMI from scratch; C, flat (the
+    reference, sampled flat); B, C's checkpoint at N/2 continued as NAMI for N/2 (train.py
+    --init-from). Writes results/init-from.md and .png (judge per checkpoint, loss curves)."""
+    root, half = Path(a.out) / "conversion", a.steps // 2
+    a.eval_every, names = half, {"A": "A: NAMI from scratch", "B": "B: flat, then NAMI", "C": "C: flat"}
+    minutes = {names["A"]: train_variant(root / "nami", {}, a, []),
+               names["C"]: train_variant(root / "flat", {"mode": "flat"}, a, [])}
+    source = root / "flat" / checkpoint.checkpoint_name(half)
+    second = argparse.Namespace(**{**vars(a), "steps": a.steps - half})
+    minutes[names["B"]] = minutes[names["C"]] / 2 + train_variant(root / "converted", {"init_from": str(source)},
+                                                                  second, [])
+    runs = {names["A"]: score_checkpoints(root / "nami", a), names["C"]: score_checkpoints(root / "flat", a)}
+    runs[names["B"]] = [runs[names["C"]][0]] + [{**s, "step": s["step"] + half}
+                                                 for s in score_checkpoints(root / "converted", a)]
+    losses = {names["A"]: log_losses(root / "nami"), names["C"]: log_losses(root / "flat"),
+              names["B"]: [(s, l) for s, l in log_losses(root / "flat") if s <= half] +
+              [(s + half, l) for s, l in log_losses(root / "converted")]}
+    results = Path(a.results)
+    plot_conversion(runs, losses, results / "init-from.png", f"{a.steps} steps of 32 for each run")
+    report = conversion_table(runs, a, minutes, half)
+    (results / "init-from.md").write_text(report)
+    print(report)
+    return runs
+
+
+def log_losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+
+
+def plot_conversion(runs: dict, losses: dict, path: Path, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, name in enumerate(runs):
+        axes[0].plot(*zip(*losses[name]), label=name, color=f"C{i}", alpha=0.8)
+        axes[1].errorbar([s["step"] for s in runs[name]], [s["overall"] for s in runs[name]],
+                         yerr=[2 * s["overall_se"] for s in runs[name]], marker="o", capsize=3, label=name, color=f"C{i}")
+    axes[0].set(xlabel="training step (all runs)", ylabel="training loss (Eq. 4, mean over the batch)", yscale="log")
+    axes[1].set(xlabel="training step (all runs)", ylabel="judge overall (± 2 SE)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def conversion_table(runs: dict, a, minutes: dict, half: int) -> str:
+    cats = list(next(iter(runs.values()))[-1]["categories"])
+    lines = [f"# Converting a flat model into NAMI (`train.py --init-from`), {a.steps} steps in all", "",
+             f"`python ablate.py {a.command}` — {datetime.date.today()}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} CPU threads; the default run's setting (toy preset, tiny-VAE latents, world "
+             f"level 1); B starts from C's checkpoint at step {half}. Judge: {a.per_category} prompts per category, "
+             "10+10+10 steps (C: 30 flat steps), CFG 3. Curves: [init-from.png](init-from.png).", "",
+             "| run | " + " | ".join(c.replace("_", " ") for c in cats) +
+             " | overall ± SE | held-out | Fréchet distance | sampling s | training min |", "|---" * (len(cats) + 6) + "|"]
+    for name, scores in runs.items():
+        r = scores[-1]
+        lines.append(f"| {name} | " + " | ".join(f"{r['categories'][c]['accuracy']:.2f}" for c in cats) +
+                     f" | {r['overall']:.3f} ± {r['overall_se']:.3f} | {r['heldout']['accuracy']:.2f} | {r['fd']:.3f} | "
+                     f"{r['seconds']:.1f} | {minutes[name]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
 # --gpu: Fig. 6 decided where the compute is, in one command
 # ----------------------------------------------------------------------------------------------
 
@@ -178,11 +258,24 @@ PROBE_STEPS = 30          # steps of each variant timed at start-up (3 when --ti
 EVALUATION_SHARE = 0.25   # of --minutes kept for judging the three runs
 
 
+def text_encoder_flags(root: Path) -> tuple[list[str], str]:
+    """The default text encoder (all-MiniLM-L6-v2) where it is installed, else a tiny random one over
+    the built-in world's words written by encoders.write_tiny_encoder (a lent GPU machine may lack
+    the package: nothing is downloaded); and its name for the report."""
+    try:
+        encoders.default_text_encoder_path()
+        return [], "all-MiniLM-L6-v2"
+    except (ImportError, FileNotFoundError, ValueError):
+        words = sorted({w for i in range(2000) for w in shapes.make_sample(0, i).caption.split()})
+        folder = encoders.write_tiny_encoder(root / "text-encoder", words)
+        return ["--text-encoder", folder, "--text-len", "16"], "a tiny random encoder (all-MiniLM-L6-v2 not installed)"
+
+
 def gpu_flags(a) -> list[str]:
     """train.py's flags of every --gpu run: the full built-in world at 32² (16² when --tiny),
     large batches, bf16 and compiled blocks on CUDA."""
     cuda = torch.cuda.is_available()
-    return ["--size", "tiny" if a.tiny else a.size, "--resolution", "16" if a.tiny else "32",
+    return [*SETTING, "--size", "tiny" if a.tiny else a.size, "--resolution", "16" if a.tiny else "32",
             "--batch-size", str(a.batch), "--lr", str(a.lr), "--warmup", "20", "--seed", str(a.seed),
             "--sample-every", str(10 ** 9), "--log-every", "1" if a.tiny else "5", "--no-progress",
             *(["--bf16", "--compile"] if cuda else [])]
@@ -231,7 +324,8 @@ def gpu_report(a, steps: int, step_times: dict, results: dict, seconds: float) -
     lines = [f"# Fig. 6 on one device: flat, flow only, NAMI with one budget of {steps} steps × {a.batch}", "",
              f"`python ablate.py {a.command}` — {device}, torch {torch.__version__}, {datetime.date.today()}, "
              f"{seconds / 60:.1f} min in all; preset {'tiny' if a.tiny else a.size}, full built-in world, judge on "
-             f"{a.per_category} prompts per category (seed {a.eval_seed}), 10+10+10 steps (flat: 30), CFG 3.", "",
+             f"{a.per_category} prompts per category (seed {a.eval_seed}), 10+10+10 steps (flat: 30), CFG 3; text "
+             f"encoder: {a.encoder_name}.", "",
              "| variant | " + " | ".join(c.replace("_", " ") for c in cats) +
              " | overall ± SE | held-out | Fréchet distance | s/step (training) | s (sampling all prompts) |",
              "|---" * (len(cats) + 6) + "|"]
@@ -276,6 +370,8 @@ def gpu_ablation(a):
     if not torch.cuda.is_available() and not a.tiny:
         raise SystemExit("error: --gpu needs a CUDA device (--tiny runs the same steps at toy sizes on a CPU)")
     t0, root, flags = time.perf_counter(), Path(a.out) / "fig6-gpu", gpu_flags(a)
+    encoder_flags, a.encoder_name = text_encoder_flags(root)
+    flags += encoder_flags
     probe = 3 if a.tiny else PROBE_STEPS
     step_times = {name: seconds_per_step(root / f"probe-{slug(name)}", flags + train_flags(overrides), probe)
                   for name, overrides in GPU_VARIANTS.items()}
@@ -301,6 +397,7 @@ def gpu_ablation(a):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--figure", type=int, choices=sorted(FIGURES))
+    ap.add_argument("--conversion", action="store_true", help="A/B/C: NAMI, flat then NAMI, flat (see conversion)")
     ap.add_argument("--gpu", action="store_true", help="Fig. 6 on one CUDA device within --minutes (see above)")
     ap.add_argument("--tiny", action="store_true", help="--gpu at toy sizes (runs on a CPU)")
     ap.add_argument("--minutes", type=float, default=8.0, help="--gpu: the whole command's time budget")
@@ -308,7 +405,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3, help="--gpu: peak learning rate")
     ap.add_argument("--steps", type=int, help="training steps per variant (default: about an hour per figure)")
     ap.add_argument("--eval-every", type=int, help="steps between scored checkpoints (default: steps / 3)")
-    ap.add_argument("--size", default="small", help="model preset")
+    ap.add_argument("--size", help="model preset (default: small; toy, the default run's, for --conversion)")
     ap.add_argument("--per-category", type=int, default=30, help="judge prompts per category")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--eval-seed", type=int, default=2026, help="seed of the judge's prompt set")
@@ -317,12 +414,16 @@ def main(argv=None):
     ap.add_argument("--only", help="comma-separated variant names to run (default: all)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
+    a.size = a.size or ("toy" if a.conversion else "small")
     a.command = " ".join(f"'{v}'" if " " in v else v for v in (argv if argv is not None else sys.argv[1:]))
     if a.gpu:
         a.per_category = max(a.per_category, 100) if not a.tiny else a.per_category
         return gpu_ablation(a)
+    if a.conversion:
+        a.steps = a.steps or 600
+        return conversion(a)
     if a.figure is None:
-        raise SystemExit("error: give --figure 6, 7 or 8, or --gpu")
+        raise SystemExit("error: give --figure 6, 7 or 8, --conversion or --gpu")
     a.steps = a.steps or DEFAULT_STEPS[a.figure]
     a.eval_every = a.eval_every or max(1, a.steps // 3)
     if a.steps <= 0 or a.eval_every <= 0 or a.per_category <= 0:

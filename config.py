@@ -13,7 +13,9 @@ import argparse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import files
 import nami
+import shapes
 
 
 def flag(default, help: str, **argparse_kw):
@@ -35,12 +37,13 @@ def numbers(name: str, kind=int, example: str = "1,2,3"):
 
 
 PRESETS, MODES, STARTS = sorted(nami.PRESETS), ("nami", "flat", "flow-only"), ("bridge", "pyramid")
+SHAPES_VAE = str(Path(__file__).resolve().parent / "weights" / "shapes-vae")  # made by python tinyvae.py
 
 
 @dataclass
 class TrainConfig:
     # the model
-    size: str = flag("small", "model preset", choices=PRESETS)
+    size: str = flag("toy", "model preset", choices=PRESETS)
     mode: str = flag("nami", "nami; flat = the K = 1 baseline with the full model; flow-only = the stages with "
                      "the full model (paper Fig. 6)", choices=MODES)
     cuts: tuple | None = flag(None, "stage cut points over the single blocks, e.g. 1,4,7 (paper Fig. 7)",
@@ -48,7 +51,8 @@ class TrainConfig:
     window_ratios: tuple | None = flag(None, "time-window ratios of the stages, e.g. 1:1:1 or 0.5:0.25:0.25 "
                                        "(paper Fig. 8)", type=numbers("--window-ratios", float, "1:1:1"))
     # Algorithm 1 and its schedule (paper §3.4, §4.3)
-    resolution: int = flag(32, "training image size (pixels)", type=int, bounds=(1, 16384))
+    resolution: int = flag(64, "training image size (pixels; 64 = 4×16×16 latents of the tiny shapes VAE)", type=int,
+                           bounds=(1, 16384))
     batch_size: int = flag(32, "global batch (samples per step over all ranks)", type=int, bounds=(1, 1 << 16))
     lr: float = flag(1e-3, "peak learning rate (AdamW)", type=float, bounds=("(", 0, 1, ")"))
     max_steps: int = flag(1200, "training steps", type=int, bounds=(1, 10 ** 9))
@@ -68,11 +72,16 @@ class TrainConfig:
                                        type=numbers("--stage-weights", float, "1,1,1"))
     caption_dropout: float = flag(0.1, "share of captions replaced by the empty prompt (CFG, paper §3.4)",
                                   type=float, bounds=("[", 0, 1, ")"))
+    jump_noise: bool | None = flag(None, "[ours] add at each stage jump the fine noise BridgeFlow cannot make "
+                                   "(nami.with_jump_noise; default: on for the built-in data, off for --data/--cache "
+                                   "as in the paper)", action=argparse.BooleanOptionalAction)
     start: str = flag("bridge", "start point of stage k > 1: BridgeFlow (paper) or Pyramid Flow's analytic one",
                       choices=STARTS)
     bridge_steps: int = flag(1000, "BridgeFlow pre-training steps (paper §4.3)", type=int, bounds=(0, 10 ** 8))
     bridge_lr: float = flag(1e-3, "BridgeFlow pre-training lr", type=float, bounds=("(", 0, 1, ")"))
     # data, encoders, autoencoder
+    world_level: int = flag(1, "built-in data: 1 one object, 2 + two objects, attributes and positions, 3 the "
+                            "full world with counting (shapes.LEVELS)", type=int, choices=sorted(shapes.LEVELS))
     data: str | None = flag(None, "image folder (captions in .txt files beside the images or metadata.jsonl); "
                             "default: the built-in shapes data")
     cache: str | None = flag(None, "a cache made by `python data.py cache` (latents + text states) instead of --data")
@@ -84,10 +93,11 @@ class TrainConfig:
                                       "(paper: multilingual CLIP; default: mean of the text states)")
     text_len: int = flag(16, "text tokens per prompt (paper: 256)", type=int, bounds=(1, 4096))
     pooled_len: int = flag(77, "tokens of the pooled encoder (paper: 77)", type=int, bounds=(1, 4096))
-    vae: str | None = flag(None, "local diffusers AutoencoderKL folder: train in its latent space "
-                           "(FLUX VAE: 16 channels, 8x)")
+    vae: str | None = flag("auto", "local diffusers AutoencoderKL folder: train in its latent space (FLUX VAE: 16 "
+                           "channels, 8x); none: pixel space; auto (default): the tiny shapes VAE in "
+                           "weights/shapes-vae for the built-in data, pixel space for --data/--cache")
     # the run folder
-    out: str = flag("runs/shapes-small", "output folder (default runs/<data>-<size>[-<mode>], data = shapes or "
+    out: str = flag("runs/shapes-toy", "output folder (default runs/<data>-<size>[-<mode>], data = shapes or "
                     "the folder's name)")
     resume: bool = flag(False, "continue from the newest checkpoint in --out", action="store_true")
     init_from: str | None = flag(None, "start a new run (fresh optimizer, schedule and step count) from the weights "
@@ -117,6 +127,17 @@ class TrainConfig:
     activation_checkpointing: bool = flag(False, "recompute each block's activations in backward (less memory, "
                                           "~30 %% more time)", action="store_true")
     compile: bool = flag(False, "torch.compile each transformer block", action="store_true")
+
+    def __post_init__(self):
+        """The defaults that depend on the data: the built-in world runs in the latents of its tiny VAE
+        with jump noise; an image folder or a cache runs the paper's method, in pixels unless --vae."""
+        builtin = not (self.data or self.cache)
+        if self.vae == "auto":
+            self.vae = SHAPES_VAE if builtin else None
+        elif isinstance(self.vae, str) and self.vae.lower() == "none":
+            self.vae = None
+        if self.jump_noise is None:
+            self.jump_noise = builtin
 
 
 def parse_args(argv=None, description: str | None = None) -> TrainConfig:
@@ -166,6 +187,8 @@ def model_config(cfg: TrainConfig, text_dim: int = 1, pooled_dim: int = 1, chann
         overrides["window_ratios"] = cfg.window_ratios
     if cfg.cuts is not None:
         overrides["cuts"] = cfg.cuts
+    if cfg.jump_noise:
+        overrides["jump_noise"] = True
     if cfg.mode == "flat":    # one window [1 -> 0], full model, full resolution
         overrides.update(window_ratios=(1,), cuts=(base["depth_single"],))
     elif cfg.mode == "flow-only":  # the stages, but every stage runs the full model
@@ -181,7 +204,7 @@ def validate(cfg: TrainConfig):
         value, bounds = getattr(cfg, f.name), f.metadata.get("bounds")
         name = "--" + f.name.replace("_", "-")
         if "choices" in f.metadata and value not in f.metadata["choices"] and value is not None:
-            raise ValueError(f"{name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+            raise ValueError(f"{name} must be one of {', '.join(map(str, f.metadata['choices']))}, got {value!r}")
         if bounds is not None and value is not None and not in_bounds(value, bounds):
             left, low, high, right = bounds if len(bounds) == 4 else ("[", *bounds, "]")
             raise ValueError(f"{name} must be in {left}{low:g}, {high:g}{right}, got {value}")
@@ -204,11 +227,20 @@ def validate(cfg: TrainConfig):
     # and the loss weights must have one value per stage
     stages = model_config(cfg)
     stage_mix_schedule(cfg, stages.num_stages)
-    if cfg.vae is None:  # pixel space; with a VAE its factor is known once its config is read
-        check_resolution(cfg.resolution, cfg.resolution, stages.size_multiple, "--resolution")
+    factor = 1 if cfg.vae is None else vae_factor(cfg.vae)  # None: load_autoencoder will say what is wrong
+    if factor is not None:
+        check_resolution(cfg.resolution, cfg.resolution, factor * stages.size_multiple, "--resolution")
     if cfg.stage_weights is not None and (len(cfg.stage_weights) != stages.num_stages or min(cfg.stage_weights) < 0):
         raise ValueError(f"--stage-weights needs {stages.num_stages} non-negative values, got {cfg.stage_weights}")
     check_writable(Path(cfg.out))
+
+
+def vae_factor(folder) -> int | None:
+    """Pixels per latent cell of a diffusers AutoencoderKL folder, from its config.json alone."""
+    try:
+        return 2 ** (len(files.read_json(Path(folder) / "config.json")["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_writable(out: Path):

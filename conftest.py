@@ -31,7 +31,7 @@ def encoder_dir(tmp_path_factory):
 
 def tiny_run(out, encoder_dir, **kw):
     """The TrainConfig of a few-second training run of the tiny preset (kw overrides any field)."""
-    base = dict(size="tiny", resolution=16, batch_size=8, max_steps=6, warmup=2, bridge_steps=5, text_len=16,
+    base = dict(size="tiny", resolution=16, vae=None, world_level=3, jump_noise=False, batch_size=8, max_steps=6, warmup=2, bridge_steps=5, text_len=16,
                 text_encoder=encoder_dir, out=str(out), sample_every=1000, ckpt_every=3, progress=False)
     base.update(kw)
     return config.TrainConfig(**base)

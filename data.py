@@ -793,7 +793,7 @@ class Batches:
         self.slots = slots or [list(range(B))]
         self.step, self.offset = start_step, stream * 10_000_000
         self.queue: list = []
-        self.prompts = shapes.SAMPLE_PROMPTS
+        self.prompts = shapes.EXAMPLE_PROMPTS[cfg.world_level]
         self.loader = None
         if cfg.data or cfg.cache:
             if cfg.cache:
@@ -824,7 +824,7 @@ class Batches:
             self.step += 1
         positions = self.queue.pop(0)
         if self.loader is None:     # built-in data: rendered at the full size, every stage allowed
-            pixels, samples = shapes.batch_at(self.cfg.seed, positions, self.cfg.resolution)
+            pixels, samples = shapes.batch_at(self.cfg.seed, positions, self.cfg.resolution, level=self.cfg.world_level)
             captions = [s.caption for s in samples]
             max_stage = torch.full((len(positions),), self.K)
         else:

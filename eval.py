@@ -6,6 +6,11 @@ category, held-out colour-shape pairs and the Fréchet distance to real renders.
     python eval.py --ckpt CKPT --per-category 200 --out eval-out   # + eval-out/eval.json, samples.png
     python eval.py --calibrate 2000 --res 32,64             # the judge on real and broken renders
     python eval.py --ckpt CKPT --from-stage 3               # diagnostic: stage 3 from real renders
+    python eval.py --calibrate 200 --res 64 --level 1 --vae weights/shapes-vae   # real renders through a VAE
+
+The categories judged are those of the checkpoint's world level (train.py --world-level;
+--level overrides); every accuracy comes with its standard error, and the table ends with the
+block-artefact measures of judge.block_artefacts.
 """
 from __future__ import annotations
 
@@ -17,8 +22,11 @@ import torch
 
 import checkpoint
 import config
+import encoders
+import files
 import nami
 import parallel
+import shapes
 from judge import SEED, calibrate, evaluate, sample_grid, table
 
 
@@ -51,6 +59,9 @@ def parse_args(argv=None):
     ap.add_argument("--calibrate", type=int, metavar="N",
                     help="no model: judge N real renders per category, and broken ones, at each --res size")
     ap.add_argument("--res", default="32,64", help="image sizes for --calibrate (default 32,64)")
+    ap.add_argument("--level", type=int, choices=sorted(shapes.LEVELS),
+                    help="world level whose categories are judged (default: the checkpoint's; 3 for --calibrate)")
+    ap.add_argument("--vae", help="--calibrate: judge the real renders after this AutoencoderKL's round trip")
     return ap.parse_args(argv)
 
 
@@ -98,13 +109,16 @@ def load(a, steps):
     if a.from_stage != 1 and (a.flat or not 1 <= a.from_stage <= model.cfg.num_stages):
         raise ValueError(f"--from-stage must be between 1 and {model.cfg.num_stages} (the checkpoint's stages), "
                          f"without --flat; got {a.from_stage}")
-    return (model, bridge, encoder, autoencoder), info, steps
+    # the world level the checkpoint was trained on (runs from before levels existed: the full world)
+    trained = files.read_json(Path(info["folder"]) / "config.json").get("train", {}).get("world_level", 3)
+    return (model, bridge, encoder, autoencoder), info, steps, a.level or trained
 
 
 def print_result(result: dict, folder):
     s = result["settings"]
     print(f"{folder}: {s['sampler']} sampler, steps {s['steps']}, cfg {s['guidance']:g}, "
-          f"{s['resolution'][0]}x{s['resolution'][1]}, prompt seed {s['seed']}; sampled in {result['seconds']:.1f}s\n")
+          f"{s['resolution'][0]}x{s['resolution'][1]}, world level {s['level']}, prompt seed {s['seed']}; "
+          f"sampled in {result['seconds']:.1f}s\n")
     if s["from_stage"] > 1:
         skipped = "stage 1" if s["from_stage"] == 2 else f"stages 1-{s['from_stage'] - 1}"
         print(f"diagnostic: {skipped} not sampled; stage {s['from_stage']} starts from each prompt's real "
@@ -122,7 +136,8 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     if a.calibrate is not None:
-        results = [calibrate(a.calibrate, size, a.seed) for size in sizes]
+        autoencoder = encoders.load_autoencoder(a.vae) if a.vae else None
+        results = [calibrate(a.calibrate, size, a.seed, level=a.level or 3, autoencoder=autoencoder) for size in sizes]
         if a.json:
             print(json.dumps(results, indent=1))
         else:
@@ -131,11 +146,11 @@ def main(argv=None):
             (out / "calibration.json").write_text(json.dumps(results, indent=1))
         return results
     try:
-        parts, info, steps = load(a, steps)
+        parts, info, steps, level = load(a, steps)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}")
     result = evaluate(*parts, info["resolution"], a.per_category, steps, a.cfg, a.seed, a.flat, not a.no_heldout,
-                      a.batch_size, return_images=True, from_stage=a.from_stage)
+                      a.batch_size, return_images=True, from_stage=a.from_stage, level=level)
     images = result.pop("images")
     result["checkpoint"] = info["folder"]
     if a.json:

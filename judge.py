@@ -19,6 +19,19 @@ another shape, an object left out, one too many, the two boxes of a position pro
 fail. At 24² (`--calibrate 1000 --res 24`) 100 % of the real renders pass and 99.9 % of the
 broken ones fail. At 16² the objects are 3-6 px and counting passes only ~90 % of real renders:
 judge 24² or larger.
+
+World levels (shapes.LEVELS): the prompt set holds the categories of the checkpoint's level
+(train.py --world-level; --level overrides), and "overall" is the mean over those categories:
+two at level 1, five at level 2, GenEval's six at level 3. Each accuracy comes with its standard
+error sqrt(p(1 − p)/n).
+
+Block artefacts (`block_artefacts`): NAMI's stage jumps upsample by nearest neighbour, so a last
+stage that does not sharpen what the jump made leaves 2×2-aligned blocks of one value. Of the
+2×2 blocks at an edge (their 4×4 neighbourhood varies), the share that is constant inside is
+measured on the aligned grid and on the grid shifted by one pixel; for real renders the two agree
+(0.50 / 0.51 at 32² and 64²), for a nearest-neighbour upsampled image they are 1 and 0. evaluate()
+reports both for the samples and for real renders of the same prompts, in pixels and, with a
+VAE, in the latent space where the jumps happen.
 """
 from __future__ import annotations
 
@@ -373,18 +386,23 @@ def break_sample(s: shapes.Sample, kind: str, rng: np.random.Generator) -> shape
     return s
 
 
-def calibrate(n: int, size: int = 32, seed: int = SEED, split: str = "train") -> dict:
-    """Pass rates of the judge on n real renders per category at size×size, and fail rates of
-    each kind of broken render made from them (break_sample): {"size", "real": {cat: rate},
-    "n_real": n, "broken": {kind: rate}, "n_broken": {kind: count}, "misses": ["cat: caption" of
-    each real render that failed]}."""
+def calibrate(n: int, size: int = 32, seed: int = SEED, split: str = "train", level: int = 3,
+              autoencoder=None) -> dict:
+    """Pass rates of the judge on n real renders per category (of the world level) at size×size,
+    and fail rates of each kind of broken render made from them (break_sample): {"size", "real":
+    {cat: rate}, "n_real": n, "broken": {kind: rate}, "n_broken": {kind: count}, "misses": ["cat:
+    caption" of each real render that failed]}. autoencoder: the real renders are judged after
+    its encode -> decode round trip (what a perfect model in its latent space could draw)."""
     rng = np.random.default_rng([seed, size])
     real, broken, misses = {}, {k: [] for k in BREAKS}, []
-    for cat in shapes.CATEGORIES:
+    for cat in shapes.check_level(level):
         passed = []
         for i in range(n):
             s = shapes.make_sample(seed, i, split, cat)
-            ok = judge(detect(shapes.render(s, size)), s.prompt)
+            image = shapes.render(s, size)
+            if autoencoder is not None:
+                image = to_image(autoencoder.decode(autoencoder.encode(to_tensor(image)[None]))[0])
+            ok = judge(detect(image), s.prompt)
             passed.append(ok)
             if not ok:
                 misses.append(f"{cat}: {s.caption}")
@@ -399,25 +417,79 @@ def calibrate(n: int, size: int = 32, seed: int = SEED, split: str = "train") ->
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. The benchmark: a fixed prompt set, sampled, judged and compared with real renders
+# 5. Block artefacts: 2×2-aligned blocks of one value, left by the nearest-neighbour jumps
 # ----------------------------------------------------------------------------------------------
 
-def prompt_set(per_category: int = 50, seed: int = SEED, heldout: bool = True) -> list[tuple[str, shapes.Sample]]:
-    """[(split, Sample)]: per_category prompts of each category from the training pairs, then
-    (heldout=True) per_category of each category that names a held-out colour-shape pair."""
-    items = [("train", shapes.make_sample(seed, i, "train", cat)) for cat in shapes.CATEGORIES for i in range(per_category)]
+PIXEL_TOL = 4.0    # 0..255 units: a 2×2 block whose channels vary less than this inside is constant
+LATENT_TOL = 0.02  # the same for unit-variance latents (encoders.VAE normalises them)
+
+
+def constant_share(x: torch.Tensor, tol: float, offset: int = 0, block: int = 2) -> float:
+    """Of the block×block cells of the grid starting at `offset` whose neighbourhood (the cell and
+    a one-pixel ring around it) varies by more than 4·tol — cells at an edge — the share whose own
+    values vary by at most tol (max − min over the cell, largest over the channels). x: (N, C, H, W)."""
+    x = x[..., offset:, offset:]
+    H, W = x.shape[-2] // block * block, x.shape[-1] // block * block
+    x = x[..., :H, :W].float()
+    cell = F.max_pool2d(x, block) + F.max_pool2d(-x, block)                   # max − min per cell and channel
+    xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    around = F.max_pool2d(xp, block + 2, block) + F.max_pool2d(-xp, block + 2, block)
+    edge = around.amax(1) > 4 * tol                                          # (N, H/b, W/b)
+    constant = cell.amax(1) <= tol
+    return float((constant & edge).sum() / edge.sum().clamp_min(1))
+
+
+def grid_contrast(x: torch.Tensor, cell: int = 2) -> float:
+    """1 − (mean |difference| between neighbours inside a cell×cell cell of the aligned grid) /
+    (mean |difference| between neighbours on either side of a cell border), rows and columns
+    together. Needs no tolerance: near 0 where the grid leaves no trace (real images), 1 for a
+    nearest-neighbour upsampled image, in between where a stage sharpened the jump only in part.
+    cell = 2 × the VAE factor finds the jump's latent blocks in decoded images."""
+    x = x.float()
+    W, H = x.shape[-1] // cell * cell, x.shape[-2] // cell * cell
+    dx, dy = (x[..., :, 1:W] - x[..., :, :W - 1]).abs(), (x[..., 1:H, :] - x[..., :H - 1, :]).abs()
+    border = torch.arange(W - 1) % cell == cell - 1
+    inside = torch.cat([dx[..., ~border].flatten(), dy[..., ~border[:H - 1], :].flatten()]).mean()
+    across = torch.cat([dx[..., border].flatten(), dy[..., border[:H - 1], :].flatten()]).mean()
+    return float(1 - inside / across.clamp_min(1e-12))
+
+
+def block_artefacts(x: torch.Tensor, tol: float = PIXEL_TOL, cell: int = 2) -> dict:
+    """{"aligned": share of constant edge cells on the 2×2 grid the jumps use, "shifted": the same
+    on the grid shifted by one pixel, "excess": aligned − shifted, "grid": grid_contrast}. x:
+    (N, C, H, W) images in [−1, 1] (tol then in 0..255 units) or latents (pass tol=LATENT_TOL).
+    Real renders: excess ≈ 0 and grid ≈ 0; a nearest-neighbour upsampled image: aligned 1,
+    excess and grid near 1. cell: the grid contrast's cell (2 × the VAE factor for decoded images)."""
+    if tol == PIXEL_TOL:
+        x = (x.float().clamp(-1, 1) + 1) * 127.5
+    aligned, shifted = constant_share(x, tol, 0), constant_share(x, tol, 1)
+    return {"aligned": aligned, "shifted": shifted, "excess": aligned - shifted, "grid": grid_contrast(x, cell)}
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The benchmark: a fixed prompt set, sampled, judged and compared with real renders
+# ----------------------------------------------------------------------------------------------
+
+def prompt_set(per_category: int = 50, seed: int = SEED, heldout: bool = True,
+               level: int = 3) -> list[tuple[str, shapes.Sample]]:
+    """[(split, Sample)]: per_category prompts of each category of the world level from the
+    training pairs, then (heldout=True) per_category of each of those categories that names a
+    held-out colour-shape pair. A category's prompts are the same at every level."""
+    categories = shapes.check_level(level)
+    items = [("train", shapes.make_sample(seed, i, "train", cat)) for cat in categories for i in range(per_category)]
     if heldout:
         items += [("heldout", shapes.make_sample(seed, i, "heldout", cat))
-                  for cat in HELDOUT_CATEGORIES for i in range(per_category)]
+                  for cat in HELDOUT_CATEGORIES if cat in categories for i in range(per_category)]
     return items
 
 
 @torch.no_grad()
 def generate_images(model, bridge, encoder, autoencoder, captions, seeds, resolution, steps, guidance=nami.DEFAULT_GUIDANCE,
-                    flat=False, batch_size=64, from_stage=1, reals=None) -> torch.Tensor:
+                    flat=False, batch_size=64, from_stage=1, reals=None, latents=None) -> torch.Tensor:
     """Captions -> decoded images (N, 3, H, W) in [−1, 1] on the CPU, batch_size prompts at a time
     (steps: Euler steps per stage, as evaluate resolved them). from_stage > 1: start that stage
-    from the real images `reals` (N, 3, H, W) instead of noise (nami.generate's diagnostic)."""
+    from the real images `reals` (N, 3, H, W) instead of noise (nami.generate's diagnostic).
+    latents: a list that receives the undecoded final latents, batch by batch."""
     w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
     f = autoencoder.factor
     device = next(model.parameters()).device
@@ -427,6 +499,8 @@ def generate_images(model, bridge, encoder, autoencoder, captions, seeds, resolu
         x = nami.generate(model, encoder, captions[i:i + batch_size], seeds[i:i + batch_size], h // f, w // f, steps,
                           guidance, bridge=bridge, flat=flat,
                           from_stage=from_stage, clean=clean)[-1]
+        if latents is not None:
+            latents.append(x.float().cpu())
         out.append(autoencoder.decode(x).float().cpu())
     return torch.cat(out)
 
@@ -437,9 +511,15 @@ def real_renders(items: list[tuple[str, shapes.Sample]], width: int, height: int
                         for _, s in items])
 
 
-def score(images: torch.Tensor, items: list[tuple[str, shapes.Sample]]) -> dict:
+def standard_error(p: float, n: int) -> float:
+    """Of an accuracy p measured on n prompts: sqrt(p(1 − p)/n)."""
+    return float(np.sqrt(p * (1 - p) / n)) if n else float("nan")
+
+
+def score(images: torch.Tensor, items: list[tuple[str, shapes.Sample]], level: int = 3) -> dict:
     """Judge each image against its prompt and compare all images with real renders of the same
-    prompts (Fréchet distance); the numbers of evaluate()."""
+    prompts (Fréchet distance, block artefacts); the numbers of evaluate(). The categories (and
+    the overall mean) are those of the world level."""
     if len(images) != len(items):
         raise ValueError(f"{len(images)} images for {len(items)} prompts")
     size = tuple(images.shape[-2:])
@@ -451,44 +531,65 @@ def score(images: torch.Tensor, items: list[tuple[str, shapes.Sample]]) -> dict:
 
     def accuracy(split, cat):
         got = [r["passed"] for r in records if r["split"] == split and r["category"] == cat]
-        return {"accuracy": float(np.mean(got)), "n": len(got)} if got else None
+        return {"accuracy": float(np.mean(got)), "n": len(got), "se": standard_error(np.mean(got), len(got))} \
+            if got else None
 
-    cats = {c: accuracy("train", c) for c in shapes.CATEGORIES}
+    def mean_of(accuracies):  # the mean of independent accuracies and its standard error
+        return (float(np.mean([a["accuracy"] for a in accuracies])),
+                float(np.sqrt(sum(a["se"] ** 2 for a in accuracies)) / len(accuracies)))
+
+    cats = {c: accuracy("train", c) for c in shapes.check_level(level)}
     held = {c: a for c in HELDOUT_CATEGORIES if (a := accuracy("heldout", c))}
-    result = {"categories": cats,
-              "overall": float(np.mean([a["accuracy"] for a in cats.values()])) if all(cats.values()) else None,
-              "heldout": {"accuracy": float(np.mean([a["accuracy"] for a in held.values()])),
+    overall = mean_of(list(cats.values())) if all(cats.values()) else (None, None)
+    result = {"categories": cats, "level": level, "overall": overall[0], "overall_se": overall[1],
+              "heldout": {"accuracy": mean_of(list(held.values()))[0], "se": mean_of(list(held.values()))[1],
                           "n": sum(a["n"] for a in held.values()), "categories": held} if held else None}
     reals = real_renders(items, size[1], size[0])
     result["fd"] = frechet_distance(features(images), features(reals)) if len(items) >= 2 else None
+    result["blocks"] = {"samples": block_artefacts(images), "real": block_artefacts(reals)}
     result["samples"] = records
     return result
 
 
 def evaluate(model, bridge, encoder, autoencoder, resolution, per_category: int = 50, steps=None,
              guidance: float = nami.DEFAULT_GUIDANCE, seed: int = SEED, flat: bool = False, heldout: bool = True,
-             batch_size: int = 64, return_images: bool = False, from_stage: int = 1) -> dict:
+             batch_size: int = 64, return_images: bool = False, from_stage: int = 1, level: int = 3) -> dict:
     """Sample the prompt set with the model and score it. resolution: pixels, an int or (W, H)
     (checkpoint.load_model's info["resolution"]); steps: Euler steps per stage (default 30 in all,
     10 each for K = 3; flat=True runs their sum in one window). Noise seed of prompt j is j. Returns
     {"categories": {cat: {"accuracy", "n"}}, "overall": mean of the six accuracies,
      "heldout": {"accuracy": mean over its categories, "n", "categories"}, "fd": float,
      "samples": [per prompt: caption, category, split, passed, detections], "settings": {...},
+     "blocks": block artefacts of samples and real renders (and of their latents with a VAE),
      "seconds": sampling time} (+ "images": (N, 3, H, W) tensor if return_images).
+    level: the world level whose categories are judged (shapes.LEVELS).
     from_stage=k > 1: stages 1..k−1 are not sampled; stage k starts from the real render of each
     prompt, noised as in training — which stage loses the prompt? (a diagnostic, not a score)."""
-    items = prompt_set(per_category, seed, heldout)
+    items = prompt_set(per_category, seed, heldout, level)
     steps = list(steps or nami.default_steps(model.cfg.num_stages))
     w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
     reals = None if from_stage == 1 else real_renders(items, w, h)
+    latents = []
     t0 = time.perf_counter()
     images = generate_images(model, bridge, encoder, autoencoder, [s.caption for _, s in items],
-                             list(range(len(items))), resolution, steps, guidance, flat, batch_size, from_stage, reals)
+                             list(range(len(items))), resolution, steps, guidance, flat, batch_size, from_stage, reals,
+                             latents)
     seconds = time.perf_counter() - t0
-    result = score(images, items)
+    result = score(images, items, level)
+    if autoencoder.factor > 1:  # the jumps happen in the latent space: look for blocks there, and for
+        # the latent blocks decoded, cells of 2 × factor pixels, in the images
+        device, cell = next(model.parameters()).device, 2 * autoencoder.factor
+        reals = real_renders(items, w, h)
+        real_latents = torch.cat([autoencoder.encode(r.to(device)).cpu() for r in reals.split(256)])
+        result["blocks"]["samples"] = block_artefacts(images, cell=cell)
+        result["blocks"]["real"] = block_artefacts(reals, cell=cell)
+        result["blocks"]["real_through_vae"] = block_artefacts(
+            torch.cat([autoencoder.decode(z.to(device)).cpu() for z in real_latents.split(256)]), cell=cell)
+        result["blocks"]["latent_samples"] = block_artefacts(torch.cat(latents), LATENT_TOL)
+        result["blocks"]["latent_real"] = block_artefacts(real_latents, LATENT_TOL)
     result["settings"] = {"per_category": per_category, "seed": seed, "steps": steps, "guidance": guidance,
                           "sampler": "flat" if flat or model.cfg.num_stages == 1 else "nami",
-                          "resolution": list(images.shape[-2:][::-1]), "from_stage": from_stage}
+                          "resolution": list(images.shape[-2:][::-1]), "from_stage": from_stage, "level": level}
     result["seconds"] = seconds
     if return_images:
         result["images"] = images
@@ -496,25 +597,35 @@ def evaluate(model, bridge, encoder, autoencoder, resolution, per_category: int 
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Output: the table, the JSON, a grid of samples framed green (pass) or red (fail)
+# 7. Output: the table, the JSON, a grid of samples framed green (pass) or red (fail)
 # ----------------------------------------------------------------------------------------------
 
 def table(result: dict) -> str:
     """Markdown table like the paper's Table 3: one row per category, overall, held-out pairs."""
-    lines = ["| category | n | accuracy |", "|---|---:|---:|"]
+    def cell(a):
+        return f"{a['accuracy']:.3f} ± {a['se']:.3f}" if "se" in a else f"{a['accuracy']:.3f}"
+    lines = ["| category | n | accuracy ± s.e. |", "|---|---:|---:|"]
     cats = result["categories"]
     for cat, a in cats.items():
-        lines.append(f"| {cat} | {a['n']} | {a['accuracy']:.3f} |" if a else f"| {cat} | 0 | – |")
-    overall = "–" if result["overall"] is None else f"**{result['overall']:.3f}**"
-    lines.append(f"| **overall** (mean of the six) | {sum(a['n'] for a in cats.values() if a)} | {overall} |")
+        lines.append(f"| {cat} | {a['n']} | {cell(a)} |" if a else f"| {cat} | 0 | – |")
+    overall = "–" if result["overall"] is None else f"**{result['overall']:.3f}**" + (
+        f" ± {result['overall_se']:.3f}" if result.get("overall_se") is not None else "")
+    count = {2: "two", 5: "five", 6: "six"}.get(len(cats), len(cats))
+    lines.append(f"| **overall** (mean of the {count}) | {sum(a['n'] for a in cats.values() if a)} | {overall} |")
     held = result.get("heldout")
     if held:
         parts = ", ".join(f"{c} {a['accuracy']:.2f}" for c, a in held["categories"].items())
-        lines.append(f"| held-out pairs ({parts}) | {held['n']} | {held['accuracy']:.3f} |")
+        lines.append(f"| held-out pairs ({parts}) | {held['n']} | {cell(held)} |")
     fd = result.get("fd")
     lines.append("")
     lines.append(f"Fréchet distance to real renders of the same prompts: {fd:.4f}" if fd is not None else
                  "Fréchet distance: needs at least 2 prompts")
+    blocks = result.get("blocks")
+    if blocks:
+        lines.append("Block artefacts (share of constant 2×2 edge cells, aligned grid / shifted grid, equal for real "
+                     "renders; grid contrast, about 0 for real renders, 1 for nearest-neighbour blocks): " +
+                     "; ".join(f"{name.replace('_', ' ')} {b['aligned']:.3f} / {b['shifted']:.3f}, {b['grid']:.3f}"
+                               for name, b in blocks.items()))
     return "\n".join(lines)
 
 

@@ -27,7 +27,6 @@ import torch.utils.checkpoint
 # 1. Configuration and presets
 # ----------------------------------------------------------------------------------------------
 
-
 @dataclass
 class NamiConfig:
     hidden_size: int = 192
@@ -44,6 +43,7 @@ class NamiConfig:
     mlp_ratio: float = 4.0
     window_ratios: tuple = (1, 1, 1)  # lengths of the K original time windows, stage 1 first
     gamma: float = 1 / 3              # Pyramid Flow's corrected-start constant
+    jump_noise: bool = False          # [ours] fine noise added at each jump (with_jump_noise); release: off
     MAX_BLOCKS = 1000  # per kind (not a field): far above any published model (FLUX.1: 19 double + 38 single)
 
     def __post_init__(self):
@@ -97,16 +97,13 @@ PRESETS: dict[str, dict] = {
                in_channels=16, joint_attention_dim=4096, pooled_projection_dim=1024, axes_dim=(16, 56, 56)),
     "0.6b": dict(hidden_size=1536, num_heads=12, depth_double=4, depth_single=8, cuts=(1, 5, 8),
                  in_channels=16, joint_attention_dim=4096, pooled_projection_dim=1024, axes_dim=(16, 56, 56)),
-    # CPU presets (text dims of all-MiniLM-L6-v2)
-    "small": dict(hidden_size=192, num_heads=3, depth_double=2, depth_single=6, cuts=(2, 4, 6),
-                  axes_dim=(16, 24, 24)),
-    # mini: the recipe search's smaller model for the 15-minute budget (results/recipes.md)
-    "mini": dict(hidden_size=128, num_heads=2, depth_double=2, depth_single=6, cuts=(2, 4, 6),
-                 axes_dim=(16, 24, 24)),
-    "base": dict(hidden_size=256, num_heads=4, depth_double=2, depth_single=8, cuts=(2, 5, 8),
-                 axes_dim=(16, 24, 24)),
-    "tiny": dict(hidden_size=64, num_heads=2, depth_double=1, depth_single=3, cuts=(1, 2, 3),
-                 axes_dim=(8, 12, 12)),
+    # CPU presets (text dims of all-MiniLM-L6-v2); mini: results/recipes.md's smaller model; toy: the
+    # default run's, for 4×16×16 latents of the tiny shapes VAE (one double block: stage 1 is cheap)
+    "small": dict(hidden_size=192, num_heads=3, depth_double=2, depth_single=6, cuts=(2, 4, 6), axes_dim=(16, 24, 24)),
+    "mini": dict(hidden_size=128, num_heads=2, depth_double=2, depth_single=6, cuts=(2, 4, 6), axes_dim=(16, 24, 24)),
+    "base": dict(hidden_size=256, num_heads=4, depth_double=2, depth_single=8, cuts=(2, 5, 8), axes_dim=(16, 24, 24)),
+    "toy": dict(hidden_size=128, num_heads=2, depth_double=1, depth_single=8, cuts=(1, 4, 8), axes_dim=(16, 24, 24)),
+    "tiny": dict(hidden_size=64, num_heads=2, depth_double=1, depth_single=3, cuts=(1, 2, 3), axes_dim=(8, 12, 12)),
 }
 
 
@@ -122,7 +119,6 @@ def get_config(name: str, **overrides) -> NamiConfig:
 # ----------------------------------------------------------------------------------------------
 # 2. Flow mathematics (pure functions shared by model, trainer, sampler and tests)
 # ----------------------------------------------------------------------------------------------
-
 
 def window_boundaries(ratios=(1, 1, 1)) -> list[float]:
     """Original boundaries 1 = σ_0 > σ_1 > … > σ_K = 0, stage lengths ∝ ratios (paper Fig. 8)."""
@@ -231,11 +227,10 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> tor
 def stage_points(x, eps, k, windows, bridge=None, start="bridge"):
     """(x̂_s, x̂_e) of stage k for clean images x and noise eps, both at stage k's size.
 
-    Algorithm 1, lines 7-13: the end point is the noised image at e_k; the start point is ε_1
-    for k = 1, else the end point of stage k−1 (built from Down(x) and the coupled noise
-    2·Down(ε)) carried across the jump by BridgeFlow, exactly as the sampler will carry it.
-    `start="pyramid"` uses Pyramid Flow's analytic start instead; `bridge=None` means Up only.
-    """
+    Algorithm 1, lines 7-13: the end point is the noised image at e_k; the start point is ε_1 for
+    k = 1, else the end point of stage k−1 (from Down(x) and the coupled noise 2·Down(ε)) carried
+    across the jump by BridgeFlow as the sampler will carry it. start="pyramid": Pyramid Flow's
+    analytic start instead; bridge=None: Up only."""
     s_k, e_k = windows[k - 1]
     x_e = stage_endpoint(x, eps, e_k)
     if k == 1:
@@ -246,6 +241,17 @@ def stage_points(x, eps, k, windows, bridge=None, start="bridge"):
     x_e_prev = stage_endpoint(x_prev, eps_prev, windows[k - 2][1])
     x_s = bridge(x_e_prev, k) if bridge is not None else up(x_e_prev)
     return x_s, x_e
+
+
+def with_jump_noise(bridge, eps: torch.Tensor, windows):
+    """[ours] The jump bridge(x, k) (None: Up) plus s_k·(ε_k − Up(Down(ε_k))), the fine noise of
+    Pyramid Flow's start that BridgeFlow cannot make (docs/method.md §8), ε_k of eps's pyramid."""
+    pyramid = noise_pyramid(eps, len(windows))
+
+    def jump(x, k):
+        fine = pyramid[k - 1] - up(down(pyramid[k - 1]))
+        return (bridge(x, k) if bridge is not None else up(x)) + windows[k - 1][0] * fine
+    return jump
 
 
 def stage_size(size: int, num_stages: int, k: int) -> int:
@@ -266,7 +272,6 @@ def size_multiple(num_stages: int, patch_size: int = 2) -> int:
 # ----------------------------------------------------------------------------------------------
 # 3. The progressive MM-DiT (FLUX layout; module names follow diffusers' FluxTransformer2DModel)
 # ----------------------------------------------------------------------------------------------
-
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/p·W/p, C·p·p), features ordered (c, ph, pw) as in FLUX."""
@@ -323,8 +328,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).type_as(x)
@@ -573,14 +577,12 @@ class Nami(nn.Module):
             tokens = self.run_block(block, tokens, vec_act, pe)
         img = tokens[:, txt.shape[1]:]
         scale, shift = self.norm_out(vec_act)
-        img = self.proj_out(modulate(img, shift, scale))      # (B, h·w, C·p·p)
-        return unpatchify(img, p, h, w)
+        return unpatchify(self.proj_out(modulate(img, shift, scale)), p, h, w)  # from (B, h·w, C·p·p)
 
 
 # ----------------------------------------------------------------------------------------------
 # 4. Sampling (paper §3.5): progressive Euler with BridgeFlow at each jump, batched CFG
 # ----------------------------------------------------------------------------------------------
-
 
 def guided_velocity(model, x, tau, txt, pooled, txt_uncond=None, pooled_uncond=None,
                     cfg: float = 1.0, stage=None):
@@ -635,10 +637,8 @@ def progressive_sample(velocity, eps, grids, bridge=None, on_stage_end=None, sta
 
 def model_velocity(model, txt, pooled, txt_uncond=None, pooled_uncond=None, guidance: float = 1.0,
                    full_model: bool = False):
-    """The velocity(x, k, t', τ) callable that progressive_sample wants, for a Nami model. Guidance 1
-    skips the unconditional half; full_model runs every block at every stage ("flow only" and
-    flat). The model computes in its weights' dtype (bf16 weights on a GPU); the velocity comes
-    back in float32, for Euler steps in float32."""
+    """progressive_sample's velocity(x, k, t', τ) for a Nami model, in float32 whatever the weights'
+    dtype. Guidance 1 skips the unconditional half; full_model runs every block ("flow only", flat)."""
     if guidance == 1.0:
         txt_uncond = pooled_uncond = None
 
@@ -676,10 +676,9 @@ def generate(model, encoder, prompts, seeds, height, width, steps, guidance=DEFA
              bridge=None, flat=False, on_stage_end=None, from_stage=1, clean=None,
              schedule=uniform_grids):
     """Prompts -> images (B, C, H, W), one Gaussian draw ε_K per seed at the full size. flat=True:
-    the baseline sampler, one window [1 → 0] with every block and sum(steps) steps. schedule makes
-    the Euler grids (uniform_grids, or release.grids). from_stage=k > 1 with clean latents: stage k
-    starts from their training start point (Algorithm 1, lines 7-13, with the seeds' noise), so
-    that stages k..K alone make the image, a diagnostic (eval.py --from-stage)."""
+    the baseline, one window [1 → 0], every block, sum(steps) steps. schedule: uniform_grids or
+    release.grids. from_stage=k > 1 with clean latents: stage k starts from their training start
+    point (Algorithm 1, lines 7-13), so stages k..K alone make the image (eval.py --from-stage)."""
     cfg = model.cfg
     device = next(model.parameters()).device
     txt, pooled = encoder.encode(list(prompts))
@@ -687,6 +686,7 @@ def generate(model, encoder, prompts, seeds, height, width, steps, guidance=DEFA
     eps = torch.stack([torch.randn(cfg.in_channels, height, width, generator=torch.Generator().manual_seed(int(s)))
                        for s in seeds]).to(device)
     windows, grids, full = sampling_plan(cfg, steps, flat, schedule)
+    bridge = with_jump_noise(bridge, eps, windows) if cfg.jump_noise else bridge
     velocity = model_velocity(model, txt.to(device), pooled.to(device), txt_u.to(device), pooled_u.to(device),
                               guidance, full)
     start = None

@@ -10,7 +10,15 @@ HELDOUT_PAIRS lists the colour-shape pairs that are never drawn in training imag
 named in a training caption): `split="heldout"` produces prompts that use them, to measure
 generalisation to unseen combinations.
 
+The world has three levels of difficulty (LEVELS), each a superset of the one below; the
+held-out pairs stay out at every level:
+  1  one object: single object ("a photo of a triangle") and colours ("a red circle");
+  2  + two objects, colour attribution and position;
+  3  the full world, + counting. Level 3 is the world as it always was: the same (seed, index)
+     gives the same sample as before levels existed, so earlier results stay valid.
+
     python shapes.py --n 16 --size 32 --out shapes_preview.png     # look at some samples
+    python shapes.py --level 1 --size 64                          # the one-object world
 """
 from __future__ import annotations
 
@@ -37,6 +45,10 @@ PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 HELDOUT_PAIRS = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+# World levels: the categories a level draws from, in CATEGORIES' order (each level ⊃ the one below)
+LEVELS = {1: ("single_object", "colors"),
+          2: ("single_object", "two_object", "colors", "position", "color_attr"),
+          3: CATEGORIES}
 RELATIONS = {  # relation -> paraphrases; "A <rel> B" means A is on that side of B
     "left of": ("to the left of", "left of", "on the left of"),
     "right of": ("to the right of", "right of", "on the right of"),
@@ -44,12 +56,18 @@ RELATIONS = {  # relation -> paraphrases; "A <rel> B" means A is on that side of
     "below": ("below", "under", "beneath"),
 }
 PREFIXES = ("a photo of ", "an image of ", "a picture of ", "a drawing of ", "")
-# The fixed prompts of the sample grids that training writes (seeds 0..7)
-SAMPLE_PROMPTS = [
-    "a photo of a red circle", "a blue square", "a photo of a green triangle", "three yellow circles",
-    "a purple square to the left of an orange circle", "a white triangle above a blue square",
-    "a photo of a circle and a square", "a photo of a red circle and a green square",
-]
+# Fixed prompts of each level for the sample grids written while training (none names a held-out pair)
+EXAMPLE_PROMPTS = {
+    1: ["a photo of a red circle", "a blue square", "a photo of a green triangle", "a yellow circle",
+        "a purple square", "an orange triangle", "a photo of a white circle", "a photo of a triangle"],
+    2: ["a photo of a red circle", "a blue square", "a photo of a green triangle", "a photo of a circle and a square",
+        "a purple square to the left of an orange circle", "a white triangle above a blue square",
+        "a yellow circle below a green triangle", "a photo of a red circle and a green square"],
+    3: ["a photo of a red circle", "a blue square", "a photo of a green triangle", "three yellow circles",
+        "a purple square to the left of an orange circle", "a white triangle above a blue square",
+        "a photo of a circle and a square", "a photo of a red circle and a green square"],
+}
+SAMPLE_PROMPTS = EXAMPLE_PROMPTS[3]  # the full world's
 
 
 def caption_words() -> set[str]:
@@ -119,11 +137,25 @@ def satisfies(relation: str, a, b) -> bool:
     return {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[relation] > max(0.15, abs(dy if relation in ("left of", "right of") else dx))
 
 
-def make_sample(seed: int, index: int, split: str = "train", category: str | None = None) -> Sample:
-    """The index-th sample of the world with this seed (the same (seed, index) -> the same sample)."""
+def check_level(level: int) -> tuple:
+    """The categories of a world level, or a ValueError naming the levels."""
+    if level not in LEVELS:
+        raise ValueError(f"world level {level!r} does not exist: choose one of {sorted(LEVELS)} "
+                         "(1 one object, 2 + two objects and positions, 3 the full world with counting)")
+    return LEVELS[level]
+
+
+def make_sample(seed: int, index: int, split: str = "train", category: str | None = None,
+                level: int = 3) -> Sample:
+    """The index-th sample of the world with this seed (the same (seed, index) -> the same sample).
+    level: the world level (LEVELS) the category is drawn from when none is given; level 3 draws
+    exactly as the world did before levels existed."""
+    cats = check_level(level)
+    if category is not None and category not in cats:
+        raise ValueError(f"category {category!r} is not in world level {level} ({', '.join(cats)})")
     rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
     if category is None:
-        category = CATEGORIES[rng.integers(len(CATEGORIES))]
+        category = cats[rng.integers(len(cats))]
     bg = float(rng.uniform(0.0, 0.4))
 
     def pick(held=False):
@@ -202,14 +234,14 @@ def render(sample: Sample, size: int = 32, supersample: int = 4) -> Image.Image:
     return img.resize((size, size), Image.BOX)
 
 
-def batch(seed: int, start: int, n: int, size: int = 32, split: str = "train"):
+def batch(seed: int, start: int, n: int, size: int = 32, split: str = "train", level: int = 3):
     """Samples start..start+n−1: images (n, 3, size, size) in [−1, 1] and their Sample records."""
-    return batch_at(seed, range(start, start + n), size, split)
+    return batch_at(seed, range(start, start + n), size, split, level)
 
 
-def batch_at(seed: int, indices, size: int = 32, split: str = "train"):
+def batch_at(seed: int, indices, size: int = 32, split: str = "train", level: int = 3):
     """The samples at these indices (any order): images (n, 3, size, size) in [−1, 1] and records."""
-    samples = [make_sample(seed, i, split) for i in indices]
+    samples = [make_sample(seed, i, split, level=level) for i in indices]
     images = torch.stack([to_tensor(render(s, size)) for s in samples])  # (n, 3, size, size)
     return images, samples
 
@@ -220,9 +252,10 @@ if __name__ == "__main__":
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", choices=("train", "heldout"), default="train")
+    ap.add_argument("--level", type=int, choices=sorted(LEVELS), default=3, help="world level (1, 2 or 3)")
     ap.add_argument("--out", default="shapes_preview.png")
     a = ap.parse_args()
-    samples = [make_sample(a.seed, i, a.split) for i in range(a.n)]
+    samples = [make_sample(a.seed, i, a.split, level=a.level) for i in range(a.n)]
     for s in samples:
         print(f"{s.category:14s} {s.caption}")
     grid([render(s, a.size).resize((a.size * 4,) * 2, Image.NEAREST) for s in samples]).save(a.out)

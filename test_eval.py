@@ -187,7 +187,8 @@ def test_prompt_set_is_fixed_and_holds_every_category_and_the_heldout_pairs():
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, encoder_dir):
     out = tmp_path_factory.mktemp("tiny_eval_run")
-    train.main(config.TrainConfig(size="tiny", resolution=16, batch_size=8, max_steps=2, bridge_steps=5,
+    train.main(config.TrainConfig(size="tiny", resolution=16, vae=None, world_level=3, jump_noise=False, batch_size=8,
+                                  max_steps=2, bridge_steps=5,
                                  text_encoder=encoder_dir, out=str(out), ckpt_every=2, sample_every=1000,
                                  progress=False))
     return out / "ckpt-0000002"
@@ -264,3 +265,17 @@ def test_gpu_ablation_runs_every_step_at_a_toy_budget_and_writes_its_report(tmp_
             ablate.main(["--gpu", "--out", str(tmp_path / "runs")])
         else:
             raise SystemExit("CUDA present")
+
+
+def test_conversion_runs_a_b_and_c_and_b_starts_from_cs_midpoint(tmp_path):
+    """ablate.py --conversion (issue 16) at a toy budget: A and C train 4 steps, B continues C's
+    checkpoint at step 2 as NAMI for 2 steps, and the report has one row per run."""
+    import ablate
+    runs = ablate.main(["--conversion", "--steps", "4", "--size", "tiny", "--per-category", "1", "--quiet",
+                        "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    assert [s["step"] for s in runs["B: flat, then NAMI"]] == [2, 4] and [s["step"] for s in runs["C: flat"]] == [2, 4]
+    converted = tmp_path / "runs" / "conversion" / "converted"
+    source = json.loads((checkpoint.latest_checkpoint(converted) / "config.json").read_text())["init_from"]
+    assert source["path"].endswith("ckpt-0000002") and "flat" in source["path"]
+    report = (tmp_path / "results" / "init-from.md").read_text()
+    assert all(f"| {name} |" in report for name in runs) and (tmp_path / "results" / "init-from.png").is_file()

@@ -31,7 +31,7 @@ import train
 from conftest import tiny_encoder
 
 ROOT = Path(__file__).parent
-RUN = dict(size="tiny", resolution=16, batch_size=8, warmup=2, bridge_steps=5, text_len=16, sample_every=10 ** 6)
+RUN = dict(size="tiny", resolution=16, vae=None, world_level=3, jump_noise=False, batch_size=8, warmup=2, bridge_steps=5, text_len=16, sample_every=10 ** 6)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,8 @@ def config(out, encoder, **kw) -> train.TrainConfig:
 
 
 def cli_args(out, encoder, max_steps, ckpt_every=1) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "--size", "tiny", "--resolution", "16", "--batch-size", "8",
-            "--warmup", "2", "--bridge-steps", "5", "--text-len", "16", "--sample-every", "1000000",
+    return [sys.executable, str(ROOT / "train.py"), "--size", "tiny", "--resolution", "16", "--vae", "none", "--world-level", "3",
+            "--no-jump-noise", "--batch-size", "8", "--warmup", "2", "--bridge-steps", "5", "--text-len", "16", "--sample-every", "1000000",
             "--text-encoder", encoder, "--out", str(out), "--max-steps", str(max_steps),
             "--ckpt-every", str(ckpt_every), "--no-progress", "--resume"]
 

@@ -959,7 +959,11 @@ def test_train_refuses_bad_flags_before_any_work(tmp_path, monkeypatch, capsys, 
 def test_train_valid_flags_pass_validation(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert train_flag_error(["--out", "run", "--size", "tiny", "--cuts", "1,2,3", "--window-ratios", "2:1:1",
-                             "--resolution", "16", "--stage-weights", "1,1,2", "--seed", "7"], capsys) is None
+                             "--resolution", "16", "--vae", "none", "--stage-weights", "1,1,2", "--seed", "7"],
+                            capsys) is None
+    # the default: the tiny shapes VAE (factor 4), whose 64² images the toy preset splits into three stages
+    assert train_flag_error(["--out", "run"], capsys) is None
+    assert "multiple of 32" in train_flag_error(["--out", "run", "--resolution", "48"], capsys)
 
 
 # ----------------------------------------------------------------------------------------------

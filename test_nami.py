@@ -725,7 +725,7 @@ def flux_velocity(flux, x, tau, txt, pooled):
 
 
 def test_released_flux_weights_give_diffusers_velocity_at_every_stage(released_dir):
-    """docs/method.md §8 / issue 4: our model with converted diffusers weights computes diffusers' velocity,
+    """docs/method.md §3: our model with converted diffusers weights computes diffusers' velocity,
     for the full model and for each stage (diffusers' model cut after c_k single blocks)."""
     from diffusers import FluxTransformer2DModel
     flux = FluxTransformer2DModel(**TINY_FLUX).eval()

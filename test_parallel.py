@@ -22,7 +22,8 @@ import train
 
 ROOT = Path(__file__).parent
 # batch 8 = 2 micro-batches of 4: one process accumulates both, two ranks take one each
-RUN = ["--size", "tiny", "--resolution", "16", "--batch-size", "8", "--micro-batch", "4", "--warmup", "2",
+RUN = ["--size", "tiny", "--resolution", "16", "--vae", "none", "--world-level", "3", "--no-jump-noise",
+       "--batch-size", "8", "--micro-batch", "4", "--warmup", "2",
        "--bridge-steps", "5", "--text-len", "16", "--sample-every", "1000000", "--log-every", "1", "--no-progress"]
 TOLERANCE = 1e-4  # relative, on each step's loss: the same sums, taken in another order and batching
 

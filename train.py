@@ -44,10 +44,11 @@ class Algorithm1Loss(nn.Module):
     (totals[k−1] samples at stage k). One module, so that DDP sees one forward per backward."""
 
     def __init__(self, model, bridge, windows, ranges, weights, flat=False, start="bridge", autocast=False,
-                 every_stage=False):
+                 every_stage=False, jump_noise=False):
         super().__init__()
         self.model, self.bridge, self.windows, self.ranges, self.weights = model, bridge, windows, ranges, weights
         self.flat, self.start, self.autocast, self.every_stage = flat, start, autocast, every_stage
+        self.jump_noise = jump_noise  # [ours] nami.with_jump_noise, as the sampler adds it
 
     def forward(self, batch: data.MicroBatch, totals):
         K = len(self.windows)
@@ -58,7 +59,8 @@ class Algorithm1Loss(nn.Module):
             x = nami.image_pyramid(batch.x[rows], K)[k - 1]
             eps = nami.noise_pyramid(batch.eps[rows], K)[k - 1]
             # lines 7-13: start point (ε_1, or BridgeFlow(Up(end point of stage k−1))) and end point
-            x_s, x_e = nami.stage_points(x, eps, k, self.windows, self.bridge, self.start)
+            jump = nami.with_jump_noise(self.bridge, batch.eps[rows], self.windows) if self.jump_noise else self.bridge
+            x_s, x_e = nami.stage_points(x, eps, k, self.windows, jump, self.start)
             # line 14: t' (logit-normal, drawn with the noise by data.Batches); Eq. 3:
             # x̂_t = t'·x̂_s + (1 − t')·x̂_e, and the global time τ(k, t') the model sees
             t = batch.t[rows]
@@ -144,7 +146,7 @@ def main(cfg: TrainConfig) -> dict:
         encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device, cfg.pooled_encoder, cfg.pooled_len,
                               parallel.sampling_dtype(device), lazy=bool(cfg.cache))
         if cfg.cache:  # the text states come from the cache: encode the grids' prompts now, free the encoders
-            encoder.keep_only(shapes.SAMPLE_PROMPTS + [""])
+            encoder.keep_only(shapes.EXAMPLE_PROMPTS[cfg.world_level] + [""])
         model_config = config.model_config(cfg, encoder.dim, encoder.pooled_dim, autoencoder.channels)
         K, weights = model_config.num_stages, cfg.stage_weights or (1.0,) * model_config.num_stages
         run.describe(model_config, encoder, autoencoder, data.vocabulary(cfg) if dist.main else None)
@@ -164,7 +166,7 @@ def main(cfg: TrainConfig) -> dict:
             pretrain_bridgeflow(cfg, bridge, windows, encoder, autoencoder, state.generator, dist)
         bridge.requires_grad_(False)
         loss_fn = Algorithm1Loss(model, bridge, windows, ranges, weights, cfg.mode == "flat", cfg.start,
-                                 autocast and not sharded, every_stage=sharded)
+                                 autocast and not sharded, every_stage=sharded, jump_noise=model_config.jump_noise)
         step_loss = parallel.wrap_ddp(loss_fn, device) if dist.active and not sharded else loss_fn
         batches = data.Batches(cfg, encoder, autoencoder, K, device, start_step=step,
                                slots=parallel.micro_batches(cfg.batch_size, micro, dist.world, dist.rank))
