@@ -145,30 +145,9 @@ def check_level(level: int) -> tuple:
     return LEVELS[level]
 
 
-def make_sample(seed: int, index: int, split: str = "train", category: str | None = None,
-                level: int = 3) -> Sample:
-    """The index-th sample of the world with this seed (the same (seed, index) -> the same sample).
-    level: the world level (LEVELS) the category is drawn from when none is given; level 3 draws
-    exactly as the world did before levels existed."""
-    cats = check_level(level)
-    if category is not None and category not in cats:
-        raise ValueError(f"category {category!r} is not in world level {level} ({', '.join(cats)})")
-    rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
-    if category is None:
-        category = cats[rng.integers(len(cats))]
-    bg = float(rng.uniform(0.0, 0.4))
-
-    def pick(held=False):
-        """A (shape, colour) pair: a held-out pair if held, else any pair allowed in training."""
-        if held:
-            color, shape = HELDOUT_PAIRS[rng.integers(len(HELDOUT_PAIRS))]
-            return shape, color
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        colors = allowed_colors(shape, "train")
-        return shape, colors[rng.integers(len(colors))]
-
-    prefix = PREFIXES[rng.integers(len(PREFIXES))]
-    held = split == "heldout"
+def compose(category: str, rng, pick, prefix: str, held: bool):
+    """What a sample of this category shows and says: ([(shape, colour)], caption, structured prompt,
+    object sizes, relation or None). pick(held) draws a (shape, colour) pair from rng."""
     relation = None
     if category == "single_object":
         objs = [pick(held=held)]
@@ -207,6 +186,33 @@ def make_sample(seed: int, index: int, split: str = "train", category: str | Non
             phrase = RELATIONS[relation][rng.integers(3)]
             caption = prefix + f"{noun_phrase(first[1], first[0])} {phrase} {noun_phrase(second[1], second[0])}"
             prompt = {"objects": [{"shape": s, "color": c} for s, c in objs], "relation": relation}
+    return objs, caption, prompt, sizes, relation
+
+
+def make_sample(seed: int, index: int, split: str = "train", category: str | None = None,
+                level: int = 3) -> Sample:
+    """The index-th sample of the world with this seed (the same (seed, index) -> the same sample).
+    level: the world level (LEVELS) the category is drawn from when none is given; level 3 draws
+    exactly as the world did before levels existed."""
+    cats = check_level(level)
+    if category is not None and category not in cats:
+        raise ValueError(f"category {category!r} is not in world level {level} ({', '.join(cats)})")
+    rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
+    if category is None:
+        category = cats[rng.integers(len(cats))]
+    bg = float(rng.uniform(0.0, 0.4))
+
+    def pick(held=False):
+        """A (shape, colour) pair: a held-out pair if held, else any pair allowed in training."""
+        if held:
+            color, shape = HELDOUT_PAIRS[rng.integers(len(HELDOUT_PAIRS))]
+            return shape, color
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        colors = allowed_colors(shape, "train")
+        return shape, colors[rng.integers(len(colors))]
+
+    prefix = PREFIXES[rng.integers(len(PREFIXES))]
+    objs, caption, prompt, sizes, relation = compose(category, rng, pick, prefix, split == "heldout")
     boxes = _place(rng, sizes, relation)
     if rng.random() < 0.5 and relation is None:
         order = rng.permutation(len(objs))
