@@ -95,7 +95,7 @@ def train_variant(out: Path, overrides: dict, a, setting=SETTING) -> float:
     command = [sys.executable, str(Path(__file__).parent / "train.py"), "--size", a.size, "--max-steps", str(a.steps),
                "--ckpt-every", str(a.eval_every), "--keep", "1000", "--sample-every", str(a.steps), "--out", str(out),
                "--seed", str(a.seed), *(["--resume"] if done is not None else []),
-               *(["--no-progress"] if a.quiet else []), *setting, *train_flags(overrides)]
+               *(["--no-progress"] if a.quiet else []), *setting, *a.train_flags.split(), *train_flags(overrides)]
     t = time.perf_counter()
     subprocess.run(command, check=True)
     minutes = (before or 0.0) + (time.perf_counter() - t) / 60
@@ -413,6 +413,7 @@ def main(argv=None):
     ap.add_argument("--results", default="results", help="where the plot and the table go")
     ap.add_argument("--only", help="comma-separated variant names to run (default: all)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--train-flags", default="", help="more train.py flags for every run, e.g. '--bridge-steps 100'")
     a = ap.parse_args(argv)
     a.size = a.size or ("toy" if a.conversion else "small")
     a.command = " ".join(f"'{v}'" if " " in v else v for v in (argv if argv is not None else sys.argv[1:]))

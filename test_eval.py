@@ -272,6 +272,7 @@ def test_conversion_runs_a_b_and_c_and_b_starts_from_cs_midpoint(tmp_path):
     checkpoint at step 2 as NAMI for 2 steps, and the report has one row per run."""
     import ablate
     runs = ablate.main(["--conversion", "--steps", "4", "--size", "tiny", "--per-category", "1", "--quiet",
+                        "--train-flags", "--bridge-steps 5 --batch-size 8 --resolution 32",
                         "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
     assert [s["step"] for s in runs["B: flat, then NAMI"]] == [2, 4] and [s["step"] for s in runs["C: flat"]] == [2, 4]
     converted = tmp_path / "runs" / "conversion" / "converted"
