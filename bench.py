@@ -381,8 +381,7 @@ def gpu_check(a) -> int:
     failed. --tiny runs the same steps at toy sizes (a CPU can run it: the test suite does)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(a.out or tempfile.mkdtemp(prefix="nami-gpu-check-"))
-    words = sorted({w for i in range(2000) for w in shapes.make_sample(0, i).caption.split()})
-    encoder = a.text_encoder or encoders.write_tiny_encoder(work / "text-encoder", words)
+    encoder = a.text_encoder or encoders.write_tiny_encoder(work / "text-encoder", sorted(shapes.caption_words()))
     small, big, big_res, text_len = ("tiny", "tiny", 16, 16) if a.tiny else ("small", "2b", 1024, 256)
     # pixel space: the lent GPU machines have no diffusers (the VAE path is the CPU tests' to prove)
     flags = ["--size", small, "--resolution", "16" if a.tiny else "32", "--vae", "none", "--world-level", "3",
