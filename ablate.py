@@ -40,7 +40,6 @@ import torch
 
 import checkpoint
 import encoders
-import files
 import judge
 import parallel
 import shapes
@@ -108,9 +107,9 @@ def score(ckpt: Path, per_category: int, seed: int, heldout: bool = True) -> dic
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, bridge, encoder, autoencoder, info = checkpoint.load_model(ckpt, device=device)
     model.to(parallel.sampling_dtype(device))
-    level = files.read_json(Path(ckpt) / "config.json")["train"].get("world_level", 3)  # the level it learnt
     result = judge.evaluate(model, bridge, encoder, autoencoder, info["resolution"], per_category=per_category,
-                            seed=seed, heldout=heldout, batch_size=256 if device.type == "cuda" else 64, level=level)
+                            seed=seed, heldout=heldout, batch_size=256 if device.type == "cuda" else 64,
+                            level=info["world_level"])
     result.pop("samples", None)  # per-prompt records: not needed for the curves
     return result
 

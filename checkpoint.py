@@ -201,7 +201,8 @@ def load_model(ckpt, use_ema=True, text_encoder=None, pooled_encoder=None, vae=N
     bridge = build_filled(lambda: BridgeFlow(model_config.in_channels, [(s, s) for s in nami.stage_sizes(side, K)]),
                           parts["bridge"], f"{folder} (BridgeFlow)")
     info = {"folder": str(folder), "resolution": (config["resolution"],) * 2, "steps": nami.default_steps(K),
-            "cfg": nami.DEFAULT_GUIDANCE}
+            "cfg": nami.DEFAULT_GUIDANCE,  # and the world level it learnt (runs from before levels: the full world)
+            "world_level": config["train"].get("world_level", 3)}
     return model.to(device).eval(), bridge.to(device).eval(), encoder, autoencoder, info
 
 

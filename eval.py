@@ -23,7 +23,6 @@ import torch
 import checkpoint
 import config
 import encoders
-import files
 import nami
 import parallel
 import shapes
@@ -109,9 +108,7 @@ def load(a, steps):
     if a.from_stage != 1 and (a.flat or not 1 <= a.from_stage <= model.cfg.num_stages):
         raise ValueError(f"--from-stage must be between 1 and {model.cfg.num_stages} (the checkpoint's stages), "
                          f"without --flat; got {a.from_stage}")
-    # the world level the checkpoint was trained on (runs from before levels existed: the full world)
-    trained = files.read_json(Path(info["folder"]) / "config.json").get("train", {}).get("world_level", 3)
-    return (model, bridge, encoder, autoencoder), info, steps, a.level or trained
+    return (model, bridge, encoder, autoencoder), info, steps, a.level or info["world_level"]
 
 
 def print_result(result: dict, folder):

@@ -516,10 +516,10 @@ def standard_error(p: float, n: int) -> float:
     return float(np.sqrt(p * (1 - p) / n)) if n else float("nan")
 
 
-def score(images: torch.Tensor, items: list[tuple[str, shapes.Sample]], level: int = 3) -> dict:
+def score(images: torch.Tensor, items: list[tuple[str, shapes.Sample]], level: int = 3, reals=None) -> dict:
     """Judge each image against its prompt and compare all images with real renders of the same
     prompts (Fréchet distance, block artefacts); the numbers of evaluate(). The categories (and
-    the overall mean) are those of the world level."""
+    the overall mean) are those of the world level. reals: the real renders, if already made."""
     if len(images) != len(items):
         raise ValueError(f"{len(images)} images for {len(items)} prompts")
     size = tuple(images.shape[-2:])
@@ -544,7 +544,7 @@ def score(images: torch.Tensor, items: list[tuple[str, shapes.Sample]], level: i
     result = {"categories": cats, "level": level, "overall": overall[0], "overall_se": overall[1],
               "heldout": {"accuracy": mean_of(list(held.values()))[0], "se": mean_of(list(held.values()))[1],
                           "n": sum(a["n"] for a in held.values()), "categories": held} if held else None}
-    reals = real_renders(items, size[1], size[0])
+    reals = real_renders(items, size[1], size[0]) if reals is None else reals
     result["fd"] = frechet_distance(features(images), features(reals)) if len(items) >= 2 else None
     result["blocks"] = {"samples": block_artefacts(images), "real": block_artefacts(reals)}
     result["samples"] = records
@@ -568,18 +568,17 @@ def evaluate(model, bridge, encoder, autoencoder, resolution, per_category: int 
     items = prompt_set(per_category, seed, heldout, level)
     steps = list(steps or nami.default_steps(model.cfg.num_stages))
     w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
-    reals = None if from_stage == 1 else real_renders(items, w, h)
+    reals = real_renders(items, w, h)
     latents = []
     t0 = time.perf_counter()
     images = generate_images(model, bridge, encoder, autoencoder, [s.caption for _, s in items],
-                             list(range(len(items))), resolution, steps, guidance, flat, batch_size, from_stage, reals,
-                             latents)
+                             list(range(len(items))), resolution, steps, guidance, flat, batch_size, from_stage,
+                             reals if from_stage > 1 else None, latents)
     seconds = time.perf_counter() - t0
-    result = score(images, items, level)
+    result = score(images, items, level, reals)
     if autoencoder.factor > 1:  # the jumps happen in the latent space: look for blocks there, and for
         # the latent blocks decoded, cells of 2 × factor pixels, in the images
         device, cell = next(model.parameters()).device, 2 * autoencoder.factor
-        reals = real_renders(items, w, h)
         real_latents = torch.cat([autoencoder.encode(r.to(device)).cpu() for r in reals.split(256)])
         result["blocks"]["samples"] = block_artefacts(images, cell=cell)
         result["blocks"]["real"] = block_artefacts(reals, cell=cell)
