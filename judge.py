@@ -527,6 +527,7 @@ def score(images: torch.Tensor, items: list[tuple[str, shapes.Sample]], level: i
     for im, (split, s) in zip(images, items):
         dets = detect(im)
         records.append({"caption": s.caption, "category": s.category, "split": split, "passed": judge(dets, s.prompt),
+                        "shapes": sorted({o["shape"] for o in s.prompt["objects"]}),
                         "detections": [asdict(d) for d in dets]})
 
     def accuracy(split, cat):
@@ -544,10 +545,22 @@ def score(images: torch.Tensor, items: list[tuple[str, shapes.Sample]], level: i
     result = {"categories": cats, "level": level, "overall": overall[0], "overall_se": overall[1],
               "heldout": {"accuracy": mean_of(list(held.values()))[0], "se": mean_of(list(held.values()))[1],
                           "n": sum(a["n"] for a in held.values()), "categories": held} if held else None}
+    result["by_shape"] = by_shape(records)
     reals = real_renders(items, size[1], size[0]) if reals is None else reals
     result["fd"] = frechet_distance(features(images), features(reals)) if len(items) >= 2 else None
     result["blocks"] = {"samples": block_artefacts(images), "real": block_artefacts(reals)}
     result["samples"] = records
+    return result
+
+
+def by_shape(records: list[dict]) -> dict:
+    """{shape: {"accuracy", "n", "se"}} over the training-pair prompts that name one kind of shape:
+    which shape a model fails (a square drawn with round or slanted sides is read as a circle)."""
+    result = {}
+    for shape in shapes.SHAPES:
+        got = [r["passed"] for r in records if r["split"] == "train" and r["shapes"] == [shape]]
+        if got:
+            result[shape] = {"accuracy": float(np.mean(got)), "n": len(got), "se": standard_error(np.mean(got), len(got))}
     return result
 
 
@@ -615,6 +628,10 @@ def table(result: dict) -> str:
     if held:
         parts = ", ".join(f"{c} {a['accuracy']:.2f}" for c, a in held["categories"].items())
         lines.append(f"| held-out pairs ({parts}) | {held['n']} | {cell(held)} |")
+    if result.get("by_shape"):
+        lines.append("| by the shape a prompt names: " + ", ".join(
+            f"{shape} {a['accuracy']:.2f}" for shape, a in result["by_shape"].items()) +
+            f" | {sum(a['n'] for a in result['by_shape'].values())} | |")
     fd = result.get("fd")
     lines.append("")
     lines.append(f"Fréchet distance to real renders of the same prompts: {fd:.4f}" if fd is not None else

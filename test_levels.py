@@ -2,6 +2,7 @@
 tiny AutoencoderKL of the default run (tinyvae.py, weights/shapes-vae). Each test takes seconds."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import eval
+import images
 import judge as ev
 import nami
 import shapes
@@ -59,6 +61,21 @@ def test_judge_scores_only_the_levels_categories():
     assert result["overall"] == 1.0 and result["overall_se"] == 0.0 and result["heldout"]["accuracy"] == 1.0
     assert "mean of the two" in ev.table(result)
     assert ev.standard_error(0.5, 100) == pytest.approx(0.05)
+
+
+def test_judge_breaks_the_score_down_by_the_shape_a_prompt_names():
+    items = ev.prompt_set(12, level=1, heldout=False)
+    real = ev.score(ev.real_renders(items, 64, 64), items, level=1)["by_shape"]
+    assert set(real) == set(shapes.SHAPES) and all(a["accuracy"] == 1.0 for a in real.values())
+    assert sum(a["n"] for a in real.values()) == len(items)
+    # the same prompts, each square drawn as a disc in its box: only the square row fails
+    discs = [shapes.Sample(s.caption, s.category, [dataclasses.replace(o, shape="circle") for o in s.objects],
+                           s.background, s.prompt) for _, s in items]
+    redrawn = torch.stack([images.to_tensor(shapes.render(s, 64)) for s in discs])
+    result = ev.score(redrawn, items, level=1)
+    assert result["by_shape"]["square"]["accuracy"] == 0.0
+    assert result["by_shape"]["circle"]["accuracy"] == 1.0 and result["by_shape"]["triangle"]["accuracy"] == 0.0
+    assert "by the shape a prompt names: circle 1.00, square 0.00, triangle 0.00" in ev.table(result)
 
 
 def test_block_artefacts_find_nearest_neighbour_jumps_and_not_real_renders():
