@@ -109,6 +109,25 @@ def test_tiny_vae_is_a_diffusers_autoencoderkl_trained_and_saved_by_our_code(tmp
     assert abs(z.mean().item()) < 1e-4 and z.std().item() == pytest.approx(1.0, abs=1e-3)
 
 
+def test_scale_equivariance_term_is_nami_pyramid_decoded_and_trains_the_autoencoder():
+    vae = tinyvae.build(channels=(8, 8), latent_channels=4, size=16)
+    x = tinyvae.renders(0, 0, 4, 16)
+    z = vae.encode(x).latent_dist.mode()
+    g = torch.Generator().manual_seed(0)
+    j = int(torch.randint(1, 3, (1,), generator=torch.Generator().manual_seed(0)))  # the draw scale_loss makes
+    coarse = z
+    for _ in range(j):
+        coarse = nami.down(coarse)  # the pyramid's own Down, twice for stage 1's level
+    expected = (vae.decode(coarse).sample - F.avg_pool2d(x, 2 ** j)).pow(2).mean()
+    assert tinyvae.scale_loss(vae, z, x, g).item() == pytest.approx(expected.item(), rel=1e-5)
+    weights = {}
+    for w in (0.0, 1.0):  # its gradient changes what is learnt
+        vae = tinyvae.build(channels=(8, 8), latent_channels=4, size=16)
+        tinyvae.train(vae, steps=1, batch_size=4, size=16, log_every=0, equivariance=w)  # one step: the same z
+        weights[w] = torch.cat([p.detach().flatten() for p in vae.encoder.parameters()])
+    assert not torch.equal(weights[0.0], weights[1.0])
+
+
 COMMITTED = Path(__file__).resolve().parent / "weights" / "shapes-vae"
 
 

@@ -71,9 +71,17 @@ def smooth(z: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
     return torch.lerp(z, blurred, amount.view(-1, 1, 1, 1))
 
 
+def scale_loss(vae, z: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """EQ-VAE's scale-equivariance term (Kouzelis et al., 2025), with NAMI's own pyramid operator: the
+    latent average-pooled by 2 or 4 (at random), as stage 2 or 1 sees it, must decode to the render
+    pooled alike: MSE(D(Down^j(z)), Down^j(x))."""
+    j = int(torch.randint(1, 3, (1,), generator=gen))
+    return (vae.decode(F.avg_pool2d(z, 2 ** j)).sample - F.avg_pool2d(x, 2 ** j)).pow(2).mean()
+
+
 def train(vae, steps: int = 1200, batch_size: int = 32, size: int = 64, lr: float = 2e-3,
           kl_weight: float = 1e-5, seed: int = 0, log_every: int = 50, decoder_only: bool = False,
-          smoothing: float = 0.0):
+          smoothing: float = 0.0, equivariance: float = 0.0):
     """Adam on mean pixel MSE + kl_weight · mean KL(q(z|x) ‖ N(0, I)), one fresh batch of renders
     per step (never the same image twice). Returns the losses.
 
@@ -81,7 +89,9 @@ def train(vae, steps: int = 1200, batch_size: int = 32, size: int = 64, lr: floa
     smoothing p: for a share p of each batch the decoder gets the latent blurred by a random
     amount (smooth) and must still draw the sharp render. A flow model that has not learnt every
     detail yet makes smoother latents than the encoder's (posterior means); a plain decoder draws
-    a smoothed square as a disc, this one draws the shape the smoothed latent still tells."""
+    a smoothed square as a disc, this one draws the shape the smoothed latent still tells.
+    equivariance w: + w · scale_loss, which makes the coarse levels of the latent pyramid pictures
+    of the coarse image, as NAMI's first stages assume (docs/method.md §8)."""
     params = [p for name, p in vae.named_parameters() if not decoder_only or name.startswith(("decoder.",
                                                                                               "post_quant_conv."))]
     opt = torch.optim.Adam(params, lr=lr)
@@ -102,6 +112,8 @@ def train(vae, steps: int = 1200, batch_size: int = 32, size: int = 64, lr: floa
         mse = (recon - x).pow(2).mean()
         kl = posterior.kl().mean() / z[0].numel()  # diffusers sums the KL over a latent's elements
         loss = mse + kl_weight * kl
+        if equivariance > 0:
+            loss = loss + equivariance * scale_loss(vae, z, x, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -143,6 +155,10 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--decoder-from", metavar="FOLDER",
                     help="train only the decoder of this autoencoder (its latent space and normalisation stay)")
+    ap.add_argument("--from", dest="start_from", metavar="FOLDER",
+                    help="start from this autoencoder's weights (all of it) instead of a random one")
+    ap.add_argument("--equivariance", type=float, default=0.0,
+                    help="weight of the scale-equivariance term (EQ-VAE; train())")
     ap.add_argument("--smoothing", type=float, default=0.0,
                     help="share of each batch whose latents the decoder gets blurred by a random amount (train())")
     a = ap.parse_args(argv)
@@ -151,6 +167,10 @@ def main(argv=None):
         from diffusers import AutoencoderKL
         vae = AutoencoderKL.from_pretrained(a.decoder_from, use_safetensors=True)
         channels, a.latent_channels = tuple(vae.config.block_out_channels), vae.config.latent_channels
+    elif a.start_from:
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(a.start_from, use_safetensors=True)
+        channels, a.latent_channels = tuple(vae.config.block_out_channels), vae.config.latent_channels
     else:
         vae = build(channels, a.latent_channels, a.size, a.seed)
     print(f"AutoencoderKL {channels}, {a.latent_channels} latent channels, factor {2 ** (len(channels) - 1)}, "
@@ -158,7 +178,7 @@ def main(argv=None):
           f"renders at {a.size}², torch {torch.__version__}, {torch.get_num_threads()} threads")
     t0 = time.perf_counter()
     train(vae, a.steps, a.batch_size, a.size, a.lr, a.kl_weight, a.seed, decoder_only=bool(a.decoder_from),
-          smoothing=a.smoothing)
+          smoothing=a.smoothing, equivariance=a.equivariance)
     if a.decoder_from:  # the encoder is unchanged: so are its latents' statistics
         mean, std = vae.config.shift_factor, 1.0 / vae.config.scaling_factor
     else:
@@ -170,7 +190,8 @@ def main(argv=None):
     vae.save_pretrained(out, safe_serialization=True)
     record = {"command": "python tinyvae.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
               "steps": a.steps, "batch_size": a.batch_size, "size": a.size, "lr": a.lr, "kl_weight": a.kl_weight,
-              "seed": a.seed, "decoder_from": a.decoder_from, "smoothing": a.smoothing, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "seed": a.seed, "decoder_from": a.decoder_from, "from": a.start_from, "smoothing": a.smoothing,
+              "equivariance": a.equivariance, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "train_seconds": round(time.perf_counter() - t0, 1), "latent_mean": mean, "latent_std": std,
               "reconstruction_mse": error}
     (out / "training.json").write_text(json.dumps(record, indent=1))
