@@ -91,7 +91,7 @@ def train(vae, steps: int = 1200, batch_size: int = 32, size: int = 64, lr: floa
     detail yet makes smoother latents than the encoder's (posterior means); a plain decoder draws
     a smoothed square as a disc, this one draws the shape the smoothed latent still tells.
     equivariance w: + w · scale_loss, which makes the coarse levels of the latent pyramid pictures
-    of the coarse image, as NAMI's first stages assume (docs/method.md §8)."""
+    of the coarse image, as NAMI's first stages assume (measured: results/default-run.md)."""
     params = [p for name, p in vae.named_parameters() if not decoder_only or name.startswith(("decoder.",
                                                                                               "post_quant_conv."))]
     opt = torch.optim.Adam(params, lr=lr)
