@@ -68,7 +68,7 @@ def test_judge_breaks_the_score_down_by_the_shape_a_prompt_names():
     real = ev.score(ev.real_renders(items, 64, 64), items, level=1)["by_shape"]
     assert set(real) == set(shapes.SHAPES) and all(a["accuracy"] == 1.0 for a in real.values())
     assert sum(a["n"] for a in real.values()) == len(items)
-    # the same prompts, each square drawn as a disc in its box: only the square row fails
+    # the same prompts, every object drawn as a disc in its box: the square and triangle rows fail
     discs = [shapes.Sample(s.caption, s.category, [dataclasses.replace(o, shape="circle") for o in s.objects],
                            s.background, s.prompt) for _, s in items]
     redrawn = torch.stack([images.to_tensor(shapes.render(s, 64)) for s in discs])

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import nami
 import shapes
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "shapes-vae"
@@ -75,8 +76,9 @@ def scale_loss(vae, z: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> t
     """EQ-VAE's scale-equivariance term (Kouzelis et al., 2025), with NAMI's own pyramid operator: the
     latent average-pooled by 2 or 4 (at random), as stage 2 or 1 sees it, must decode to the render
     pooled alike: MSE(D(Down^j(z)), Down^j(x))."""
-    j = int(torch.randint(1, 3, (1,), generator=gen))
-    return (vae.decode(F.avg_pool2d(z, 2 ** j)).sample - F.avg_pool2d(x, 2 ** j)).pow(2).mean()
+    for _ in range(int(torch.randint(1, 3, (1,), generator=gen))):
+        z, x = nami.down(z), nami.down(x)
+    return (vae.decode(z).sample - x).pow(2).mean()
 
 
 def train(vae, steps: int = 1200, batch_size: int = 32, size: int = 64, lr: float = 2e-3,
@@ -163,13 +165,9 @@ def main(argv=None):
                     help="share of each batch whose latents the decoder gets blurred by a random amount (train())")
     a = ap.parse_args(argv)
     channels = tuple(int(c) for c in a.channels.split(","))
-    if a.decoder_from:
+    if a.decoder_from or a.start_from:  # an existing autoencoder: its architecture comes with it
         from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(a.decoder_from, use_safetensors=True)
-        channels, a.latent_channels = tuple(vae.config.block_out_channels), vae.config.latent_channels
-    elif a.start_from:
-        from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(a.start_from, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(a.decoder_from or a.start_from, use_safetensors=True)
         channels, a.latent_channels = tuple(vae.config.block_out_channels), vae.config.latent_channels
     else:
         vae = build(channels, a.latent_channels, a.size, a.seed)
