@@ -9,6 +9,7 @@ MFU of Algorithm 1's step. --gpu-check: everything a GPU run needs, in one comma
     python bench.py --train --size 2b --res 1024 --batch 8 --mix 1:2:4 --dtype bf16 --activation-checkpointing
     python bench.py --gpu-check                      # one CUDA device, ≤ 8 minutes, no download
     python bench.py --gpu-check --tiny               # the same steps at toy sizes (runs on a CPU)
+    python bench.py --vae weights/shapes-vae --batch 32   # VAE encode/decode: default against channels-last memory
 
 --res is in pixels; the 16-channel presets (0.6b, 2b) work on FLUX-VAE latents, 8× smaller, the toy
 preset on the shapes VAE's 4-channel latents, 4× smaller.
@@ -244,6 +245,35 @@ def train_table(a):
     return r
 
 
+def vae_table(a):
+    """encoders.VAE keeps the autoencoder in channels-last memory; this times it against the default
+    layout, both in one process, alternating."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    fast = encoders.VAE(a.vae, device, dtype)
+    plain = encoders.VAE(a.vae, device, dtype)
+    plain.model.to(memory_format=torch.contiguous_format)
+    images = torch.rand(a.batch, 3, a.res, a.res, device=device) * 2 - 1
+    latents = fast.encode(images)
+    times = {(name, job): [] for name in ("default", "channels-last") for job in ("encode", "decode")}
+    for i in range(a.warmup + a.repeat):
+        for name, vae in (("default", plain), ("channels-last", fast)):
+            for job, run_it in (("encode", lambda: vae.encode(images)), ("decode", lambda: vae.decode(latents))):
+                start = time.perf_counter()
+                run_it()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= a.warmup:
+                    times[name, job].append(time.perf_counter() - start)
+    print(f"VAE {a.vae}, batch {a.batch} at {a.res}², {a.dtype}, {device_name(device)}, torch {torch.__version__}, "
+          f"median of {a.repeat}")
+    print("| layout | encode | decode |\n|---|---|---|")
+    for name in ("default", "channels-last"):
+        print(f"| {name} | {1e3 * statistics.median(times[name, 'encode']):.1f} ms | "
+              f"{1e3 * statistics.median(times[name, 'decode']):.1f} ms |")
+    return times
+
+
 # ----------------------------------------------------------------------------------------------
 # Transformer FLOPs per stage (meta device)
 # ----------------------------------------------------------------------------------------------
@@ -426,6 +456,7 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="--gpu-check at toy sizes (runs on a CPU)")
     ap.add_argument("--out", help="--gpu-check: work folder (default: a new temporary folder)")
     ap.add_argument("--text-encoder", help="--gpu-check: a local text encoder folder (default: a tiny random one)")
+    ap.add_argument("--vae", help="time this diffusers AutoencoderKL folder's encode and decode instead")
     ap.add_argument("--size", default="toy", choices=sorted(nami.PRESETS))
     ap.add_argument("--res", type=int, default=64, help="image side in pixels")
     ap.add_argument("--steps", default="10,10,10")
@@ -445,6 +476,9 @@ def main(argv=None):
         raise SystemExit(gpu_check(a))
     if a.flops:
         return flops_table(a)
+    if a.vae:
+        a.batch, a.warmup = a.batch or 32, 2 if a.warmup is None else a.warmup
+        return vae_table(a)
     if a.train:
         a.batch = a.batch or 32
         a.warmup = 3 if a.warmup is None else a.warmup

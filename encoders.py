@@ -300,7 +300,9 @@ class VAE:
             raise FileNotFoundError(f"{self.path} is not a diffusers AutoencoderKL folder (no config.json): pass "
                                     "the folder saved with save_pretrained, e.g. FLUX's vae/")
         self.model = AutoencoderKL.from_pretrained(self.path, local_files_only=True, torch_dtype=dtype)
-        self.model = self.model.to(device).eval().requires_grad_(False)
+        # channels-last convolutions: the same numbers, 1.4x faster encoding on a CPU (BENCHMARKS.md), and
+        # diffusers' own advice for GPUs
+        self.model = self.model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
         c = self.model.config
         self.channels = c.latent_channels
         self.factor = 2 ** (len(c.block_out_channels) - 1)
