@@ -299,7 +299,10 @@ class VAE:
         if not (Path(self.path) / "config.json").is_file():
             raise FileNotFoundError(f"{self.path} is not a diffusers AutoencoderKL folder (no config.json): pass "
                                     "the folder saved with save_pretrained, e.g. FLUX's vae/")
-        self.model = AutoencoderKL.from_pretrained(self.path, local_files_only=True, torch_dtype=dtype)
+        # low_cpu_mem_usage needs accelerate: ask for it only where it is installed (diffusers warns otherwise)
+        lean = importlib.util.find_spec("accelerate") is not None
+        self.model = AutoencoderKL.from_pretrained(self.path, local_files_only=True, torch_dtype=dtype,
+                                                   low_cpu_mem_usage=lean)
         # channels-last convolutions: the same numbers, 1.4x faster encoding on a CPU (BENCHMARKS.md), and
         # diffusers' own advice for GPUs
         self.model = self.model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)

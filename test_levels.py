@@ -166,6 +166,16 @@ def test_vae_runs_channels_last_with_the_results_of_the_default_layout():
     torch.testing.assert_close(vae.decode(z), plain.decode(z / vae.scaling + vae.shift).sample.clamp(-1, 1), **close)
 
 
+
+@pytest.mark.skipif(not (COMMITTED / "config.json").is_file(), reason="weights/shapes-vae not committed")
+def test_loading_the_vae_without_accelerate_prints_no_advice_to_install_it(capfd):
+    import importlib.util
+    import encoders
+    capfd.readouterr()
+    encoders.load_autoencoder(COMMITTED)
+    if importlib.util.find_spec("accelerate") is None:
+        assert "accelerate" not in "".join(capfd.readouterr())
+
 @pytest.mark.skipif(not (COMMITTED / "config.json").is_file(), reason="weights/shapes-vae not committed")
 def test_bench_times_both_vae_layouts_in_one_process():
     import bench

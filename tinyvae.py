@@ -167,7 +167,8 @@ def main(argv=None):
     channels = tuple(int(c) for c in a.channels.split(","))
     if a.decoder_from or a.start_from:  # an existing autoencoder: its architecture comes with it
         from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(a.decoder_from or a.start_from, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(a.decoder_from or a.start_from, use_safetensors=True,
+                                            low_cpu_mem_usage=False)
         channels, a.latent_channels = tuple(vae.config.block_out_channels), vae.config.latent_channels
     else:
         vae = build(channels, a.latent_channels, a.size, a.seed)
