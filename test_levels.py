@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -150,7 +151,6 @@ def test_committed_vae_is_small_normalised_and_reconstructs_the_world_for_the_ju
     assert ev.score(recon, items, level=1)["overall"] == 1.0  # held-out pairs included: never seen, still rebuilt
 
 
-
 @pytest.mark.skipif(not (COMMITTED / "config.json").is_file(), reason="weights/shapes-vae not committed")
 def test_vae_runs_channels_last_with_the_results_of_the_default_layout():
     """encoders.VAE keeps its convolutions in channels-last memory (1.4x faster encoding on this
@@ -166,15 +166,14 @@ def test_vae_runs_channels_last_with_the_results_of_the_default_layout():
     torch.testing.assert_close(vae.decode(z), plain.decode(z / vae.scaling + vae.shift).sample.clamp(-1, 1), **close)
 
 
-
 @pytest.mark.skipif(not (COMMITTED / "config.json").is_file(), reason="weights/shapes-vae not committed")
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is not None, reason="accelerate is installed")
 def test_loading_the_vae_without_accelerate_prints_no_advice_to_install_it(capfd):
-    import importlib.util
     import encoders
     capfd.readouterr()
     encoders.load_autoencoder(COMMITTED)
-    if importlib.util.find_spec("accelerate") is None:
-        assert "accelerate" not in "".join(capfd.readouterr())
+    assert "accelerate" not in "".join(capfd.readouterr())
+
 
 @pytest.mark.skipif(not (COMMITTED / "config.json").is_file(), reason="weights/shapes-vae not committed")
 def test_bench_times_both_vae_layouts_in_one_process():
@@ -182,6 +181,7 @@ def test_bench_times_both_vae_layouts_in_one_process():
     times = bench.main(["--vae", str(COMMITTED), "--batch", "2", "--res", "16", "--repeat", "2", "--warmup", "0"])
     assert sorted(times) == sorted((n, j) for n in ("default", "channels-last") for j in ("encode", "decode"))
     assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+
 
 # ---------------------------------------------------------------------------------------------
 # nami.with_jump_noise: the fine noise BridgeFlow cannot make, added at each jump (issue 15)
