@@ -20,7 +20,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     """8-bit RGB image -> (3, H, W) float32 in [−1, 1]."""
     if img.mode != "RGB":
         raise ValueError(f"to_tensor expects an RGB image, got mode {img.mode}: convert it to RGB first "
-                         "(data.load_rgb does, with every conversion named)")
+                         "(folders.load_rgb does, with every conversion named)")
     x = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
     return x.permute(2, 0, 1).float() / 127.5 - 1
 

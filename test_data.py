@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cache
 import data
+import folders
 import images
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +114,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scanned(folder):
-    return data.scan(folder, min_size=16, progress=False)
+    return folders.scan(folder, min_size=16, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +144,7 @@ def test_scan_captions_and_sizes(scanned):
 
 
 def test_summary_line_names_each_case(scanned):
-    line = data.summary_line(scanned[1])
+    line = folders.summary_line(scanned[1])
     assert "\n" not in line and line.startswith("data: 9 images, skipped ")
     for words in ("1 without caption", "2 unreadable", "1 too small", "1 non-image files",
                   "1 bad metadata.jsonl lines (first: sub/metadata.jsonl:2)", "1 metadata.jsonl entries without",
@@ -153,22 +155,22 @@ def test_summary_line_names_each_case(scanned):
 
 def test_empty_and_useless_folders_raise(tmp_path):
     with pytest.raises(ValueError, match="no usable image.*same-named .txt caption"):
-        data.scan(tmp_path, progress=False)
+        folders.scan(tmp_path, progress=False)
     gradient(20, 20).save(tmp_path / "x.png")  # no caption
     with pytest.raises(ValueError, match="1 without caption"):
-        data.scan(tmp_path, progress=False)
+        folders.scan(tmp_path, progress=False)
     with pytest.raises(ValueError, match="not a folder"):
-        data.scan(tmp_path / "nope", progress=False)
+        folders.scan(tmp_path / "nope", progress=False)
 
 
 def test_fingerprint_follows_captions(folder, tmp_path):
-    items, _ = data.scan(folder, min_size=16, progress=False)
-    same, _ = data.scan(folder, min_size=16, progress=False)
-    assert data.fingerprint(items) == data.fingerprint(same)
-    changed = [data.Item(**{**it.__dict__, "caption": it.caption + "!"}) if i == 0 else it
+    items, _ = folders.scan(folder, min_size=16, progress=False)
+    same, _ = folders.scan(folder, min_size=16, progress=False)
+    assert folders.fingerprint(items) == folders.fingerprint(same)
+    changed = [folders.Item(**{**it.__dict__, "caption": it.caption + "!"}) if i == 0 else it
                for i, it in enumerate(items)]
-    assert data.fingerprint(changed) != data.fingerprint(items)
-    assert data.fingerprint(items)["count"] == 9
+    assert folders.fingerprint(changed) != folders.fingerprint(items)
+    assert folders.fingerprint(items)["count"] == 9
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,23 +179,23 @@ def test_fingerprint_follows_captions(folder, tmp_path):
 
 
 def test_load_rgb_conversions(folder):
-    img, notes = data.load_rgb(folder / "deep.png")
+    img, notes = folders.load_rgb(folder / "deep.png")
     assert notes == ("16-bit",) and img.mode == "RGB"
     # 16-bit -> 8-bit is scaled (v / 257), not clipped: 0, 257, 32768, 65535 -> 0, 1, 128, 255
     assert np.array(img)[0, :4, 0].tolist() == [0, 1, 128, 255]
-    img, notes = data.load_rgb(folder / "deep_rgb.png")
+    img, notes = folders.load_rgb(folder / "deep_rgb.png")
     assert notes == ("16-bit",) and np.array(img)[0, :4].tolist() == [[0] * 3, [1] * 3, [128] * 3, [255] * 3]
-    img, notes = data.load_rgb(folder / "rgba.png")
+    img, notes = folders.load_rgb(folder / "rgba.png")
     assert notes == ("RGBA",)
     assert np.array(img)[0, 0].tolist() == [255, 0, 0] and np.array(img)[0, -1].tolist() == [255, 255, 255]
-    img, notes = data.load_rgb(folder / "palette.png")
+    img, notes = folders.load_rgb(folder / "palette.png")
     assert notes == ("palette",)
     assert np.array(img)[0, 0].tolist() == [255, 0, 0] and np.array(img)[5, 5].tolist() == [255, 255, 255]
-    img, notes = data.load_rgb(folder / "gray.png")
+    img, notes = folders.load_rgb(folder / "gray.png")
     assert notes == ("grayscale",) and np.array(img)[0, 0].tolist() == [200, 200, 200]
-    img, notes = data.load_rgb(folder / "cmyk.jpg")
+    img, notes = folders.load_rgb(folder / "cmyk.jpg")
     assert notes == ("CMYK",) and np.array(img)[0, 0].tolist() == pytest.approx([255, 0, 0], abs=3)
-    img, notes = data.load_rgb(folder / "rgb.jpg")
+    img, notes = folders.load_rgb(folder / "rgb.jpg")
     assert notes == () and img.size == (40, 32)
 
 
@@ -201,14 +203,14 @@ def test_exif_rotation_is_applied_and_noted(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to view
     gradient(40, 20).save(tmp_path / "cam.jpg", exif=exif)
-    img, notes = data.load_rgb(tmp_path / "cam.jpg")
+    img, notes = folders.load_rgb(tmp_path / "cam.jpg")
     assert notes == ("EXIF-rotated",) and img.size == (20, 40)
 
 
 def test_truncated_and_empty_files_raise(folder):
     for name in ("truncated.png", "empty.png"):
-        with pytest.raises(data.DECODE_ERRORS):
-            data.load_rgb(folder / name)
+        with pytest.raises(folders.DECODE_ERRORS):
+            folders.load_rgb(folder / name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,16 +223,16 @@ def test_center_crop_takes_the_middle_square():
     a[:, :10] = (255, 0, 0)
     a[:, 50:] = (255, 0, 0)
     a[:, 10:50] = (0, 0, 255)  # the centred 40 × 40 square is all blue
-    out = data.center_crop_resize(Image.fromarray(a), 20)
+    out = folders.center_crop_resize(Image.fromarray(a), 20)
     assert out.size == (20, 20) and (np.array(out) == (0, 0, 255)).all()
-    same = data.center_crop_resize(Image.fromarray(a), 40)  # crop without resize stays exact
+    same = folders.center_crop_resize(Image.fromarray(a), 40)  # crop without resize stays exact
     assert (np.array(same) == a[:, 10:50]).all()
 
 
 def test_large_downscale_is_antialiased():
     # A 1-pixel checkerboard shrunk 32×: a good filter gives flat grey, point sampling black/white
     board = (np.indices((256, 256)).sum(0) % 2 * 255).astype(np.uint8)
-    out = np.array(data.center_crop_resize(Image.fromarray(board).convert("RGB"), 8)).astype(float)
+    out = np.array(folders.center_crop_resize(Image.fromarray(board).convert("RGB"), 8)).astype(float)
     assert abs(out.mean() - 127.5) < 3 and out.std() < 3
 
 
@@ -252,8 +254,8 @@ def test_to_tensor_range_and_shape():
 def test_max_stage():
     # R = 1024, K = 3: stages at 256, 512, 1024
     for native, k in [(4000, 3), (1024, 3), (1023, 2), (512, 2), (511, 1), (256, 1), (255, 0)]:
-        assert data.max_stage(native, 1024, 3) == k, native
-    assert data.max_stage(32, 32, 1) == 1 and data.max_stage(31, 32, 1) == 0
+        assert folders.max_stage(native, 1024, 3) == k, native
+    assert folders.max_stage(32, 32, 1) == 1 and folders.max_stage(31, 32, 1) == 0
 
 
 def test_assign_stages_examples():
@@ -302,7 +304,7 @@ def test_assign_stages_properties_random():
 @pytest.fixture(scope="module")
 def dataset(folder):
     # R = 32, K = 2: stages at 16 and 32 px; every usable image (native 16..32) has max_stage 1 or 2
-    return data.FolderDataset(folder, 32, 2, progress=False)
+    return folders.FolderDataset(folder, 32, 2, progress=False)
 
 
 def test_folder_dataset_items(dataset):
@@ -310,7 +312,7 @@ def test_folder_dataset_items(dataset):
     for i in range(len(dataset)):
         item = dataset[i]
         assert item["image"].shape == (3, 32, 32) and item["image"].abs().max() <= 1
-        assert item["max_stage"] == data.max_stage(dataset.items[i].native, 32, 2)
+        assert item["max_stage"] == folders.max_stage(dataset.items[i].native, 32, 2)
         assert item["caption"] == dataset.items[i].caption
     assert sorted(set(dataset.max_stages)) == [1, 2]
 
@@ -320,14 +322,14 @@ def test_low_resolution_image_is_exact_at_its_stage(dataset):
     # exactly its 16 px version, not the Down of a blurred upsampling
     i = [it.rel for it in dataset.items].index("sub/b.png")
     assert dataset.max_stages[i] == 1
-    img, _ = data.load_rgb(dataset.items[i].path)
-    at_stage = images.to_tensor(data.center_crop_resize(img, 16))
+    img, _ = folders.load_rgb(dataset.items[i].path)
+    at_stage = images.to_tensor(folders.center_crop_resize(img, 16))
     assert torch.equal(F.avg_pool2d(dataset[i]["image"][None], 2)[0], at_stage)
 
 
 def test_flip_is_reproducible_and_per_epoch(folder):
-    flipping = data.FolderDataset(folder, 32, 2, flip=True, progress=False, seed=5)
-    plain = data.FolderDataset(folder, 32, 2, progress=False)
+    flipping = folders.FolderDataset(folder, 32, 2, flip=True, progress=False, seed=5)
+    plain = folders.FolderDataset(folder, 32, 2, progress=False)
     i = [it.rel for it in plain.items].index("rgb.jpg")
     x = plain[i]["image"]
     seen = set()
@@ -337,7 +339,7 @@ def test_flip_is_reproducible_and_per_epoch(folder):
         assert torch.equal(y, x) or torch.equal(y, x.flip(-1))
         seen.add(torch.equal(y, x))
     assert seen == {True, False}  # both outcomes over the epochs
-    bits = [data.mix_seed(5, i, e) & 1 for i in range(50) for e in range(8)]
+    bits = [folders.mix_seed(5, i, e) & 1 for i in range(50) for e in range(8)]
     assert 150 < sum(bits) < 250  # about half
 
 
@@ -408,21 +410,21 @@ class FakeVAE:
 
 
 def key(dataset, vae=None, dtype=torch.bfloat16):
-    return data.cache_key(FakeText(), vae or FakeVAE(), dtype, dataset.resolution, dataset.num_stages)
+    return cache.cache_key(FakeText(), vae or FakeVAE(), dtype, dataset.resolution, dataset.num_stages)
 
 
 @pytest.fixture(scope="module")
 def cache_dir(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache")
-    data.build_cache(dataset, FakeText(), FakeVAE(), out, shard_size=4, batch_size=3, progress=False)
+    cache.build_cache(dataset, FakeText(), FakeVAE(), out, shard_size=4, batch_size=3, progress=False)
     return out
 
 
 def test_cache_round_trip(dataset, cache_dir):
     meta = json.loads((cache_dir / "cache.json").read_text())
     assert meta["count"] == 9 and [s["count"] for s in meta["shards"]] == [4, 4, 1]
-    assert meta["data"] == data.fingerprint(dataset.items)
-    cached = data.CachedDataset(cache_dir, key(dataset), expect_data=data.fingerprint(dataset.items))
+    assert meta["data"] == folders.fingerprint(dataset.items)
+    cached = cache.CachedDataset(cache_dir, key(dataset), expect_data=folders.fingerprint(dataset.items))
     assert len(cached) == 9
     text, vae = FakeText(), FakeVAE()
     for i in range(9):
@@ -444,7 +446,7 @@ def test_cache_round_trip(dataset, cache_dir):
 
 def test_cache_through_dataloader_workers(dataset, cache_dir):
     # the dataset is pickled into a worker process: the open shard handles must not travel
-    cached = data.CachedDataset(cache_dir, key(dataset))
+    cached = cache.CachedDataset(cache_dir, key(dataset))
     cached[0]  # opens a handle in this process
     loader = torch.utils.data.DataLoader(cached, batch_size=5, num_workers=1)
     batch = next(iter(loader))
@@ -453,22 +455,22 @@ def test_cache_through_dataloader_workers(dataset, cache_dir):
 
 def test_stale_cache_is_refused_naming_the_field(dataset, cache_dir):
     with pytest.raises(ValueError, match=r'vae \{"name": "fake-vae".*this run uses \{"name": "other-vae"'):
-        data.CachedDataset(cache_dir, key(dataset, vae=FakeVAE("other-vae")))
+        cache.CachedDataset(cache_dir, key(dataset, vae=FakeVAE("other-vae")))
     with pytest.raises(ValueError, match='dtype "bfloat16", this run uses "float32".*python data.py cache'):
-        data.CachedDataset(cache_dir, key(dataset, dtype=torch.float32))
-    other = dict(data.fingerprint(dataset.items), count=10)
+        cache.CachedDataset(cache_dir, key(dataset, dtype=torch.float32))
+    other = dict(folders.fingerprint(dataset.items), count=10)
     with pytest.raises(ValueError, match="data folder now has 10"):
-        data.CachedDataset(cache_dir, key(dataset), expect_data=other)
+        cache.CachedDataset(cache_dir, key(dataset), expect_data=other)
 
 
 def test_missing_cache_json_is_refused(dataset, cache_dir, tmp_path):
     with pytest.raises(ValueError, match="no cache.json"):
-        data.CachedDataset(tmp_path, key(dataset))
+        cache.CachedDataset(tmp_path, key(dataset))
 
 
 def test_killed_rebuild_leaves_no_complete_looking_cache(dataset, tmp_path):
-    data.build_cache(dataset, FakeText(), FakeVAE(), tmp_path, shard_size=4, batch_size=3, progress=False)
-    data.CachedDataset(tmp_path, key(dataset))  # complete
+    cache.build_cache(dataset, FakeText(), FakeVAE(), tmp_path, shard_size=4, batch_size=3, progress=False)
+    cache.CachedDataset(tmp_path, key(dataset))  # complete
 
     class Dies(FakeVAE):
         calls = 0
@@ -479,38 +481,38 @@ def test_killed_rebuild_leaves_no_complete_looking_cache(dataset, tmp_path):
                 raise KeyboardInterrupt
             return super().encode(images)
     with pytest.raises(KeyboardInterrupt):
-        data.build_cache(dataset, FakeText(), Dies(), tmp_path, shard_size=4, batch_size=3, progress=False)
+        cache.build_cache(dataset, FakeText(), Dies(), tmp_path, shard_size=4, batch_size=3, progress=False)
     assert (tmp_path / "shard-00000.safetensors").exists()  # the partial run wrote a shard ...
     with pytest.raises(ValueError, match="no cache.json"):  # ... but the cache is refused
-        data.CachedDataset(tmp_path, key(dataset))
+        cache.CachedDataset(tmp_path, key(dataset))
 
 
 def test_rebuilding_a_cache_deletes_only_the_files_its_cache_json_lists(dataset, tmp_path):
     build = dict(batch_size=3, progress=False)
-    data.build_cache(dataset, FakeText(), FakeVAE(), tmp_path, shard_size=4, **build)  # 3 shards
+    cache.build_cache(dataset, FakeText(), FakeVAE(), tmp_path, shard_size=4, **build)  # 3 shards
     (tmp_path / "notes.txt").write_text("the user's")
     (tmp_path / "shard-00007.safetensors").write_bytes(b"not listed in cache.json")
     (tmp_path / "shard-00099.safetensors").mkdir()  # a folder named like a shard
-    data.build_cache(dataset, FakeText(), FakeVAE(), tmp_path, shard_size=8, **build)  # 2 shards
+    cache.build_cache(dataset, FakeText(), FakeVAE(), tmp_path, shard_size=8, **build)  # 2 shards
     assert (tmp_path / "notes.txt").is_file() and (tmp_path / "shard-00007.safetensors").is_file()
     assert (tmp_path / "shard-00099.safetensors").is_dir()
     assert not (tmp_path / "shard-00002.safetensors").exists()  # the old cache's third shard is gone
-    assert len(data.CachedDataset(tmp_path, key(dataset))) == 9
+    assert len(cache.CachedDataset(tmp_path, key(dataset))) == 9
 
 
 @pytest.mark.parametrize("name", ["../outside.safetensors", "OUTSIDE", "sub/shard-00000.safetensors",
                                   ".hidden.safetensors", 7])
 def test_cache_json_naming_anything_but_a_plain_file_in_the_cache_is_refused(dataset, tmp_path, name):
     out, outside = tmp_path / "cache", tmp_path / "outside.safetensors"
-    data.build_cache(dataset, FakeText(), FakeVAE(), out, shard_size=4, batch_size=3, progress=False)
+    cache.build_cache(dataset, FakeText(), FakeVAE(), out, shard_size=4, batch_size=3, progress=False)
     shutil.copy(out / "shard-00000.safetensors", outside)
     meta = json.loads((out / "cache.json").read_text())
     meta["shards"][0]["file"] = str(outside) if name == "OUTSIDE" else name
     (out / "cache.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="not a plain .safetensors file name inside the cache"):
-        data.CachedDataset(out, key(dataset))
+        cache.CachedDataset(out, key(dataset))
     with pytest.raises(ValueError, match="not a plain .safetensors file name inside the cache"):
-        data.build_cache(dataset, FakeText(), FakeVAE(), out, shard_size=4, batch_size=3, progress=False)
+        cache.build_cache(dataset, FakeText(), FakeVAE(), out, shard_size=4, batch_size=3, progress=False)
     assert outside.is_file()
 
 

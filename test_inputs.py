@@ -35,8 +35,8 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import config
 import conftest
-import data
 import encoders
+import folders
 import images
 import nami
 import parallel
@@ -318,11 +318,11 @@ def expected_buckets(root: Path) -> dict:
         for name in names:
             path = Path(folder) / name
             ext = path.suffix.lower()
-            if ext in data.IMAGE_EXTS:
+            if ext in folders.IMAGE_EXTS:
                 images.append(path)
             elif ext == ".txt":
                 texts.append(path)
-            elif name != data.MANIFEST:
+            elif name != folders.MANIFEST:
                 other += 1
     stems = {os.path.normpath(p.with_suffix("")) for p in images}
     return {"image files": len(images), "non-image": other, "text files": len(texts),
@@ -334,7 +334,7 @@ PER_IMAGE = ("images", "no caption", "empty caption", "bad caption", "large capt
 
 
 def test_fuzzed_data_folders_scan_or_raise_the_documented_error():
-    """data.scan on generated folders (random bytes, truncated and empty images, every image
+    """folders.scan on generated folders (random bytes, truncated and empty images, every image
     mode, EXIF of any value or garbage, captions in any encoding, good and garbage manifest
     lines, broken links): it returns items or raises the ValueError for "no usable image"; every
     file is counted once; every item decodes to RGB at the size scan recorded."""
@@ -353,7 +353,7 @@ def test_fuzzed_data_folders_scan_or_raise_the_documented_error():
             with mock.patch.object(Image, "MAX_IMAGE_PIXELS", 1 << 20), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    items, counts = data.scan(root, min_size=min_size, progress=False)
+                    items, counts = folders.scan(root, min_size=min_size, progress=False)
                 except ValueError as e:
                     assert str(e).startswith(f"no usable image in {root}"), e
                     assert "The folder should hold images" in str(e)
@@ -364,15 +364,15 @@ def test_fuzzed_data_folders_scan_or_raise_the_documented_error():
             # a .txt file is the caption of an image, a second caption of it, or an orphan
             assert counts["orphan caption"] + counts["duplicate caption"] \
                 == want["text files"] - want["captioned stems"], (counts, want)
-            line = data.summary_line(counts)
+            line = folders.summary_line(counts)
             assert "\n" not in line and line.startswith(f"data: {len(items)} images")
             for item in items:
-                img, _ = data.load_rgb(item.path)
+                img, _ = folders.load_rgb(item.path)
                 assert img.mode == "RGB" and img.size == (item.width, item.height)
                 assert min(img.size) >= min_size and item.caption == item.caption.strip() != ""
                 assert images.to_tensor(img).shape == (3, item.height, item.width)
     check()
-    ran("data folders through data.scan", len(seen), 100 * SCALE)
+    ran("data folders through folders.scan", len(seen), 100 * SCALE)
 
 
 def test_decompression_bomb_header_is_counted_unreadable(tmp_path):
@@ -384,7 +384,7 @@ def test_decompression_bomb_header_is_counted_unreadable(tmp_path):
     (tmp_path / "bomb.txt").write_text("huge")
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     (tmp_path / "ok.txt").write_text("fine")
-    items, counts = data.scan(tmp_path, progress=False)
+    items, counts = folders.scan(tmp_path, progress=False)
     assert [it.rel for it in items] == ["ok.png"] and counts["unreadable"] == 1
     assert "decompression bomb" in counts.first["unreadable"]
 
@@ -407,7 +407,7 @@ def test_cases_the_fuzzing_found(tmp_path):
     root = folder_with(tmp_path / "data", files)
     os.symlink(root / "gone.txt", root / "linked.txt")  # a caption that is a broken link
     (root / "linked.png").write_bytes(png)
-    items, counts = data.scan(root, progress=False)
+    items, counts = folders.scan(root, progress=False)
     captions = {it.rel: it.caption for it in items}
     assert captions == {"nested.png": "first line after the BOM", "bom.png": "a caption after a BOM",
                         "two.png": "first in sorted order", "exif.png": "damaged exif",
@@ -419,19 +419,19 @@ def test_cases_the_fuzzing_found(tmp_path):
 
 
 def scan_within(root: Path, seconds: float):
-    """data.scan in a daemon thread: a scan that hangs (open() of a FIFO waits for a writer) fails
+    """folders.scan in a daemon thread: a scan that hangs (open() of a FIFO waits for a writer) fails
     the test instead of blocking it."""
     outcome = []
 
     def scan():
         try:
-            outcome.append(data.scan(root, progress=False))
+            outcome.append(folders.scan(root, progress=False))
         except BaseException as e:  # e.g. MemoryError from a caption read whole
             outcome.append(e)
     worker = threading.Thread(target=scan, daemon=True)
     worker.start()
     worker.join(seconds)
-    assert outcome, f"data.scan did not return within {seconds} s"
+    assert outcome, f"folders.scan did not return within {seconds} s"
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
@@ -471,7 +471,7 @@ def test_data_folder_that_would_hang_or_exhaust_a_run_is_counted_in_bounded_time
     assert counts["special file"] == 4 and counts["large caption"] == 1 and counts["too many pixels"] == 1
     assert counts.first["bad manifest line"] == "metadata.jsonl:1 (over 1 MiB)"
     assert counts["linked folder"] == 1 and counts.first["unreadable folder"] == "locked"
-    line = data.summary_line(counts)
+    line = folders.summary_line(counts)
     for words in ("4 FIFOs, devices or sockets", "1 with a caption file over 1 MiB", "1 over 40 megapixels",
                   "1 linked folders", "1 folders that cannot be read"):
         assert words in line, line
@@ -514,7 +514,7 @@ def png_bytes(side: int = 16) -> bytes:
 def test_folder_that_cannot_train_says_what_it_should_hold(tmp_path, files, found):
     root = folder_with(tmp_path / "data", files)
     with pytest.raises(ValueError, match=rf"no usable image in {re.escape(str(root))} .*{found}.*{SHOULD_HOLD}"):
-        data.FolderDataset(root, resolution=16, num_stages=3, progress=False)
+        folders.FolderDataset(root, resolution=16, num_stages=3, progress=False)
 
 
 def test_train_on_a_folder_without_usable_images_says_what_it_should_hold(tmp_path, encoder_dir):
