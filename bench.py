@@ -6,6 +6,7 @@ MFU of Algorithm 1's step. --gpu-check: everything a GPU run needs, in one comma
     python bench.py --size 2b --res 1024 --cfg 1 --repeat 3 --dtype bf16     # GPU: paper Table 2
     python bench.py --flops --size 2b --res 1024 --text-len 256   # FLOPs per stage (meta device)
     python bench.py --train                          # training throughput of the default preset
+    python bench.py --profile --repeat 20            # where one step of the default run goes
     python bench.py --train --size 2b --res 1024 --batch 8 --mix 1:2:4 --dtype bf16 --activation-checkpointing
     python bench.py --gpu-check                      # one CUDA device, ≤ 8 minutes, no download
     python bench.py --gpu-check --tiny               # the same steps at toy sizes (runs on a CPU)
@@ -245,6 +246,102 @@ def train_table(a):
     return r
 
 
+def step_sections(a) -> dict:
+    """Where one step of the default run goes: its real data feed (data.Batches: the built-in world
+    rendered, VAE-encoded, captions encoded, noise and t' drawn), then per stage the pyramid, start
+    and end points and the model's forward, the backward, clipping, AdamW and the EMA; wall-clock
+    medians over --repeat steps at the mix --mix, then torch.profiler's most expensive operators.
+    It repeats train.Algorithm1Loss's arithmetic with nami's functions, as training_step does."""
+    import data  # here only: the other benchmarks need no data feed
+    cfg = config.TrainConfig(batch_size=a.batch, text_len=a.text_len, progress=False)
+    device = torch.device("cpu")
+    autoencoder = encoders.load_autoencoder(cfg.vae, device)
+    encoder = encoders.TextEncoder(cfg.text_encoder, cfg.text_len, device)
+    model_cfg = config.model_config(cfg, encoder.dim, encoder.pooled_dim, autoencoder.channels)
+    K = model_cfg.num_stages
+    windows = nami.stage_windows(model_cfg.window_ratios, model_cfg.gamma)
+    ranges = nami.tau_ranges(model_cfg.window_ratios, model_cfg.gamma)
+    model, ema = nami.Nami(model_cfg).train(), nami.Nami(model_cfg).requires_grad_(False)
+    side = cfg.resolution // autoencoder.factor
+    bridge = BridgeFlow(model_cfg.in_channels, [(s, s) for s in nami.stage_sizes(side, K)]).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=a.fused_adamw or None)
+    feed = data.Batches(cfg, encoder, autoencoder, K, device)
+    ratios = [int(r) for r in a.mix.split(":")]
+    times: dict[str, list[float]] = {}
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    def feed_parts(positions):  # the feed's pieces on their own (the whole feed then does them again)
+        pixels, samples = timed("data: render the built-in world (PIL)", shapes.batch_at, cfg.seed, positions,
+                                cfg.resolution, "train", cfg.world_level)
+        timed("data: VAE encode", autoencoder.encode, pixels)
+        timed("data: text encode (cached per caption)", encoder.encode, [s.caption for s in samples])
+        timed("data: noise, t', caption dropout", data.sample_randomness, cfg.seed, cfg.caption_dropout, positions,
+              (autoencoder.channels, side, side), device)
+
+    def step(i, parts=True):
+        if parts:
+            feed_parts(list(range(i * cfg.batch_size, (i + 1) * cfg.batch_size)))
+        batch = timed("data: the whole feed (data.Batches.next_step)", feed.next_step, ratios)[0][0]
+        opt.zero_grad(set_to_none=True)
+        t0, loss, start = time.perf_counter(), 0.0, 0
+        for k, n in enumerate(batch.counts, 1):
+            rows = slice(start, start + n)
+            start += n
+            if n == 0:
+                continue
+            t1 = time.perf_counter()
+            jump_k = nami.with_jump_noise(bridge, batch.eps[rows], windows) if model_cfg.jump_noise else bridge
+            x_s, x_e = nami.stage_points(nami.image_pyramid(batch.x[rows], K)[k - 1],
+                                         nami.noise_pyramid(batch.eps[rows], K)[k - 1], k, windows, jump_k)
+            x_t, tau = nami.interpolate(x_s, x_e, batch.t[rows]), nami.stage_tau(batch.t[rows], ranges[k - 1])
+            times.setdefault(f"stage {k}: pyramid, BridgeFlow, x̂_t", []).append(time.perf_counter() - t1)
+            t1 = time.perf_counter()
+            v = model(x_t, tau, batch.txt[rows], batch.pooled[rows], stage=k)
+            loss = loss + nami.flow_loss(v, nami.flow_target(x_s, x_e)) * n / cfg.batch_size
+            times.setdefault(f"stage {k}: model forward ({n} samples)", []).append(time.perf_counter() - t1)
+        timed("backward (all stages)", loss.backward)
+        timed("gradient clipping", torch.nn.utils.clip_grad_norm_, model.parameters(), cfg.grad_clip)
+        timed("AdamW" + (" (fused)" if a.fused_adamw else ""), opt.step)
+        timed("EMA", torch._foreach_lerp_, list(ema.parameters()), list(model.parameters()), 1 - cfg.ema_decay)
+        times.setdefault("model step (forward to EMA)", []).append(time.perf_counter() - t0)
+
+    for i in range(a.warmup):
+        step(i)
+    times.clear()
+    for i in range(a.repeat):
+        step(a.warmup + i)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(3):
+            step(a.warmup + a.repeat + i, parts=False)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    whole = medians["data: the whole feed (data.Batches.next_step)"] + medians["model step (forward to EMA)"]
+    print(f"one step of the default run: toy at {cfg.resolution}² in the shapes VAE's latents, batch {cfg.batch_size} "
+          f"at mix {a.mix} ({batch_counts(ratios, cfg.batch_size)}), text {cfg.text_len} tokens, {device_name(device)}, "
+          f"torch {torch.__version__}, median of {a.repeat} steps; {cfg.batch_size / whole:.1f} images/s")
+    print("| section | ms | share of the step |\n|---|---:|---:|")
+    for name, value in medians.items():
+        print(f"| {name} | {1000 * value:.1f} | {100 * value / whole:.0f} % |")
+    print(f"| **the step (feed + model step)** | **{1000 * whole:.1f}** | 100 % |")
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    print("\ntorch.profiler, 3 steps, the operators by their own time:\n| operator | calls per step | ms per step |\n|---|---:|---:|")
+    for e in rows:
+        print(f"| `{e.key}` | {e.count // 3} | {e.self_cpu_time_total / 3000:.1f} |")
+    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) // 3
+    print(f"\n{ops} aten operator calls per step (every one counted, nested ones too)")
+    return medians
+
+
+def batch_counts(ratios, batch: int) -> list[int]:
+    import data
+    return data.stage_counts(ratios, batch)
+
+
 def vae_table(a):
     """encoders.VAE keeps the autoencoder in channels-last memory; this times it against the default
     layout, both in one process, alternating."""
@@ -451,6 +548,9 @@ def gpu_check(a) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", action="store_true", help="training throughput and MFU instead of sampling time")
+    ap.add_argument("--profile", action="store_true", help="where one step of the default run goes (its data feed, "
+                    "each stage, the optimizer; torch.profiler's top operators)")
+    ap.add_argument("--fused-adamw", action="store_true", help="--profile: AdamW(fused=True)")
     ap.add_argument("--flops", action="store_true", help="count the transformer FLOPs per stage (meta device) instead")
     ap.add_argument("--gpu-check", action="store_true", help="check the whole CUDA path, one table (see above)")
     ap.add_argument("--tiny", action="store_true", help="--gpu-check at toy sizes (runs on a CPU)")
@@ -479,6 +579,9 @@ def main(argv=None):
     if a.vae:
         a.batch, a.warmup = a.batch or 32, 2 if a.warmup is None else a.warmup
         return vae_table(a)
+    if a.profile:
+        a.batch, a.warmup = a.batch or 32, 5 if a.warmup is None else a.warmup
+        return step_sections(a)
     if a.train:
         a.batch = a.batch or 32
         a.warmup = 3 if a.warmup is None else a.warmup

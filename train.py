@@ -160,7 +160,10 @@ def main(cfg: TrainConfig) -> dict:
         bridge = BridgeFlow(model_config.in_channels, [(s, s) for s in nami.stage_sizes(side, K)]).to(device)
         # or θ and BridgeFlow from weights the user has (--init-from: ours, the release's, a flat model's)
         bridge_given = init_from.load(cfg, model, ema, bridge, run)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one kernel per parameter instead of a dozen (the default run's AdamW: 9-12 → 3-4 ms a step on a
+        # CPU, BENCHMARKS.md); FSDP2's sharded parameters keep the multi-tensor form
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      fused=None if sharded else True)
         state = checkpoint.TrainState(model, ema, bridge, optimizer, torch.Generator().manual_seed(cfg.seed), sharded)
         step = run.resume(state)  # 0 for a new run; from here on, SIGINT/SIGTERM stop with a checkpoint
         if step == 0 and K > 1 and not bridge_given:  # §3.3: BridgeFlow, pre-trained and frozen first
