@@ -15,6 +15,8 @@ go to results/fig<N>.png and a markdown table to results/fig<N>.md.
     python ablate.py --conversion    # issue 16: NAMI / flat then NAMI (--init-from) / flat, 600 steps each
     python ablate.py --gpu           # Fig. 6 decided on one CUDA device in about 8 minutes
     python ablate.py --gpu --tiny    # the same steps at toy sizes (runs on a CPU; the tests do)
+    python ablate.py --cpu-minutes 8 # Fig. 6 at equal training time: 8 minutes each on this machine
+    python ablate.py --reference     # a conditional UNet of the field on the default run's data, judged
 
 --gpu trains flat, flow only and NAMI on the full built-in world at 32² with one budget of steps
 (bf16, large batches), picked from the throughput it measures at start-up so that the whole
@@ -255,6 +257,7 @@ def conversion_table(runs: dict, a, minutes: dict, half: int) -> str:
 GPU_VARIANTS = {"flat": dict(mode="flat"), "flow only": dict(mode="flow-only"), "NAMI": {}}
 PROBE_STEPS = 30          # steps of each variant timed at start-up (3 when --tiny)
 EVALUATION_SHARE = 0.25   # of --minutes kept for judging the three runs
+TIME_PROBE_STEPS = 60     # --cpu-minutes: steps of each variant timed first (all three phases of the stage mix)
 
 
 def text_encoder_flags(root: Path) -> tuple[list[str], str]:
@@ -287,15 +290,17 @@ def run_train(out: Path, flags: list[str], steps: int):
         raise RuntimeError(f"{' '.join(command[1:])} failed: {r.stderr[-2000:]}")
 
 
-def seconds_per_step(out: Path, flags: list[str], steps: int) -> float:
+def seconds_per_step(out: Path, flags: list[str], steps: int, mean: bool = False) -> float:
     """Train a throw-away run of `steps` steps; its median step time from log.jsonl (the first
-    lines, with compilation and warm-up, left out)."""
+    lines, with compilation and warm-up, left out). mean=True: the mean over the run's steps, which
+    go through every phase of the stage mix (their costs differ)."""
     shutil.rmtree(out, ignore_errors=True)
     run_train(out, flags, steps)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in records[1:]] or [r["images_per_s"] for r in records]
     shutil.rmtree(out, ignore_errors=True)
-    return int(flags[flags.index("--batch-size") + 1]) / statistics.median(rates)
+    batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 32
+    return statistics.mean(batch / r for r in rates) if mean else batch / statistics.median(rates)
 
 
 def overall_with_error(result: dict) -> tuple[float, float]:
@@ -389,12 +394,168 @@ def gpu_ablation(a):
     return results
 
 
+def time_flags(a) -> list[str]:
+    """train.py's flags of every --cpu-minutes run: the default run's setting (toy, 64² in the shapes
+    VAE's latents, world level 1, jump noise for the staged variants), as `python train.py` trains it."""
+    tiny = ["--size", "tiny", "--resolution", "32", "--bridge-steps", "5", "--batch-size", "8"] if a.tiny else []
+    return ["--seed", str(a.seed), "--sample-every", str(10 ** 9), "--log-every", "1" if a.tiny else "5",
+            "--no-progress", *tiny, *a.train_flags.split()]
+
+
+def time_ablation(a):
+    """Fig. 6 at equal training time: each variant trains for --cpu-minutes of wall clock on this
+    machine (its steps = the minutes / its seconds per step, measured first by a short run of each,
+    BridgeFlow pre-training and start-up included), then all are judged on the run's world level."""
+    t0, root, flags = time.perf_counter(), Path(a.out) / "fig6-time", time_flags(a)
+    probe = 3 if a.tiny else TIME_PROBE_STEPS
+    step_times, overheads = {}, {}
+    for name, overrides in GPU_VARIANTS.items():
+        begin = time.perf_counter()
+        step_times[name] = seconds_per_step(root / f"probe-{slug(name)}", flags + train_flags(overrides), probe, True)
+        overheads[name] = max(0.0, time.perf_counter() - begin - probe * step_times[name])
+    steps = {name: max(probe, int((a.cpu_minutes * 60 - overheads[name]) / step_times[name])) for name in step_times}
+    print(f"seconds per step {step_times}, start-up {overheads}: steps {steps}", flush=True)
+    results, minutes = {}, {}
+    for name, overrides in GPU_VARIANTS.items():
+        out = root / slug(name)
+        shutil.rmtree(out, ignore_errors=True)
+        begin = time.perf_counter()
+        run_train(out, flags + train_flags(overrides), steps[name])
+        minutes[name] = (time.perf_counter() - begin) / 60
+        results[name] = score(checkpoint.latest_checkpoint(out), a.per_category, a.eval_seed)
+        print(f"{name}: {steps[name]} steps in {minutes[name]:.1f} min, overall {results[name]['overall']:.3f}",
+              flush=True)
+    report = time_report(a, steps, step_times, minutes, results, time.perf_counter() - t0)
+    results_dir = Path(a.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    name = f"fig6-cpu-time-{a.cpu_minutes:g}min"
+    (results_dir / f"{name}.md").write_text(report)
+    gpu_plot(results, results_dir / f"{name}.png", report.splitlines()[0].lstrip("# "))
+    print(report)
+    return results
+
+
+def time_report(a, steps: dict, step_times: dict, minutes: dict, results: dict, seconds: float) -> str:
+    scores = {name: overall_with_error(r) for name, r in results.items()}
+    cats = list(next(iter(results.values()))["categories"])
+    lines = [f"# Fig. 6 at equal training time: flat, flow only, NAMI, {a.cpu_minutes:g} minutes each",
+             "", f"`python ablate.py {a.command}` — cpu ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+             f"{datetime.date.today()}, {seconds / 60:.1f} min in all; the default run's setting (toy, 64² in the "
+             f"shapes VAE's latents, world level 1, batch 32), judged on {a.per_category} prompts per category "
+             f"(seed {a.eval_seed}), 10+10+10 steps (flat: 30), CFG 3.", "",
+             "| variant | steps | s/step | training min (measured) | " + " | ".join(c.replace("_", " ") for c in cats) +
+             " | overall ± SE | by shape: circle / square / triangle | Fréchet distance | s (sampling all prompts) |",
+             "|---" * (len(cats) + 8) + "|"]
+    for name, r in results.items():
+        shapes_row = " / ".join(f"{r['by_shape'][s]['accuracy']:.2f}" if s in r.get("by_shape", {}) else "–"
+                                for s in ("circle", "square", "triangle"))
+        lines.append(f"| {name} | {steps[name]} | {step_times[name]:.3f} | {minutes[name]:.1f} | " +
+                     " | ".join(f"{r['categories'][c]['accuracy']:.2f}" for c in cats) +
+                     f" | {scores[name][0]:.3f} ± {scores[name][1]:.3f} | {shapes_row} | {r['fd']:.3f} | "
+                     f"{r['seconds']:.1f} |")
+    lines += ["", "## The paper's claim (§1, §4.4, Fig. 6): NAMI converges faster", "",
+              verdict("NAMI", "flat", scores, f"NAMI against the flat model after {a.cpu_minutes:g} minutes of training"),
+              verdict("flow only", "flat", scores, "the piecewise flow alone against the flat model"),
+              verdict("NAMI", "flow only", scores, "the truncated stages against the full model at every stage"),
+              f"- steps in the same minutes: NAMI {steps['NAMI']}, flow only {steps['flow only']}, flat {steps['flat']} "
+              f"({steps['NAMI'] / steps['flat']:.2f}× the flat model's)", "",
+              "holds / fails: a difference of more than two standard errors of the difference; Fréchet distance: "
+              "lower is better, no error bar (one set of prompts)."]
+    return "\n".join(lines) + "\n"
+
+
+def reference_unet(text_dim: int, channels: int, width: int):
+    """A text-to-image UNet as the field trains them (Stable Diffusion's layout, diffusers'
+    UNet2DConditionModel): convolutional down and up blocks, cross-attention to the text states in
+    the two lower ones."""
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(width, 2 * width, 2 * width), norm_num_groups=min(32, width),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_dim, attention_head_dim=8)
+
+
+def reference_run(a):
+    """A recipe of our field beside NAMI: a conditional UNet trained with the flat rectified flow on
+    exactly the default run's data (data.Batches: the same latents, captions, noise, t' and caption
+    dropout, sample by sample), with its optimizer, learning-rate schedule, clipping and EMA, for the
+    same number of images; sampled with 30 Euler steps and CFG 3, judged as eval.py judges NAMI."""
+    import copy
+    import config
+    import data
+    import nami
+    cfg = config.TrainConfig(max_steps=a.steps or 1200, progress=False, **(dict(resolution=32, batch_size=8)
+                                                                            if a.tiny else {}))
+    torch.manual_seed(cfg.seed)
+    autoencoder = encoders.load_autoencoder(cfg.vae)
+    encoder = encoders.TextEncoder(cfg.text_encoder, cfg.text_len)
+    unet = reference_unet(encoder.dim, autoencoder.channels, 8 if a.tiny else a.unet_width)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    schedule = config.stage_mix_schedule(cfg, 3)  # for the lr's last phase, as the default run's
+    feed = data.Batches(cfg, encoder, autoencoder, 1, torch.device("cpu"))
+    t0, log = time.perf_counter(), []
+    for step in range(cfg.max_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate(cfg, step, schedule)
+        batch = feed.next_step([1])[0][0]
+        t = batch.t[:, None, None, None]
+        x_t = t * batch.eps + (1 - t) * batch.x  # Eq. 1, the whole flow in one window
+        v = unet(x_t, batch.t * 1000, encoder_hidden_states=batch.txt).sample
+        loss = nami.flow_loss(v, batch.eps - batch.x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        optimizer.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
+        log.append(loss.item())
+        if not a.quiet and step % 100 == 0:
+            print(f"step {step}: loss {loss.item():.4f}", flush=True)
+    minutes = (time.perf_counter() - t0) / 60
+    items = judge.prompt_set(a.per_category, a.eval_seed, True, cfg.world_level)
+    captions = [sample.caption for _, sample in items]
+    side = cfg.resolution // autoencoder.factor
+    with torch.no_grad():
+        txt, _ = encoder.encode(captions)
+        uncond = encoder.encode([""])[0].expand_as(txt)
+        x = torch.stack([torch.randn(autoencoder.channels, side, side, generator=torch.Generator().manual_seed(j))
+                         for j in range(len(items))])
+        grid = torch.linspace(1, 0, 31).tolist()
+        for t_now, t_next in zip(grid[:-1], grid[1:]):
+            tau = torch.full((len(items),), t_now * 1000)
+            v_c, v_u = ema(torch.cat([x, x]), torch.cat([tau, tau]),
+                           encoder_hidden_states=torch.cat([txt, uncond])).sample.chunk(2)
+            x = nami.euler_step(x, v_u + nami.DEFAULT_GUIDANCE * (v_c - v_u), t_now, t_next)
+        pictures = autoencoder.decode(x)
+    result = judge.score(pictures, items, cfg.world_level, judge.real_renders(items, cfg.resolution, cfg.resolution))
+    result.pop("samples", None)
+    params = sum(p.numel() for p in unet.parameters())
+    report = {"command": f"python ablate.py {a.command}", "torch": torch.__version__, "date": str(datetime.date.today()),
+              "parameters": params, "images": cfg.max_steps * cfg.batch_size, "train_minutes": round(minutes, 2),
+              "losses_every_100": log[::100], **result}
+    out = Path(a.results) / "reference-unet.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=float))
+    print(judge.table(result))
+    print(f"UNet2DConditionModel, {params / 1e6:.2f}M parameters, {cfg.max_steps} steps × {cfg.batch_size} in "
+          f"{minutes:.1f} min -> {out}")
+    return report
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--figure", type=int, choices=sorted(FIGURES))
     ap.add_argument("--conversion", action="store_true", help="A/B/C: NAMI, flat then NAMI, flat (see conversion)")
     ap.add_argument("--gpu", action="store_true", help="Fig. 6 on one CUDA device within --minutes (see above)")
     ap.add_argument("--tiny", action="store_true", help="--gpu at toy sizes (runs on a CPU)")
+    ap.add_argument("--reference", action="store_true", help="a conditional UNet of the field (diffusers), trained "
+                    "on the default run's data for --steps (default 1200) and judged (see reference_run)")
+    ap.add_argument("--unet-width", type=int, default=32, help="--reference: channels of the UNet's first level")
+    ap.add_argument("--cpu-minutes", type=float, help="Fig. 6 at equal training time on this machine: flat, flow "
+                    "only and NAMI on the default run's setting, this many minutes each (see time_ablation)")
     ap.add_argument("--minutes", type=float, default=8.0, help="--gpu: the whole command's time budget")
     ap.add_argument("--batch", type=int, default=256, help="--gpu: batch size of every variant")
     ap.add_argument("--lr", type=float, default=1e-3, help="--gpu: peak learning rate")
@@ -415,6 +576,12 @@ def main(argv=None):
     if a.gpu:
         a.per_category = max(a.per_category, 100) if not a.tiny else a.per_category
         return gpu_ablation(a)
+    if a.reference:
+        a.per_category = a.per_category if a.tiny else max(a.per_category, 50)
+        return reference_run(a)
+    if a.cpu_minutes:
+        a.per_category = a.per_category if a.tiny else max(a.per_category, 50)
+        return time_ablation(a)
     if a.conversion:
         a.steps = a.steps or 600
         return conversion(a)

@@ -37,6 +37,8 @@ def numbers(name: str, kind=int, example: str = "1,2,3"):
 
 
 PRESETS, MODES, STARTS = sorted(nami.PRESETS), ("nami", "flat", "flow-only"), ("bridge", "pyramid")
+BRIDGE_FITS = ("least-squares", "adam")
+BRIDGE_STEPS = {"least-squares": 100, "adam": 1000}  # --bridge-steps' default per --bridge-fit
 SHAPES_VAE = str(Path(__file__).resolve().parent / "weights" / "shapes-vae")  # made by python tinyvae.py
 
 
@@ -77,8 +79,12 @@ class TrainConfig:
                                    "as in the paper)", action=argparse.BooleanOptionalAction)
     start: str = flag("bridge", "start point of stage k > 1: BridgeFlow (paper) or Pyramid Flow's analytic one",
                       choices=STARTS)
-    bridge_steps: int = flag(1000, "BridgeFlow pre-training steps (paper §4.3)", type=int, bounds=(0, 10 ** 8))
-    bridge_lr: float = flag(1e-3, "BridgeFlow pre-training lr", type=float, bounds=("(", 0, 1, ")"))
+    bridge_fit: str = flag("least-squares", "how BridgeFlow is pre-trained on its MSE (paper §3.3): least-squares, "
+                           "its exact minimum over --bridge-steps batches [ours]; adam, the paper's gradient steps",
+                           choices=BRIDGE_FITS)
+    bridge_steps: int | None = flag(None, "BridgeFlow pre-training batches (default: 100 for least-squares, 1000 "
+                                    "Adam steps for adam; paper §4.3)", type=int, bounds=(0, 10 ** 8))
+    bridge_lr: float = flag(1e-3, "BridgeFlow pre-training lr (--bridge-fit adam)", type=float, bounds=("(", 0, 1, ")"))
     # data, encoders, autoencoder
     world_level: int = flag(1, "built-in data: 1 one object, 2 + two objects, attributes and positions, 3 the "
                             "full world with counting (shapes.LEVELS)", type=int, choices=sorted(shapes.LEVELS))

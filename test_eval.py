@@ -267,6 +267,36 @@ def test_gpu_ablation_runs_every_step_at_a_toy_budget_and_writes_its_report(tmp_
             raise SystemExit("CUDA present")
 
 
+def test_time_ablation_gives_each_variant_the_same_minutes_and_writes_its_verdicts(tmp_path):
+    """ablate.py --cpu-minutes (Fig. 6 at equal training time) at a toy budget: every variant gets
+    its own number of steps from its measured step time, and the report says holds / fails / within
+    noise for each claim."""
+    import ablate
+    results = ablate.main(["--cpu-minutes", "0.02", "--tiny", "--per-category", "1",
+                           "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    assert set(results) == {"flat", "flow only", "NAMI"}
+    report = (tmp_path / "results" / "fig6-cpu-time-0.02min.md").read_text()
+    assert "ablate.py --cpu-minutes 0.02 --tiny" in report and "torch " + torch.__version__ in report
+    claims = [line for line in report.splitlines() if line.startswith("- ") and "**" in line]
+    assert len(claims) == 3 and all(any(v in c for v in ("holds", "fails", "within noise")) for c in claims)
+    rows = [line for line in report.splitlines() if line.startswith(("| flat |", "| flow only |", "| NAMI |"))]
+    assert len(rows) == 3 and all(int(row.split("|")[2]) >= 3 for row in rows)  # steps of each variant
+    assert (tmp_path / "results" / "fig6-cpu-time-0.02min.png").stat().st_size > 1000
+
+
+def test_reference_unet_trains_on_the_default_runs_feed_and_is_judged(tmp_path):
+    """ablate.py --reference at a toy budget: a diffusers UNet2DConditionModel trains a few steps on
+    data.Batches' samples and its samples are judged on the default level's categories."""
+    import ablate
+    report = ablate.main(["--reference", "--tiny", "--steps", "3", "--per-category", "2", "--quiet",
+                          "--results", str(tmp_path / "results")])
+    assert report["images"] == 3 * 8 and len(report["losses_every_100"]) == 1
+    assert set(report["categories"]) == {"single_object", "colors"} and 0 <= report["overall"] <= 1
+    saved = json.loads((tmp_path / "results" / "reference-unet.json").read_text())
+    assert saved["command"] == "python ablate.py --reference --tiny --steps 3 --per-category 2 --quiet --results " + \
+        str(tmp_path / "results")
+
+
 def test_conversion_runs_a_b_and_c_and_b_starts_from_cs_midpoint(tmp_path):
     """ablate.py --conversion (issue 16) at a toy budget: A and C train 4 steps, B continues C's
     checkpoint at step 2 as NAMI for 2 steps, and the report has one row per run."""

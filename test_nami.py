@@ -459,6 +459,29 @@ def test_bf16_weights_sample_like_fp32_without_autocast():
 # docs/method.md §4: BridgeFlow
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_bridgeflow_least_squares_fit_is_the_exact_minimum_over_all_its_batches(per_channel):
+    """bridgeflow.fit streams batches into running sums; its (W, B) must equal closed_form over the
+    batches at once (dense bias), and be where the MSE's gradient vanishes (dense or per channel)."""
+    windows = nami.stage_windows()
+    g = torch.Generator().manual_seed(3)
+    x = shapes.batch(0, 0, 24, 16)[0]
+    eps = torch.randn(x.shape, generator=g)
+    parts = [(x[i:i + 8], eps[i:i + 8]) for i in range(0, 24, 8)]
+    bridge = bridgeflow.BridgeFlow(3, [(4, 4), (8, 8), (16, 16)], per_channel=per_channel)
+    bridgeflow.fit(bridge, lambda step: parts[step], windows, steps=3)
+    for k in (2, 3):
+        x_e_prev, target = bridgeflow.bridge_pairs(x, eps, windows, k)
+        if not per_channel:
+            W, B = bridgeflow.closed_form(nami.up(x_e_prev), target)
+            assert bridge.scale[k - 2].item() == pytest.approx(W.item(), abs=1e-5)
+            torch.testing.assert_close(bridge.shift[k - 2], B, atol=1e-5, rtol=0)
+        scale = bridge.scale[k - 2].detach().clone().requires_grad_(True)
+        shift = bridge.shift[k - 2].detach().clone().requires_grad_(True)
+        F.mse_loss(scale * nami.up(x_e_prev) + shift, target).backward()
+        assert scale.grad.abs().item() < 1e-5 and shift.grad.abs().max().item() < 1e-6
+
+
 def test_bridgeflow_gradient_training_matches_closed_form():
     windows = nami.stage_windows()
     g = torch.Generator().manual_seed(7)

@@ -33,7 +33,7 @@ import init_from
 import nami
 import parallel
 import shapes
-from bridgeflow import BridgeFlow, pretrain
+from bridgeflow import BridgeFlow, fit, pretrain
 from config import TrainConfig, validate
 from encoders import TextEncoder, load_autoencoder
 
@@ -100,21 +100,26 @@ def build_model(model_config, cfg: TrainConfig, sharded: bool, autocast: bool, d
 
 
 def pretrain_bridgeflow(cfg: TrainConfig, bridge, windows, encoder, autoencoder, generator, dist):
-    """Paper §3.3, §4.3: pre-train every BridgeFlow map with MSE (lr 1e-3), before the transformer.
-    Every rank trains the same map on the same data; rank 0's copy is then broadcast."""
+    """Paper §3.3, §4.3: pre-train every BridgeFlow map on its MSE, before the transformer: exactly, by
+    least squares over the batches (bridgeflow.fit, the default), or with the paper's Adam (lr 1e-3).
+    Every rank fits the same map on the same data; rank 0's copy is then broadcast."""
     feed = data.Batches(cfg, encoder, autoencoder, len(windows), dist.device, stream=1)
+    steps = config.BRIDGE_STEPS[cfg.bridge_fit] if cfg.bridge_steps is None else cfg.bridge_steps
 
     def batch(i):
         x = feed.next(text=False)[0]
         return x, torch.randn(x.shape, generator=generator).to(dist.device)
-    bar = tqdm(total=cfg.bridge_steps, desc="BridgeFlow", disable=not (cfg.progress and dist.main), leave=False)
-    losses = pretrain(bridge, batch, windows, cfg.bridge_steps, cfg.bridge_lr,
-                      progress=lambda i, l: (bar.update(1), bar.set_postfix(mse=f"{sum(l):.4f}")))
+    bar = tqdm(total=steps, desc="BridgeFlow", disable=not (cfg.progress and dist.main), leave=False)
+    if cfg.bridge_fit == "least-squares":
+        losses = fit(bridge, batch, windows, steps, progress=lambda i: bar.update(1))
+    else:
+        losses = pretrain(bridge, batch, windows, steps, cfg.bridge_lr,
+                          progress=lambda i, l: (bar.update(1), bar.set_postfix(mse=f"{sum(l):.4f}")))
     bar.close()
     parallel.broadcast_module(bridge)
     if dist.main:
-        print(f"BridgeFlow pre-trained: W = {[round(w, 3) for w in bridge.scale.tolist()]}, MSE per jump = "
-              f"{[round(l, 4) for l in losses]}")
+        print(f"BridgeFlow pre-trained ({cfg.bridge_fit}, {steps} batches): W = "
+              f"{[round(w, 3) for w in bridge.scale.tolist()]}, MSE per jump = {[round(l, 4) for l in losses]}")
 
 
 def update_ema(ema, model, decay: float, step: int):
