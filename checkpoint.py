@@ -579,3 +579,62 @@ def load_for_resume(ckpt: Path, model_dict: dict, state: TrainState) -> int:
     state.generator.set_state(train_state["generator"])
     torch.set_rng_state(train_state["torch_rng"])
     return train_state["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's curves, for readers without TensorBoard: python checkpoint.py plot RUN
+# ----------------------------------------------------------------------------------------------
+
+def read_log(run: Path) -> list[dict]:
+    """The lines of RUN/log.jsonl; a torn last line (a killed run's) is left out."""
+    path = Path(run) / "log.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{run} holds no log.jsonl: give the --out folder of a training run")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    if not records:
+        raise ValueError(f"{path} has no complete line yet: plot again after the first --log-every steps")
+    return records
+
+
+def plot_log(run: Path, out: Path | None = None) -> Path:
+    """The loss of every stage and the weighted loss (log scale), and images per second, against the
+    step, from RUN/log.jsonl; written to RUN/log.png unless `out` names another file."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = read_log(run)
+    steps = [r["step"] for r in records]
+    fig, (losses, speed) = plt.subplots(1, 2, figsize=(10, 3.6))
+    stage_keys = sorted({k for r in records for k in r if re.fullmatch(r"loss_stage\d+", k)},
+                        key=lambda k: int(k[len("loss_stage"):]))
+    for key in ["loss", *stage_keys]:
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        losses.plot(*zip(*points), label="weighted (Eq. 4)" if key == "loss" else f"stage {key[10:]}")
+    losses.set(xlabel="step", ylabel="loss", yscale="log", title="loss per stage")
+    losses.legend(fontsize=8)
+    speed.plot(steps, [r.get("images_per_s") for r in records], color="C4")
+    speed.set(xlabel="step", ylabel="images / s", title="throughput", ylim=(0, None))
+    fig.suptitle(str(run), fontsize=9)
+    fig.tight_layout()
+    out = Path(out) if out else Path(run) / "log.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Draw a run's log: python checkpoint.py plot RUN [--out FILE.png]")
+    parser.add_argument("command", choices=("plot",))
+    parser.add_argument("run", help="the --out folder of a training run")
+    parser.add_argument("--out", help="the PNG to write (default RUN/log.png)")
+    a = parser.parse_args()
+    try:
+        print(f"wrote {plot_log(Path(a.run), a.out)}")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")

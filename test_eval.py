@@ -310,3 +310,17 @@ def test_conversion_runs_a_b_and_c_and_b_starts_from_cs_midpoint(tmp_path):
     assert source["path"].endswith("ckpt-0000002") and "flat" in source["path"]
     report = (tmp_path / "results" / "init-from.md").read_text()
     assert all(f"| {name} |" in report for name in runs) and (tmp_path / "results" / "init-from.png").is_file()
+
+
+def test_checkpoint_plot_draws_a_runs_log_and_names_what_is_missing(tmp_path):
+    """`python checkpoint.py plot RUN`: loss per stage and images/s from log.jsonl (a killed run's torn
+    last line left out) into RUN/log.png; a folder without a log is refused with what to give."""
+    lines = [json.dumps({"step": s, "loss": 1.0 / s, "loss_stage1": 0.3 / s, "loss_stage2": 0.3 / s,
+                         "loss_stage3": 0.4 / s, "images_per_s": 100.0}) for s in range(10, 60, 10)]
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 60, "lo')
+    r = subprocess.run([sys.executable, "checkpoint.py", "plot", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and (tmp_path / "log.png").stat().st_size > 5000, r.stderr
+    r = subprocess.run([sys.executable, "checkpoint.py", "plot", str(tmp_path / "nowhere")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "holds no log.jsonl" in r.stderr
