@@ -12,7 +12,7 @@ are cached in scores.json beside it. Interrupted? Run the same command again: tr
 (train.py's --resume) and scored checkpoints are not scored again. At the end the figure's curves
 go to results/fig<N>.png and a markdown table to results/fig<N>.md.
 
-    python ablate.py --conversion    # issue 16: NAMI / flat then NAMI (--init-from) / flat, 600 steps each
+    python ablate.py --conversion    # NAMI / flat then NAMI (--init-from) / flat, 600 steps each (results/init-from.md)
     python ablate.py --gpu           # Fig. 6 decided on one CUDA device in about 8 minutes
     python ablate.py --gpu --tiny    # the same steps at toy sizes (runs on a CPU; the tests do)
     python ablate.py --cpu-minutes 8 # Fig. 6 at equal training time: 8 minutes each on this machine

@@ -1,4 +1,4 @@
-"""The first weights of a new run: `train.py --init-from PATH` (issue 16). The run is new (fresh
+"""The first weights of a new run: `train.py --init-from PATH` (README, "--init-from"). The run is new (fresh
 optimizer, lr schedule with the fine-tuning warm-up of config.warmup_plan, step 0, its own flags);
 only its weights come from PATH, which is one of
 

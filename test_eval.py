@@ -298,7 +298,7 @@ def test_reference_unet_trains_on_the_default_runs_feed_and_is_judged(tmp_path):
 
 
 def test_conversion_runs_a_b_and_c_and_b_starts_from_cs_midpoint(tmp_path):
-    """ablate.py --conversion (issue 16) at a toy budget: A and C train 4 steps, B continues C's
+    """ablate.py --conversion (results/init-from.md) at a toy budget: A and C train 4 steps, B continues C's
     checkpoint at step 2 as NAMI for 2 steps, and the report has one row per run."""
     import ablate
     runs = ablate.main(["--conversion", "--steps", "4", "--size", "tiny", "--per-category", "1", "--quiet",

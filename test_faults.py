@@ -1,4 +1,4 @@
-"""Faults injected into training (issue 6): SIGKILL at random moments and in the middle of a
+"""Faults injected into training (RELIABILITY.md): SIGKILL at random moments and in the middle of a
 checkpoint write, exact resume, a disk that fills up, non-finite losses, Ctrl-C / SIGTERM.
 
     python -m pytest -q test_faults.py          # the tests (a few kills; about a minute)

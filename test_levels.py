@@ -184,7 +184,7 @@ def test_bench_times_both_vae_layouts_in_one_process():
 
 
 # ---------------------------------------------------------------------------------------------
-# nami.with_jump_noise: the fine noise BridgeFlow cannot make, added at each jump (issue 15)
+# nami.with_jump_noise: the fine noise BridgeFlow cannot make, added at each jump (docs/method.md §8)
 # ---------------------------------------------------------------------------------------------
 
 def up_only(x, k):

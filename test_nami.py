@@ -290,7 +290,7 @@ def test_progressive_sampler_with_exact_velocity_lands_on_each_stage_end_and_the
 
 
 def sample_before_grids(model, eps, steps, bridge, conditioning, flat=False):
-    """The sampler as it was before explicit grids (issue 13), written out: t' = linspace(1, 0, n + 1)
+    """The sampler as it was before explicit grids (docs/method.md §6), written out: t' = linspace(1, 0, n + 1)
     in float32, τ = a_k + t'·(b_k − a_k), the velocity in one CFG batch, x ← x + (t'_next − t')·v."""
     cfg = model.cfg
     ratios, steps = ((1.0,), [sum(steps)]) if flat else (cfg.window_ratios, steps)
@@ -681,7 +681,7 @@ def test_invalid_resolution_names_nearest_valid_sizes():
 
 
 # ---------------------------------------------------------------------------------------------
-# Real scale (issue 4): encoders and VAE from local folders, the released NAMI-2B layout.
+# Real scale: encoders and VAE from local folders, the released NAMI-2B layout.
 # No weights can be downloaded here, so every loading path runs on tiny models that the tests
 # build, save to a folder and load back through the code a user runs.
 # ---------------------------------------------------------------------------------------------
@@ -953,7 +953,7 @@ def test_a_run_on_a_cache_holds_no_text_encoder_while_it_trains(tmp_path, encode
 
 
 # ---------------------------------------------------------------------------------------------
-# --init-from (issue 16): a new run from our checkpoints, the authors' release or a flat transformer.
+# --init-from: a new run from our checkpoints, the authors' release or a flat transformer.
 # A run of one step at lr 1e-9 holds in its checkpoint the weights it started from (to ~1e-9; the
 # EMA's first update takes 90 % of the model's weights, which have not moved).
 # ---------------------------------------------------------------------------------------------

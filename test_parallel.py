@@ -1,4 +1,4 @@
-"""Scale-out on CPU with the gloo backend (issue 5): torchrun with DDP and FSDP2 repeats the
+"""Scale-out on CPU with the gloo backend: torchrun with DDP and FSDP2 repeats the
 one-process run with the same global batch, an FSDP2 checkpoint written by 2 ranks resumes on 1
 and on 2, and the memory/speed flags leave the results unchanged.
 
