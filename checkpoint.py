@@ -372,7 +372,7 @@ class RunFolder:
         self.record: dict = {}          # what config.json says besides the step (describe())
         self.skipped, self.bad_in_row, self.all_losses = 0, 0, []
         self.stop = None                # StopRequest, from resume() on
-        self.log_file, self.bar = None, None
+        self.log_file, self.bar, self.board = None, None, None
         self.log_time, self.images_since_log = time.perf_counter(), 0
 
     @staticmethod
@@ -424,6 +424,9 @@ class RunFolder:
                 print(f"resumed from {ckpt} at step {step}")
         if self.main:
             self.log_file = (self.out / "log.jsonl").open("a")
+            if self.cfg.tensorboard:  # a view of the same numbers; log.jsonl stays the record
+                from torch.utils.tensorboard import SummaryWriter
+                self.board = SummaryWriter(str(self.out / "tensorboard"), purge_step=step + 1 if step else None)
         self.stop = StopRequest()
         self.bar = tqdm(total=self.cfg.max_steps, initial=step, desc=f"train {self.cfg.size}/{self.cfg.mode}",
                         disable=not (self.cfg.progress and self.main))
@@ -471,6 +474,13 @@ class RunFolder:
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
             self.log_time, self.images_since_log = now, 0
+            if self.board is not None:
+                ratios = record.pop("ratios", None) or []
+                for name, value in record.items():
+                    if isinstance(value, (int, float)) and name != "step":
+                        self.board.add_scalar(f"train/{name}", value, step)
+                for k, ratio in enumerate(ratios, 1):  # the stage mix as shares of the batch
+                    self.board.add_scalar(f"stage_mix/stage{k}", ratio / sum(ratios), step)
 
     def sample_grid(self, step: int, ema, bridge, encoder, autoencoder, prompts):
         """Every --sample-every steps (and the last), a grid of the EMA model's samples of fixed
@@ -487,7 +497,10 @@ class RunFolder:
             pictures = [images.to_image(im).resize((size, size), 0) for im in autoencoder.decode(x)]  # 0: nearest
             path = self.out / "samples" / f"step-{step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            images.grid(pictures, ncols=4).save(path)
+            picture = images.grid(pictures, ncols=4)
+            picture.save(path)
+            if self.board is not None:
+                self.board.add_image("samples", images.to_tensor(picture).add(1).div(2), step)
 
     def checkpoint(self, step: int, last_step: int, state: TrainState) -> bool:
         """Save every --ckpt-every steps, at the last step and when a stop signal came (all ranks
@@ -544,6 +557,8 @@ class RunFolder:
             self.bar.close()
         if self.log_file is not None:
             self.log_file.close()
+        if self.board is not None:
+            self.board.close()
         self.unlock()
 
     def result(self, step: int) -> dict:

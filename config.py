@@ -10,6 +10,7 @@ Also the checks and parsers the scripts share (image sizes, steps per stage, gui
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -122,6 +123,9 @@ class TrainConfig:
                               "(each is skipped)", type=int, bounds=(1, 10 ** 6))
     log_every: int = flag(10, "steps between log.jsonl lines", type=int, bounds=(1, 10 ** 9))
     progress: bool = flag(True, "progress bars", action=argparse.BooleanOptionalAction)
+    tensorboard: bool = flag(False, "also log to RUN/tensorboard (losses per stage, lr, gradient norm, images/s, "
+                             "stage ratios, sample grids; needs the tensorboard package; log.jsonl stays the record)",
+                             action="store_true")
     # scale-out (parallel.py)
     bf16: bool | None = flag(None, "bf16 autocast with fp32 master weights (default: on CUDA only; on a CPU "
                              "without AMX bf16 matrix products are slower than fp32)",
@@ -225,6 +229,9 @@ def validate(cfg: TrainConfig):
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard (or leave the flag "
+                          "out: log.jsonl is written either way, and `python checkpoint.py plot RUN` draws it)")
     for name in ("data", "cache", "vae", "text_encoder", "pooled_encoder", "init_from"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_dir():

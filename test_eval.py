@@ -324,3 +324,30 @@ def test_checkpoint_plot_draws_a_runs_log_and_names_what_is_missing(tmp_path):
     r = subprocess.run([sys.executable, "checkpoint.py", "plot", str(tmp_path / "nowhere")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 1 and "holds no log.jsonl" in r.stderr
+
+
+def test_tensorboard_logs_what_log_jsonl_holds_and_the_sample_grids(tmp_path, encoder_dir):
+    """train.py --tensorboard: the same numbers as log.jsonl (losses per stage, lr, images/s) and the
+    stage mix as scalars, the sample grid as an image, in RUN/tensorboard; log.jsonl is unchanged."""
+    pytest.importorskip("tensorboard")
+    from conftest import tiny_run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    train.main(tiny_run(out, encoder_dir, max_steps=4, log_every=2, sample_every=4, tensorboard=True))
+    board = EventAccumulator(str(out / "tensorboard")).Reload()
+    tags = board.Tags()
+    assert {"train/loss", "train/loss_stage1", "train/loss_stage3", "train/lr", "train/grad_norm",
+            "train/images_per_s", "stage_mix/stage1"} <= set(tags["scalars"]) and tags["images"] == ["samples"]
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e.step for e in board.Scalars("train/loss")] == [r["step"] for r in logged] == [2, 4]
+    assert [e.value for e in board.Scalars("train/loss")] == pytest.approx([r["loss"] for r in logged])
+
+
+def test_tensorboard_without_the_package_is_refused_before_any_work(tmp_path, encoder_dir, monkeypatch):
+    import importlib.util
+    from conftest import tiny_run
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        train.main(tiny_run(tmp_path / "run", encoder_dir, tensorboard=True))
+    assert not (tmp_path / "run" / "log.jsonl").exists()
