@@ -100,8 +100,8 @@ def build_model(model_config, cfg: TrainConfig, sharded: bool, autocast: bool, d
 
 
 def pretrain_bridgeflow(cfg: TrainConfig, bridge, windows, encoder, autoencoder, generator, dist):
-    """Paper §3.3, §4.3: pre-train every BridgeFlow map on its MSE, before the transformer: exactly, by
-    least squares over the batches (bridgeflow.fit, the default), or with the paper's Adam (lr 1e-3).
+    """Paper §3.3, §4.3: pre-train every BridgeFlow map on its MSE, before the transformer: with the
+    paper's Adam (lr 1e-3, the default), or exactly, by least squares over the batches (bridgeflow.fit).
     Every rank fits the same map on the same data; rank 0's copy is then broadcast."""
     feed = data.Batches(cfg, encoder, autoencoder, len(windows), dist.device, stream=1)
     steps = config.BRIDGE_STEPS[cfg.bridge_fit] if cfg.bridge_steps is None else cfg.bridge_steps
