@@ -264,7 +264,7 @@ def step_sections(a) -> dict:
     model, ema = nami.Nami(model_cfg).train(), nami.Nami(model_cfg).requires_grad_(False)
     side = cfg.resolution // autoencoder.factor
     bridge = BridgeFlow(model_cfg.in_channels, [(s, s) for s in nami.stage_sizes(side, K)]).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=a.fused_adamw or None)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=not a.foreach_adamw)  # train.py's: fused
     feed = data.Batches(cfg, encoder, autoencoder, K, device)
     ratios = [int(r) for r in a.mix.split(":")]
     times: dict[str, list[float]] = {}
@@ -306,7 +306,7 @@ def step_sections(a) -> dict:
             times.setdefault(f"stage {k}: model forward ({n} samples)", []).append(time.perf_counter() - t1)
         timed("backward (all stages)", loss.backward)
         timed("gradient clipping", torch.nn.utils.clip_grad_norm_, model.parameters(), cfg.grad_clip)
-        timed("AdamW" + (" (fused)" if a.fused_adamw else ""), opt.step)
+        timed("AdamW" + (" (foreach)" if a.foreach_adamw else " (fused)"), opt.step)
         timed("EMA", torch._foreach_lerp_, list(ema.parameters()), list(model.parameters()), 1 - cfg.ema_decay)
         times.setdefault("model step (forward to EMA)", []).append(time.perf_counter() - t0)
 
@@ -322,7 +322,7 @@ def step_sections(a) -> dict:
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     whole = medians["data: the whole feed (data.Batches.next_step)"] + medians["model step (forward to EMA)"]
     print(f"one step of the default run: toy at {cfg.resolution}² in the shapes VAE's latents, batch {cfg.batch_size} "
-          f"at mix {a.mix} ({batch_counts(ratios, cfg.batch_size)}), text {cfg.text_len} tokens, {device_name(device)}, "
+          f"at mix {a.mix} ({data.stage_counts(ratios, cfg.batch_size)}), text {cfg.text_len} tokens, {device_name(device)}, "
           f"torch {torch.__version__}, median of {a.repeat} steps; {cfg.batch_size / whole:.1f} images/s")
     print("| section | ms | share of the step |\n|---|---:|---:|")
     for name, value in medians.items():
@@ -335,11 +335,6 @@ def step_sections(a) -> dict:
     ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) // 3
     print(f"\n{ops} aten operator calls per step (every one counted, nested ones too)")
     return medians
-
-
-def batch_counts(ratios, batch: int) -> list[int]:
-    import data
-    return data.stage_counts(ratios, batch)
 
 
 def vae_table(a):
@@ -550,7 +545,8 @@ def main(argv=None):
     ap.add_argument("--train", action="store_true", help="training throughput and MFU instead of sampling time")
     ap.add_argument("--profile", action="store_true", help="where one step of the default run goes (its data feed, "
                     "each stage, the optimizer; torch.profiler's top operators)")
-    ap.add_argument("--fused-adamw", action="store_true", help="--profile: AdamW(fused=True)")
+    ap.add_argument("--foreach-adamw", action="store_true", help="--profile: AdamW's multi-tensor form instead of "
+                    "train.py's fused one")
     ap.add_argument("--flops", action="store_true", help="count the transformer FLOPs per stage (meta device) instead")
     ap.add_argument("--gpu-check", action="store_true", help="check the whole CUDA path, one table (see above)")
     ap.add_argument("--tiny", action="store_true", help="--gpu-check at toy sizes (runs on a CPU)")
