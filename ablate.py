@@ -210,7 +210,7 @@ def conversion(a) -> dict:
 
 
 def log_losses(out: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+    return [(r["step"], r["loss"]) for r in checkpoint.read_log(out)]
 
 
 def plot_conversion(runs: dict, losses: dict, path: Path, title: str):
@@ -296,7 +296,7 @@ def seconds_per_step(out: Path, flags: list[str], steps: int, mean: bool = False
     go through every phase of the stage mix (their costs differ)."""
     shutil.rmtree(out, ignore_errors=True)
     run_train(out, flags, steps)
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    records = checkpoint.read_log(out)
     rates = [r["images_per_s"] for r in records[1:]] or [r["images_per_s"] for r in records]
     shutil.rmtree(out, ignore_errors=True)
     batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 32

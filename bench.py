@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import resource
 import statistics
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoint
 import config
 import encoders
 import nami
@@ -429,7 +429,7 @@ def run(command: list[str], timeout: int = 600) -> str:
 
 
 def log_losses(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    records = checkpoint.read_log(run_dir)
     if not records or not all(math.isfinite(r["loss"]) for r in records):
         raise RuntimeError(f"{run_dir}/log.jsonl: no losses, or non-finite ones")
     return records
