@@ -40,6 +40,7 @@ import torch
 import checkpoint
 import config
 import encoders
+import lora
 import nami
 import parallel
 import shapes
@@ -182,19 +183,22 @@ def random_stage_inputs(cfg, counts, sizes, text_len: int, device):
 
 
 def training_step(cfg, device, res, mixes, text_len, bf16, checkpointing=False, compile=False, warmup=3,
-                  repeat=7) -> dict:
+                  repeat=7, lora_rank=None) -> dict:
     """Time Algorithm 1's training step on random data: the model's forward and backward at every
     stage of a mixed batch (train.Algorithm1Loss adds only elementwise pyramid, bridge and
     interpolation arithmetic around these calls), then AdamW. `mixes`: per-stage counts, one list
-    per step in turn (several: the batch sizes change as between phases)."""
+    per step in turn (several: the batch sizes change as between phases). lora_rank: a LoRA run's
+    step instead (train.py --lora): the frozen base in bf16 when bf16, AdamW over the adapters."""
     from torch.utils.flop_counter import FlopCounterMode
-    model = random_model(cfg, device).train()
+    model = random_model(cfg, device, torch.bfloat16 if lora_rank and bf16 else torch.float32).train()
+    if lora_rank:
+        lora.attach(model, lora.settings(lora_rank))
     model.checkpointing = checkpointing
     if compile:
         parallel.compile_blocks(model)
     sizes = nami.stage_sizes(res // latent_factor(cfg), cfg.num_stages)
     batches = [random_stage_inputs(cfg, counts, sizes, text_len, device) for counts in mixes]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def loss_of(stages):  # Eq. 4 summed over the stages, the model cut after each stage's blocks
         loss = 0.0
@@ -235,8 +239,9 @@ def train_table(a):
     config.check_resolution(a.res, a.res, latent_factor(cfg) * cfg.size_multiple, "--res")
     counts = mix_counts(a.mix, a.batch, cfg.num_stages)
     r = training_step(cfg, device, a.res, [counts], a.text_len, a.dtype == "bf16", a.activation_checkpointing,
-                      a.compile, a.warmup, a.repeat)
-    print(f"train {a.size} at {a.res}², batch {a.batch} as {counts} over the stages (mix {a.mix}), {a.dtype}, "
+                      a.compile, a.warmup, a.repeat, a.lora)
+    print(f"train {a.size}{f' LoRA rank {a.lora}' if a.lora else ''} at {a.res}², batch {a.batch} as {counts} over "
+          f"the stages (mix {a.mix}), {a.dtype}, "
           f"activation checkpointing {a.activation_checkpointing}, compile {a.compile}, {device_name(device)}, "
           f"torch {torch.__version__}, median of {a.repeat} steps")
     print("| step | samples/s | image tokens/s | model TFLOP/step | achieved TFLOP/s | measured peak TFLOP/s | MFU | peak memory |")
@@ -475,10 +480,11 @@ def check_sampling(size: str, device, res: int, text_len: int, dtype) -> str:
             f"(target ≤ 0.5 s and ≥ 2.5×: {'met' if met else 'not met'})")
 
 
-def check_training_step(size: str, device, res: int, batch: int, text_len: int, checkpointing: bool) -> str:
+def check_training_step(size: str, device, res: int, batch: int, text_len: int, checkpointing: bool,
+                        lora_rank=None) -> str:
     counts = mix_counts("1:2:4", batch, 3)
     r = training_step(bench_config(size), device, res, [counts], text_len, device.type == "cuda", checkpointing,
-                      warmup=2, repeat=3)
+                      warmup=2, repeat=3, lora_rank=lora_rank)
     return (f"batch {batch} as {counts}: {r['step']:.3f} s/step, {r['samples_per_s']:.1f} samples/s, "
             f"MFU {100 * r['mfu']:.1f} % of a measured {r['peak'] / 1e12:.3g} TFLOP/s")
 
@@ -520,6 +526,8 @@ def gpu_check(a) -> int:
         (f"{'tiny' if a.tiny else '0.6b'} training step, micro-batch 16",
          lambda: check_training_step("tiny" if a.tiny else "0.6b", device, big_res, 16, text_len, False)),
         ("compiled training step", lambda: check_compile(small, device, 16 if a.tiny else 64, 16)),
+        (f"{big} LoRA rank 16 step at {big_res}², micro-batch 4, checkpointing (README's memory table)",
+         lambda: check_training_step(big, device, big_res, 4, text_len, True, lora_rank=16)),
     ]
     rows, failed = [], 0
     for name, check in parts:
@@ -563,6 +571,7 @@ def main(argv=None):
                     help="untimed runs first (default: 3 training steps, or 1 sampling run of each sampler)")
     ap.add_argument("--activation-checkpointing", action="store_true", help="--train: recompute blocks in backward")
     ap.add_argument("--compile", action="store_true", help="--train: torch.compile each block")
+    ap.add_argument("--lora", type=int, help="--train: a LoRA run's step of this rank (frozen base, bf16 with --dtype bf16)")
     ap.add_argument("--text-len", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")

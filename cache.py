@@ -28,11 +28,21 @@ TEMPORARY = re.compile(r"\.tmp-(shard-\d{5,}\.safetensors|uncond\.safetensors|ca
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def cache_key(text_encoder, autoencoder, dtype: torch.dtype, resolution: int, num_stages: int = 3) -> dict:
+def cache_key(text_encoder, autoencoder, dtype: torch.dtype, resolution: int, num_stages: int = 3,
+              buckets=None) -> dict:
     """Everything the cached tensors depend on; a cache is used only if its key is equal.
-    (num_stages matters too: it decides which images are kept and their max_stage.)"""
-    return {"format": CACHE_FORMAT, "text_encoder": text_encoder.identity(), "vae": autoencoder.identity(),
-            "dtype": str(dtype).removeprefix("torch."), "resolution": resolution, "stages": num_stages}
+    (num_stages matters too: it decides which images are kept and their max_stage; and the bucket
+    set, buckets.bucket_set, the size each image was cropped to.)"""
+    key = {"format": CACHE_FORMAT, "text_encoder": text_encoder.identity(), "vae": autoencoder.identity(),
+           "dtype": str(dtype).removeprefix("torch."), "resolution": resolution, "stages": num_stages}
+    if buckets_key(buckets) is not None:  # square caches keep the key they always had
+        key["buckets"] = buckets_key(buckets)
+    return key
+
+
+def buckets_key(buckets):
+    """A bucket set as a cache key records it: [[width, height], ...], or None for squares alone."""
+    return [list(b) for b in buckets] if buckets and len(buckets) > 1 else None
 
 
 def cache_dtype(cache_dir) -> torch.dtype:
@@ -107,43 +117,50 @@ def build_cache(dataset: FolderDataset, text_encoder, autoencoder, out_dir, dtyp
                 shard_size: int = 1024, batch_size: int = 16, progress: bool = True, num_workers: int = 0) -> dict:
     """Encode every image (no flips) and caption of `dataset` into out_dir/shard-NNNNN.safetensors
     (latent (N, C, h, w), txt (N, L, D), pooled (N, P), max_stage (N,)), the empty prompt into
-    uncond.safetensors, and last cache.json {key, count, shards, data}. Returns cache.json's dict."""
+    uncond.safetensors, and last cache.json {key, count, shards, data}. Returns cache.json's dict.
+    With buckets each shard holds images of one bucket (its latents stack), bucket by bucket: the
+    cache's item order is the folder's within each bucket, and cache.json names each shard's bucket."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_cache(out)
     plain = copy.copy(dataset)
     plain.flip = False
-    loader = torch.utils.data.DataLoader(plain, batch_size=batch_size, num_workers=num_workers)
     device = _device_of(autoencoder)
-    shards, buffer = [], []  # buffer: encoded batches not yet in a shard
+    shards = []
 
-    def write_shard(rows: dict):
+    def write_shard(rows: dict, bucket: int):
         name = f"shard-{len(shards):05d}.safetensors"
         _write_atomic(out / name, lambda tmp: save_file({k: v.contiguous() for k, v in rows.items()}, tmp))
-        shards.append({"file": name, "count": len(rows["max_stage"])})
+        shards.append({"file": name, "count": len(rows["max_stage"]), "bucket": bucket})
 
     bar = tqdm(total=len(dataset), desc="cache", unit="img", disable=not progress)
-    for batch in loader:
-        latent = autoencoder.encode(batch["image"].to(device))  # (B, C, R/f, R/f)
-        txt, pooled = text_encoder.encode(list(batch["caption"]))  # (B, L, D), (B, P)
-        buffer.append({"latent": latent.to("cpu", dtype), "txt": txt.to("cpu", dtype),
-                       "pooled": pooled.to("cpu", dtype), "max_stage": batch["max_stage"].long()})
-        rows = {k: torch.cat([b[k] for b in buffer]) for k in buffer[0]}
-        while len(rows["max_stage"]) >= shard_size:
-            write_shard({k: v[:shard_size] for k, v in rows.items()})
-            rows = {k: v[shard_size:] for k, v in rows.items()}
-        buffer = [rows]
-        bar.update(len(batch["caption"]))
+    for bucket in sorted(set(dataset.item_buckets)):
+        members = [i for i, b in enumerate(dataset.item_buckets) if b == bucket]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(plain, members), batch_size=batch_size,
+                                             num_workers=num_workers)
+        buffer = []  # encoded batches not yet in a shard
+        for batch in loader:
+            latent = autoencoder.encode(batch["image"].to(device))  # (B, C, H/f, W/f)
+            txt, pooled = text_encoder.encode(list(batch["caption"]))  # (B, L, D), (B, P)
+            buffer.append({"latent": latent.to("cpu", dtype), "txt": txt.to("cpu", dtype),
+                           "pooled": pooled.to("cpu", dtype), "max_stage": batch["max_stage"].long()})
+            rows = {k: torch.cat([b[k] for b in buffer]) for k in buffer[0]}
+            while len(rows["max_stage"]) >= shard_size:
+                write_shard({k: v[:shard_size] for k, v in rows.items()}, bucket)
+                rows = {k: v[shard_size:] for k, v in rows.items()}
+            buffer = [rows]
+            bar.update(len(batch["caption"]))
+        if buffer and len(buffer[0]["max_stage"]):
+            write_shard(buffer[0], bucket)
     bar.close()
-    if buffer and len(buffer[0]["max_stage"]):
-        write_shard(buffer[0])
 
     # Paper §3.4: caption dropout trains on the empty prompt's embedding (the CFG unconditional)
     txt, pooled = text_encoder.encode([""])
     _write_atomic(out / "uncond.safetensors",
                   lambda tmp: save_file({"txt": txt[0].to("cpu", dtype).contiguous(),
                                          "pooled": pooled[0].to("cpu", dtype).contiguous()}, tmp))
-    meta = {"key": cache_key(text_encoder, autoencoder, dtype, dataset.resolution, dataset.num_stages),
+    meta = {"key": cache_key(text_encoder, autoencoder, dtype, dataset.resolution, dataset.num_stages,
+                             dataset.buckets),
             "count": sum(s["count"] for s in shards), "shards": shards, "data": fingerprint(dataset.items)}
     _write_atomic(out / "cache.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return meta
@@ -176,6 +193,8 @@ class CachedDataset(torch.utils.data.Dataset):
         self.meta = meta
         self.shards = names
         self.ends = np.cumsum([s["count"] for s in meta["shards"]]).tolist()  # item index bounds per shard
+        self.buckets = meta["key"].get("buckets") or [[meta["key"]["resolution"]] * 2]
+        self.item_buckets = [s.get("bucket", 0) for s in meta["shards"] for _ in range(s["count"])]
         self._open = {}
 
     def __len__(self):
@@ -199,6 +218,7 @@ class CachedDataset(torch.utils.data.Dataset):
         h = self._handle(shard)
         item = {name: h.get_slice(name)[row:row + 1][0].float() for name in ("latent", "txt", "pooled")}
         item["max_stage"] = int(h.get_slice("max_stage")[row:row + 1][0])
+        item["bucket"] = self.item_buckets[index]
         return item
 
     @property

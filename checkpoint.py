@@ -40,6 +40,7 @@ import images
 import nami
 import parallel
 from bridgeflow import BridgeFlow
+from buckets import size_for
 from encoders import TextEncoder, load_autoencoder
 
 PREFIX = "ckpt-"
@@ -121,17 +122,19 @@ def key_mismatches(own: dict, state_dict: dict) -> tuple[list, list, list]:
     return missing, extra, shape
 
 
-def load_state(module: nn.Module, state_dict: dict, what: str, assign: bool = False):
+def load_state(module: nn.Module, state_dict: dict, what: str, assign: bool = False, own: dict | None = None):
     """load_state_dict(strict) with an error naming the first mismatch, not a deep stack trace.
-    assign=True adopts the given tensors (for a model built on the meta device: no second copy)."""
-    own = {name: value.shape for name, value in module.state_dict().items()}
+    assign=True adopts the given tensors (for a model built on the meta device: no second copy).
+    own: the part of the module's state that state_dict must match (a LoRA run's adapters)."""
+    partial = own is not None
+    own = {name: value.shape for name, value in (module.state_dict() if own is None else own).items()}
     missing, extra, shape = key_mismatches(own, state_dict)
     if missing or extra or shape:
         first = (f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}" if extra else
                  f"{shape[0]!r} has shape {tuple(state_dict[shape[0]].shape)}, the model wants {tuple(own[shape[0]])}")
         raise ValueError(f"{what} does not match the model ({len(missing)} missing, {len(extra)} unexpected, "
                          f"{len(shape)} of other shape keys): {first}")
-    module.load_state_dict(state_dict, assign=assign)
+    module.load_state_dict(state_dict, assign=assign, strict=not partial)
 
 
 def build_filled(build, state_dict: dict, what: str) -> nn.Module:
@@ -164,7 +167,7 @@ def plan(ckpt) -> dict:
         config = files.read_json(folder / "config.json")
         model_config = nami.NamiConfig.from_dict(config["model"])
         factor = (config.get("vae") or {}).get("factor") or 1  # no VAE: pixel space
-        resolution = config["resolution"]
+        resolution = picture_size(config)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{folder}/config.json is missing or damaged ({type(e).__name__}: {e}): "
                          "use another checkpoint (--ckpt) or train one with `python train.py`")
@@ -172,8 +175,18 @@ def plan(ckpt) -> dict:
     if not (isinstance(vocabulary, list) and all(isinstance(word, str) for word in vocabulary)):
         vocabulary = None  # not recorded (an older checkpoint), or damaged: no note, nothing refused
     return {"folder": folder, "K": K, "multiple": factor * model_config.size_multiple,
-            "resolution": (resolution,) * 2, "steps": nami.default_steps(K), "cfg": nami.DEFAULT_GUIDANCE,
+            "resolution": resolution, "steps": nami.default_steps(K), "cfg": nami.DEFAULT_GUIDANCE,
             "schedule": "uniform", "vocabulary": vocabulary}
+
+
+def picture_size(config: dict) -> tuple[int, int]:
+    """(width, height) of a run's pictures: config.json's "size" (a run of the built-in world with
+    --aspect), else its square resolution (runs before sizes were recorded, and runs of folders,
+    whose buckets vary)."""
+    size = config.get("size")
+    if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 0 < v <= 1 << 16 for v in size):
+        return size[0], size[1]
+    return config["resolution"], config["resolution"]
 
 
 def load_model(ckpt, use_ema=True, text_encoder=None, pooled_encoder=None, vae=None, size=None, device="cpu"):
@@ -200,10 +213,11 @@ def load_model(ckpt, use_ema=True, text_encoder=None, pooled_encoder=None, vae=N
     K, side = model_config.num_stages, config["resolution"] // autoencoder.factor
     bridge = build_filled(lambda: BridgeFlow(model_config.in_channels, [(s, s) for s in nami.stage_sizes(side, K)]),
                           parts["bridge"], f"{folder} (BridgeFlow)")
-    info = {"folder": str(folder), "resolution": (config["resolution"],) * 2, "steps": nami.default_steps(K),
+    info = {"folder": str(folder), "resolution": picture_size(config), "steps": nami.default_steps(K),
             "cfg": nami.DEFAULT_GUIDANCE,  # and the world level it learnt (runs from before levels: the full world)
             "world_level": config["train"].get("world_level", 3)}
-    return model.to(device).eval(), bridge.to(device).eval(), encoder, autoencoder, info
+    # frozen: sampling needs no gradients (and a LoRA on it, lora.py, leaves the base as frozen as this)
+    return model.to(device).eval().requires_grad_(False), bridge.to(device).eval(), encoder, autoencoder, info
 
 
 def load_recorded_encoder(saved: dict, folder, text_encoder=None, pooled_encoder=None, device="cpu") -> TextEncoder:
@@ -288,6 +302,12 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator   # BridgeFlow pre-training's noise
     sharded: bool                # FSDP2: model, EMA and optimizer also as dcp/ shards
+    lora: bool = False           # a LoRA run: its adapters alone are saved and restored (lora.py)
+
+    def trained(self, module: nn.Module) -> dict:
+        """The tensors of the model or EMA that a checkpoint holds: all, or a LoRA run's adapters."""
+        sd = module.state_dict()
+        return {k: v for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k} if self.lora else sd
 
 
 def write_files(tmp: Path, final: Path, step: int, model_sd, ema_sd, state: TrainState, record: dict,
@@ -297,6 +317,9 @@ def write_files(tmp: Path, final: Path, step: int, model_sd, ema_sd, state: Trai
     tensors.update({f"ema.{k}": v for k, v in ema_sd.items()})
     tensors.update({f"bridge.{k}": v for k, v in state.bridge.state_dict().items()})
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / "weights.safetensors")
+    if state.lora:  # the EMA adapters again, in the layout of diffusers' FLUX LoRAs (what sampling reads)
+        save_file({"transformer." + k.replace(".default.", "."): v.detach().contiguous() for k, v in ema_sd.items()},
+                  tmp / "pytorch_lora_weights.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps({**record, "step": step}, indent=2))
     train_state = {"step": step, "generator": state.generator.get_state(), "torch_rng": torch.get_rng_state(),
                    "data_position": data_position}
@@ -406,6 +429,7 @@ class RunFolder:
         cfg = self.cfg
         self.record = {"model": model_config.to_dict(), "train": asdict(cfg), "text_encoder": encoder.identity(),
                        "vae": autoencoder.identity(), "resolution": cfg.resolution,
+                       "size": list(size_for(cfg.aspect, cfg.resolution, autoencoder.factor * model_config.size_multiple)),
                        "channels": model_config.in_channels, "mode": cfg.mode, "vocabulary": vocabulary}
 
     def resume(self, state: TrainState) -> int:
@@ -489,12 +513,12 @@ class RunFolder:
         if step % self.cfg.sample_every and step != self.cfg.max_steps:
             return
         ema.eval()
-        side = self.cfg.resolution // autoencoder.factor
-        x = nami.generate(ema, encoder, prompts, range(len(prompts)), side, side,
+        (w, h), f = self.record["size"], autoencoder.factor
+        x = nami.generate(ema, encoder, prompts, range(len(prompts)), h // f, w // f,
                           nami.default_steps(ema.cfg.num_stages), bridge=bridge)[-1]
         if self.main:
-            size = max(64, self.cfg.resolution)
-            pictures = [images.to_image(im).resize((size, size), 0) for im in autoencoder.decode(x)]  # 0: nearest
+            zoom = max(1, -(-64 // min(w, h)))  # nearest-neighbour zoom to at least 64 px
+            pictures = [images.to_image(im).resize((w * zoom, h * zoom), 0) for im in autoencoder.decode(x)]
             path = self.out / "samples" / f"step-{step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             picture = images.grid(pictures, ncols=4)
@@ -524,8 +548,8 @@ class RunFolder:
         parallel.barrier()
         if state.sharded:
             parallel.save_sharded(tmp / "dcp", state.model, state.ema, state.optimizer)
-        model_sd = parallel.full_state_dict(state.model) if state.sharded else state.model.state_dict()
-        ema_sd = parallel.full_state_dict(state.ema) if state.sharded else state.ema.state_dict()
+        model_sd = parallel.full_state_dict(state.model) if state.sharded else state.trained(state.model)
+        ema_sd = parallel.full_state_dict(state.ema) if state.sharded else state.trained(state.ema)
         error = None
         if self.main:
             try:
@@ -588,8 +612,8 @@ def load_for_resume(ckpt: Path, model_dict: dict, state: TrainState) -> int:
         parallel.load_full(state.ema, parts["ema"])
         print(f"{ckpt} holds unsharded weights: loaded into FSDP2; the optimizer state starts afresh")
     else:
-        load_state(state.model, parts["model"], f"{ckpt} (model)")
-        load_state(state.ema, parts["ema"], f"{ckpt} (ema)")
+        load_state(state.model, parts["model"], f"{ckpt} (model)", own=state.trained(state.model))
+        load_state(state.ema, parts["ema"], f"{ckpt} (ema)", own=state.trained(state.ema))
         state.optimizer.load_state_dict(train_state["optimizer"])
     state.generator.set_state(train_state["generator"])
     torch.set_rng_state(train_state["torch_rng"])

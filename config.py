@@ -93,6 +93,12 @@ class TrainConfig:
                             "default: the built-in shapes data")
     cache: str | None = flag(None, "a cache made by `python data.py cache` (latents + text states) instead of --data")
     flip: bool = flag(False, "random horizontal flips of --data images", action="store_true")
+    aspect: float | None = flag(None, "built-in world: width:height of its pictures, e.g. 2:1 (the scene in the "
+                                "centre, its background on either side; the bucket nearest it, buckets.py)",
+                                type=shapes.parse_aspect)
+    buckets: bool | None = flag(None, "aspect-ratio buckets (buckets.py): each image at the size of about R² nearest "
+                                "its aspect, a global batch from one bucket (default: on for --data and --cache; "
+                                "--no-buckets centre-crops squares)", action=argparse.BooleanOptionalAction)
     workers: int = flag(2, "DataLoader workers for --data/--cache", type=int, bounds=(0, 256))
     text_encoder: str | None = flag(None, "local transformers encoder folder for the token states "
                                     "(paper: mT5-XXL; default: all-MiniLM-L6-v2)")
@@ -112,6 +118,13 @@ class TrainConfig:
                                  "release, or a diffusers FluxTransformer2DModel folder (init_from.py)")
     init_from_raw: bool = flag(False, "with --init-from one of our checkpoints: its raw weights, not the EMA",
                                action="store_true")
+    lora: int | None = flag(None, "train LoRA adapters of this rank on the frozen --init-from weights instead of "
+                            "every weight (lora.py; needs peft)", type=int, bounds=(1, 4096))
+    lora_alpha: float | None = flag(None, "LoRA α (the adapters are scaled by α/rank; default: the rank)", type=float,
+                                    bounds=("(", 0, 1e6, "]"))
+    lora_targets: tuple | None = flag(None, "the linear layers that get adapters, as suffixes of their names "
+                                      "(default: diffusers' FLUX LoRA targets, lora.DEFAULT_TARGETS)",
+                                      type=lambda text: tuple(t.strip() for t in text.split(",") if t.strip()))
     stop_after: int | None = flag(None, "stop with a checkpoint at this step (the schedules still follow "
                                   "--max-steps, so --resume continues the same run)", type=int, bounds=(1, 10 ** 9))
     seed: int = flag(0, "seed of the data order, the noise and the initial weights", type=int,
@@ -148,6 +161,8 @@ class TrainConfig:
             self.vae = None
         if self.jump_noise is None:
             self.jump_noise = builtin
+        if self.buckets is None:
+            self.buckets = not builtin
 
 
 def parse_args(argv=None, description: str | None = None) -> TrainConfig:
@@ -220,10 +235,20 @@ def validate(cfg: TrainConfig):
             raise ValueError(f"{name} must be in {left}{low:g}, {high:g}{right}, got {value}")
     checks = [(not (cfg.data and cfg.cache), "give --data (images, encoded on the fly) or --cache (precomputed), not both"),
               (not cfg.flip or bool(cfg.data), "--flip applies to --data images only (a cache holds unflipped latents)"),
+              (not cfg.buckets or bool(cfg.data or cfg.cache), "--buckets applies to --data and --cache (the "
+               "built-in world is square, or --aspect W:H)"),
+              (cfg.aspect is None or not (cfg.data or cfg.cache), "--aspect applies to the built-in world; an image "
+               "folder keeps each image's own aspect ratio in its bucket (--buckets)"),
               (not (cfg.resume and cfg.init_from), "--resume continues the run in --out, --init-from starts a new "
                "one from other weights: give one of them (a run started with --init-from resumes with --resume "
                "alone: its checkpoints record where its weights came from)"),
               (not cfg.init_from_raw or bool(cfg.init_from), "--init-from-raw applies to --init-from only"),
+              (cfg.lora is not None or (cfg.lora_alpha is None and cfg.lora_targets is None),
+               "--lora-alpha and --lora-targets apply to --lora RANK runs only"),
+              (not cfg.lora or bool(cfg.init_from or cfg.resume), "--lora trains adapters on given weights: add "
+               "--init-from PATH (the base: one of our runs, the authors' release, a FLUX transformer)"),
+              (not cfg.lora or cfg.parallel != "fsdp", "--lora runs under DDP, not FSDP2: its frozen base is held in "
+               "bf16 on each GPU (4.2 GB for 2b) and only the adapters are trained; leave out --parallel fsdp"),
               (cfg.micro_batch is None or cfg.micro_batch <= cfg.batch_size,
                f"--micro-batch must be at most --batch-size {cfg.batch_size}, got {cfg.micro_batch}")]
     for ok, message in checks:
@@ -232,6 +257,8 @@ def validate(cfg: TrainConfig):
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard (or leave the flag "
                           "out: log.jsonl is written either way, and `python checkpoint.py plot RUN` draws it)")
+    if cfg.lora and importlib.util.find_spec("peft") is None:
+        raise ImportError("--lora needs the peft package: pip install peft (README, \"Fine-tuning with LoRA\")")
     for name in ("data", "cache", "vae", "text_encoder", "pooled_encoder", "init_from"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_dir():

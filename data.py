@@ -7,7 +7,8 @@ sample's noise, t' and caption dropout drawn from its position in the data order
 drawn at the phase's sampling ratio within Algorithm 1's size rule (a stage trains only on images
 at least its size: folders.max_stage, assign_stages).
 
-    python data.py scan DATA_DIR --resolution 256 --stages 3      # what would be used, and why not
+    python data.py scan DATA_DIR --resolution 256 --stages 3      # what would be used, and why not,
+                                                                  # and the aspect-ratio buckets and their crops
     python data.py cache DATA_DIR --out CACHE_DIR --resolution 256 [--vae PATH] [--text-encoder PATH]
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ import files
 import nami
 import parallel
 import shapes
+from buckets import bucket_set, crop_share, size_for
 from cache import DTYPES, CachedDataset, build_cache, cache_dtype, cache_key
-import folders
 from folders import FolderDataset, folder_captions, mix_seed, scan, summary_line
 
 # ----------------------------------------------------------------------------------------------
@@ -80,6 +81,47 @@ class ResumableSampler(torch.utils.data.Sampler):
         while True:
             for i in self.order(epoch)[offset:]:
                 yield (i, epoch) if self.with_epoch else i
+            epoch, offset = epoch + 1, 0
+
+
+class BucketSampler(torch.utils.data.Sampler):
+    """Endless epochs of global batches, each of `batch_size` items of one bucket. An epoch
+    shuffles each bucket's items (seeded by (seed, epoch, bucket)), fills its last batch by
+    wrapping around to the bucket's first items, and then shuffles the order of all the batches
+    (seeded by (seed, epoch)). Every epoch has the same number of batches, so a run resumed at
+    step s starts at batch s and sees exactly the order of a run that never stopped; every rank
+    computes the same order and takes its own slots of each batch. Yields keys (index, or
+    (index, epoch) with with_epoch, for FolderDataset's flips), batch_size of them per step."""
+
+    def __init__(self, item_buckets: list[int], batch_size: int, seed: int, start_step: int = 0,
+                 with_epoch: bool = False):
+        super().__init__()
+        if not item_buckets or start_step < 0:
+            raise ValueError(f"BucketSampler needs items and start_step >= 0, got {len(item_buckets)} items, "
+                             f"start_step={start_step}")
+        self.members: dict[int, list[int]] = {}
+        for index, bucket in enumerate(item_buckets):
+            self.members.setdefault(bucket, []).append(index)
+        self.batch_size, self.seed, self.start_step, self.with_epoch = batch_size, seed, start_step, with_epoch
+        self.per_epoch = sum(-(-len(m) // batch_size) for m in self.members.values())
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        B, out = self.batch_size, []
+        for bucket in sorted(self.members):
+            items = self.members[bucket]
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, "bucket", bucket))
+            order = [items[i] for i in torch.randperm(len(items), generator=gen).tolist()]
+            n = -(-len(order) // B) * B
+            order = [order[i % len(order)] for i in range(n)]  # the last batch filled by wrapping around
+            out += [order[i:i + B] for i in range(0, n, B)]
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, "batches"))
+        return [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start_step, self.per_epoch)
+        while True:
+            for batch in self.batches(epoch)[offset:]:
+                yield from ((i, epoch) if self.with_epoch else i for i in batch)
             epoch, offset = epoch + 1, 0
 
 
@@ -180,16 +222,23 @@ class Batches:
         self.queue: list = []
         self.prompts = shapes.EXAMPLE_PROMPTS[cfg.world_level]
         self.loader = None
+        # the built-in world's pictures: R × R, or the bucket nearest --aspect
+        self.size = size_for(cfg.aspect, cfg.resolution, autoencoder.factor * nami.size_multiple(num_stages))
         if cfg.data or cfg.cache:
+            # buckets.py: sizes of about R² whose sides every stage can halve, in the autoencoder's pixels
+            sizes = bucket_set(cfg.resolution, autoencoder.factor * nami.size_multiple(num_stages)) if cfg.buckets else None
             if cfg.cache:
-                key = cache_key(encoder, autoencoder, cache_dtype(cfg.cache), cfg.resolution, num_stages)
+                key = cache_key(encoder, autoencoder, cache_dtype(cfg.cache), cfg.resolution, num_stages, sizes)
                 dataset = CachedDataset(cfg.cache, key)
                 self.uncond = tuple(u.unsqueeze(0).to(device) for u in dataset.uncond)
             else:
                 dataset = FolderDataset(cfg.data, cfg.resolution, num_stages, flip=cfg.flip,
-                                        progress=cfg.progress, seed=cfg.seed)
+                                        progress=cfg.progress, seed=cfg.seed, bucket_sizes=sizes)
                 self.prompts = [dataset.items[i].caption for i in range(min(8, len(dataset)))]
-            order = iter(ResumableSampler(len(dataset), cfg.seed + stream, start_step * B, with_epoch=cfg.flip))
+            if len(dataset.buckets) > 1:  # each global batch from one bucket, so that its samples stack
+                order = iter(BucketSampler(dataset.item_buckets, B, cfg.seed + stream, start_step, with_epoch=cfg.flip))
+            else:
+                order = iter(ResumableSampler(len(dataset), cfg.seed + stream, start_step * B, with_epoch=cfg.flip))
 
             def this_ranks_keys():  # the global order, B keys per step, cut into this rank's micro-batches
                 while True:
@@ -209,7 +258,8 @@ class Batches:
             self.step += 1
         positions = self.queue.pop(0)
         if self.loader is None:     # built-in data: rendered at the full size, every stage allowed
-            pixels, samples = shapes.batch_at(self.cfg.seed, positions, self.cfg.resolution, level=self.cfg.world_level)
+            (w, h), level = self.size, self.cfg.world_level
+            pixels, samples = shapes.batch_at(self.cfg.seed, positions, min(w, h), level=level, aspect=w / h)
             captions = [s.caption for s in samples]
             max_stage = torch.full((len(positions),), self.K)
         else:
@@ -273,14 +323,19 @@ def batch_stages(ratios, batch_size: int, max_stages=None) -> list[int]:
 
 
 def cmd_scan(a):
-    min_size = nami.stage_size(a.resolution, a.stages, 1) if a.resolution else 1
-    items, counts = scan(a.data, min_size=min_size)
-    print(summary_line(counts))
-    if a.resolution:
-        per = Counter(folders.max_stage(it.native, a.resolution, a.stages) for it in items)
-        print("highest stage allowed (Algorithm 1): "
-              + ", ".join(f"stage {k} ({nami.stage_size(a.resolution, a.stages, k)} px): {per[k]}"
-                          for k in range(1, a.stages + 1)))
+    if not a.resolution:
+        print(summary_line(scan(a.data)[1]))
+        return
+    sizes = bucket_set(a.resolution, a.vae_factor * nami.size_multiple(a.stages)) if a.buckets else None
+    dataset = FolderDataset(a.data, a.resolution, a.stages, bucket_sizes=sizes)  # prints the summary line
+    per = Counter(dataset.max_stages)
+    print("highest stage allowed (Algorithm 1, both sides): " + ", ".join(f"stage {k}: {per[k]}"
+                                                                         for k in range(1, a.stages + 1)))
+    print("| bucket (W×H px) | images | pixels cropped away: mean | max |\n|---|---:|---:|---:|")
+    for b, (w, h) in enumerate(dataset.buckets):
+        crops = [crop_share(it.width, it.height, (w, h)) for it, ib in zip(dataset.items, dataset.item_buckets) if ib == b]
+        if crops:
+            print(f"| {w}×{h} | {len(crops)} | {100 * sum(crops) / len(crops):.1f} % | {100 * max(crops):.1f} % |")
 
 
 def cmd_cache(a):
@@ -295,11 +350,14 @@ def cmd_cache(a):
 
 
 def build_cache_command(a):
+    import config
     import encoders  # here only: the rest of data.py works without it
-    dataset = FolderDataset(a.data, a.resolution, a.stages)  # scan first: data errors before model loading
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    factor = (config.vae_factor(a.vae) or encoders.load_autoencoder(a.vae).factor) if a.vae else 1  # config.json alone
+    multiple = factor * nami.size_multiple(a.stages)  # VAE factor · patch · 2^(K−1)
+    sizes = bucket_set(a.resolution, multiple) if a.buckets else None  # as train.py --buckets makes them
+    dataset = FolderDataset(a.data, a.resolution, a.stages, bucket_sizes=sizes)  # scan first: data errors early
     autoencoder = encoders.load_autoencoder(a.vae, device=device)
-    multiple = autoencoder.factor * nami.size_multiple(a.stages)  # VAE factor · patch · 2^(K−1)
     if a.resolution % multiple:
         lower = a.resolution // multiple * multiple
         raise ValueError(f"--resolution {a.resolution} is not divisible by vae factor·patch·2^(stages−1) = {multiple}: "
@@ -318,6 +376,10 @@ def main(argv=None):
     s.add_argument("data", help="data folder")
     s.add_argument("--resolution", type=int, help="full training size: also skip images too small for stage 1")
     s.add_argument("--stages", type=int, default=3, help="number of stages K")
+    s.add_argument("--vae-factor", type=int, default=1, help="pixels per latent cell of the run's VAE (FLUX: 8; "
+                   "default 1, pixel space): bucket sides are multiples of it × patch 2 × 2^(K−1)")
+    s.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=True,
+                   help="report the aspect-ratio buckets of train.py --buckets (default) or the square crops")
     c = sub.add_parser("cache", help="precompute VAE latents and text states")
     c.add_argument("data", help="data folder")
     c.add_argument("--out", required=True, help="cache folder")
@@ -329,6 +391,8 @@ def main(argv=None):
     c.add_argument("--text-len", type=int, default=16, help="text tokens per prompt (paper: 256)")
     c.add_argument("--pooled-len", type=int, default=77, help="tokens of the pooled encoder (paper: 77)")
     c.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="stored precision")
+    c.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=True,
+                   help="aspect-ratio buckets, as train.py --buckets (default; the cache is keyed by them)")
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
     a = ap.parse_args(argv)

@@ -7,6 +7,7 @@ category, held-out colour-shape pairs and the Fréchet distance to real renders.
     python eval.py --calibrate 2000 --res 32,64             # the judge on real and broken renders
     python eval.py --ckpt CKPT --from-stage 3               # diagnostic: stage 3 from real renders
     python eval.py --calibrate 200 --res 64 --level 1 --vae weights/shapes-vae   # real renders through a VAE
+    python eval.py --lora runs/lora-toy                     # a LoRA (train.py --lora) on the base it names
 
 The categories judged are those of the checkpoint's world level (train.py --world-level;
 --level overrides); every accuracy comes with its standard error, and the table ends with the
@@ -23,6 +24,7 @@ import torch
 import checkpoint
 import config
 import encoders
+import lora
 import nami
 import parallel
 import shapes
@@ -61,6 +63,9 @@ def parse_args(argv=None):
     ap.add_argument("--level", type=int, choices=sorted(shapes.LEVELS),
                     help="world level whose categories are judged (default: the checkpoint's; 3 for --calibrate)")
     ap.add_argument("--vae", help="--calibrate: judge the real renders after this AutoencoderKL's round trip")
+    ap.add_argument("--lora", help="judge these LoRA adapters (train.py --lora) on their base (or on --ckpt, "
+                    "which must be the same files)")
+    ap.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (0 = the base alone)")
     return ap.parse_args(argv)
 
 
@@ -99,8 +104,14 @@ def load(a, steps):
     """The checkpoint's model and parts, and the steps per stage, checked against it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     parallel.use_tf32()
-    model, bridge, encoder, autoencoder, info = checkpoint.load_model(checkpoint.find_checkpoint(a.ckpt),
-                                                                      not a.no_ema, device=device)
+    folder = lora.find(a.lora) if a.lora else None
+    record = lora.record(folder) if folder else None
+    ckpt = checkpoint.find_checkpoint(a.ckpt or (record["base"]["path"] if record else None))
+    model, bridge, encoder, autoencoder, info = checkpoint.load_model(ckpt, not a.no_ema, device=device)
+    if folder:  # refused unless made for this base
+        lora.check_base(record, folder, ckpt, model.cfg, "model" if a.no_ema else "ema")
+        lora.apply(model, folder, record, a.lora_scale)
+        info["folder"] = f"{folder} (LoRA, scale {a.lora_scale:g}) on {ckpt}"
     model.to(parallel.sampling_dtype(device))
     steps = steps or info["steps"]
     if len(steps) != model.cfg.num_stages:

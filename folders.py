@@ -37,6 +37,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
+import buckets
 import files
 import nami
 from images import to_tensor
@@ -410,7 +411,10 @@ def index_epoch(key) -> tuple[int, int]:
 class FolderDataset(torch.utils.data.Dataset):
     """The images of a data folder at training size R, each with its caption and max_stage.
 
-    An image whose highest allowed stage m is below K is resized to stage m's size and then
+    Without bucket_sizes every image is centre-cropped to a square R × R; with them (buckets.py,
+    `train.py --buckets`) each image covers the bucket nearest its aspect ratio and is centre-
+    cropped by the least amount, and its max_stage is the highest stage whose bucket size it
+    reaches on both sides. An image whose highest allowed stage m is below K is resized to stage m's size and then
     repeated 2^(K−m) times along each axis (nearest Up), so that Down^(K−m) of the returned
     image (2×2 average pooling, docs/method.md §1) is exactly the image at stage m's size: stages ≤ m see
     the native pixels downsampled, never an upsampled guess.
@@ -421,29 +425,51 @@ class FolderDataset(torch.utils.data.Dataset):
     a plain index means epoch 0."""
 
     def __init__(self, root, resolution: int, num_stages: int, flip: bool = False, progress: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, bucket_sizes=None):
         if num_stages < 1 or resolution % 2 ** (num_stages - 1):
             raise ValueError(f"--resolution {resolution} must be divisible by 2^(stages−1) = "
                              f"{2 ** (num_stages - 1)} for {num_stages} stages")
         self.root, self.resolution, self.num_stages = Path(root), resolution, num_stages
         self.flip, self.seed = flip, seed
-        self.items, self.counts = scan(root, min_size=nami.stage_size(resolution, num_stages, 1), progress=progress)
+        # buckets (buckets.bucket_set): each image at the (width, height) nearest its aspect; None: squares
+        self.buckets = list(bucket_sizes) if bucket_sizes else [(resolution, resolution)]
+        smallest = min(min(nami.stage_size(w, num_stages, 1), nami.stage_size(h, num_stages, 1)) for w, h in self.buckets)
+        items, self.counts = scan(root, min_size=smallest, progress=progress)
+        placed = [(it, *self.place(it)) for it in items]
+        for it, _, m in placed:
+            if m < 1:  # smaller than stage 1 of its bucket along one side
+                self.counts.note("too small", it.rel)
+                self.counts["images"] -= 1
+        kept = [(it, b, m) for it, b, m in placed if m >= 1]
+        if not kept:
+            raise ValueError(f"no image in {root} reaches stage 1 of its bucket ({summary_line(self.counts)})")
+        self.items, self.item_buckets, self.max_stages = (list(v) for v in zip(*kept))
         print(summary_line(self.counts))
-        self.max_stages = [max_stage(it.native, resolution, num_stages) for it in self.items]
+
+    def place(self, item: Item) -> tuple[int, int]:
+        """(bucket, max_stage) of an image: the bucket nearest its aspect and the highest stage whose
+        bucket size it reaches on both sides; without buckets, the square and its shorter side."""
+        if len(self.buckets) == 1:
+            return 0, max_stage(item.native, self.resolution, self.num_stages)
+        b = buckets.nearest(item.width, item.height, self.buckets)
+        return b, buckets.max_stage(item.width, item.height, self.buckets[b], self.num_stages)
 
     def __len__(self):
         return len(self.items)
 
     def load(self, index: int, flipped: bool = False) -> dict:
-        item, m = self.items[index], self.max_stages[index]
+        item, m, bucket = self.items[index], self.max_stages[index], self.buckets[self.item_buckets[index]]
         img, _ = load_rgb(item.path)
-        img = center_crop_resize(img, nami.stage_size(self.resolution, self.num_stages, m))
+        if len(self.buckets) == 1:
+            img = center_crop_resize(img, nami.stage_size(self.resolution, self.num_stages, m))
+        else:
+            img = buckets.cover_crop(img, buckets.stage_bucket(bucket, self.num_stages, m))
         if flipped:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x = to_tensor(img)  # (3, s, s), s = stage m's size
+        x = to_tensor(img)  # (3, h, w) at stage m's size of the bucket
         f = 2 ** (self.num_stages - m)
-        x = x.repeat_interleave(f, dim=1).repeat_interleave(f, dim=2)  # (3, R, R), Up^(K−m)
-        return {"image": x, "caption": item.caption, "max_stage": m}
+        x = x.repeat_interleave(f, dim=1).repeat_interleave(f, dim=2)  # (3, H, W), Up^(K−m)
+        return {"image": x, "caption": item.caption, "max_stage": m, "bucket": self.item_buckets[index]}
 
     def __getitem__(self, key) -> dict:
         index, epoch = index_epoch(key)

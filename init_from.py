@@ -185,7 +185,8 @@ def load(cfg, model, ema, bridge, run) -> bool:
     check_source(source, model.cfg, run.record)
     what = f"{source.folder} ({source.kind}, {source.weights})"
     fill(model, source.transformer, what)
-    fill(ema, source.transformer, what)
+    if ema is not None:  # a LoRA run's EMA is made later, sharing the base (lora.ema_of)
+        fill(ema, source.transformer, what)
     taken, bridge_note = take_bridge(source, bridge, model.cfg)
     run.record["init_from"] = {
         "path": str(source.folder.resolve()), "kind": source.kind, "step": source.step, "weights": source.weights,

@@ -506,9 +506,19 @@ def generate_images(model, bridge, encoder, autoencoder, captions, seeds, resolu
 
 
 def real_renders(items: list[tuple[str, shapes.Sample]], width: int, height: int) -> torch.Tensor:
-    """The generator's own images of the prompts, (N, 3, height, width) in [−1, 1]."""
-    return torch.stack([to_tensor(shapes.render(s, height).resize((width, height), Image.BOX))
+    """The generator's own images of the prompts, (N, 3, height, width) in [−1, 1] (not square: the
+    scene in the centre square, shapes.render's aspect)."""
+    side = min(width, height)
+    return torch.stack([to_tensor(shapes.render(s, side, aspect=width / height).resize((width, height), Image.BOX))
                         for _, s in items])
+
+
+def centre_square(image: torch.Tensor) -> torch.Tensor:
+    """The centred square of an image (C, H, W): where shapes.render puts the scene of a wider or
+    taller picture, so that the judge reads it as it reads a square one."""
+    h, w = image.shape[-2:]
+    side = min(h, w)
+    return image[..., (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
 
 
 def standard_error(p: float, n: int) -> float:
@@ -525,7 +535,7 @@ def score(images: torch.Tensor, items: list[tuple[str, shapes.Sample]], level: i
     size = tuple(images.shape[-2:])
     records = []
     for im, (split, s) in zip(images, items):
-        dets = detect(im)
+        dets = detect(centre_square(im))
         records.append({"caption": s.caption, "category": s.category, "split": split, "passed": judge(dets, s.prompt),
                         "shapes": sorted({o["shape"] for o in s.prompt["objects"]}),
                         "detections": [asdict(d) for d in dets]})

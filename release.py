@@ -187,7 +187,7 @@ def load_transformer(folder: Path, cuts=None, device="cpu", dtype=torch.float32)
         model = nami.Nami(model_config)
     load_state(model, state, f"{folder} (FLUX transformer)", assign=True)
     del state
-    return model.to(device).eval()
+    return model.to(device).eval().requires_grad_(False)
 
 
 def load_bridge(path: Path, channels: int, device="cpu") -> BridgeFlow:

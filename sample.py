@@ -6,6 +6,8 @@ sampling (paper §3.5).
     python sample.py "a blue triangle" --show-stages              # each stage's output, like Fig. 3
     python sample.py "a blue triangle" --flat                     # the flat sampler, same total steps
     python sample.py --weights NAMI-T2I/weights "a photo of a cat"  # released NAMI-2B, 1024², 10+10+10, CFG 3
+    python sample.py --lora runs/lora-toy "a circle"               # a LoRA (train.py --lora) on its base
+    python sample.py --lora runs/lora-toy --merge-lora runs/merged "a circle"   # and its merged weights
 
 The preset, resolution, text encoders and VAE come from the checkpoint. With --weights the release's
 grid, prompt suffix and negative prompt are the defaults (--schedule, --no-release-prompts). The PNG's
@@ -27,6 +29,7 @@ import checkpoint
 import config
 import data
 import images
+import lora
 import nami
 import parallel
 import release
@@ -95,6 +98,10 @@ def check_flags(a):
         config.parse_steps(a.steps)
     if a.res:
         parse_res(a.res)
+    if (a.lora_scale != 1.0 or a.merge_lora) and not a.lora:
+        raise ValueError("--lora-scale and --merge-lora apply to --lora PATH")
+    if a.merge_lora and Path(a.merge_lora).exists():
+        raise ValueError(f"--merge-lora {a.merge_lora} exists: give a new folder (nothing is overwritten)")
 
 
 def parse_args(argv=None):
@@ -125,6 +132,11 @@ def parse_args(argv=None):
     ap.add_argument("--vae", help="local diffusers AutoencoderKL folder (default: the checkpoint's)")
     ap.add_argument("--size", choices=sorted(nami.PRESETS),
                     help="expected preset; an error if the checkpoint holds another")
+    ap.add_argument("--lora", help="LoRA adapters (a train.py --lora run or checkpoint folder) on their base: "
+                    "the one they record, or --ckpt/--weights when it lives elsewhere (it must be the same files)")
+    ap.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (0 = the base alone)")
+    ap.add_argument("--merge-lora", help="also write the base with the LoRA merged in to this new folder, "
+                    "which --ckpt (or --weights, for the release) loads without peft")
     ap.add_argument("--upscale", type=int, default=None, help="nearest-neighbour zoom of the PNG (default: to ≥256 px)")
     return ap.parse_args(argv)
 
@@ -134,6 +146,12 @@ def settle(a) -> dict:
     guidance, size, zoom, output file), all before any weights are read."""
     check_flags(a)
     out_png = check_out(a.out)
+    if a.lora:  # the LoRA's own base unless one is given
+        a.lora_folder = lora.find(a.lora)
+        a.lora_record = lora.record(a.lora_folder)
+        if not (a.ckpt or a.weights):
+            base = a.lora_record["base"]
+            a.weights, a.ckpt = (base["path"], None) if base.get("kind") == "release" else (None, base["path"])
     plan = release.plan(a.weights) if a.weights else checkpoint.plan(a.ckpt)
     K = plan["K"]
     steps = plan["steps"] if a.steps is None else config.parse_steps(a.steps)
@@ -182,6 +200,15 @@ def load(a, plan, device):
     model, autoencoder = loaded[0], loaded[3]
     w, h = plan["size"]
     config.check_resolution(h, w, autoencoder.factor * model.cfg.size_multiple, "--res")
+    if a.lora:  # refused unless made for this base; then merged and written, or kept as adapters
+        weights = "transformer" if a.weights else "model" if a.no_ema else "ema"
+        lora.check_base(a.lora_record, a.lora_folder, Path(plan["folder"]), model.cfg, weights)
+        lora.apply(model, a.lora_folder, a.lora_record, a.lora_scale)
+        if a.merge_lora:
+            lora.write_merged(Path(a.merge_lora), lora.merge(model), loaded[1], Path(plan["folder"]), bool(a.weights),
+                              {"lora": str(a.lora_folder.resolve()), "scale": a.lora_scale, "base": str(plan["folder"])})
+            print(f"wrote {a.merge_lora}: the base with the LoRA merged in (sample it with "
+                  f"{'--weights' if a.weights else '--ckpt'} {a.merge_lora})")
     model.to(parallel.sampling_dtype(device))
     return loaded
 
@@ -230,7 +257,8 @@ def main(argv=None):
     meta = images.png_info({"prompt": a.prompt, "prompt_suffix": plan["suffix"], "negative": plan["negative"],
                             "seed": a.seed, "n": a.n, "steps": steps, "cfg": plan["cfg"], "schedule": plan["schedule"],
                             "sampler": "flat" if a.flat else "nami", "resolution": f"{w}x{h}",
-                            "checkpoint": info["folder"], "ema": not a.no_ema})
+                            "checkpoint": info["folder"], "ema": not a.no_ema,
+                            **({"lora": str(a.lora_folder), "lora_scale": a.lora_scale} if a.lora else {})})
     images.save_png(picture, plan["out"], meta)
     print(f"wrote {plan['out']}")
 

@@ -19,6 +19,9 @@ held-out pairs stay out at every level:
 
     python shapes.py --n 16 --size 32 --out shapes_preview.png     # look at some samples
     python shapes.py --level 1 --size 64                          # the one-object world
+    python shapes.py --level 1 --split heldout --n 512 --size 64 --export data/heldout
+                                  # an image folder (PNG + .txt captions) for train.py --data, e.g.
+                                  # the held-out pairs a LoRA of the default run learns (README)
 """
 from __future__ import annotations
 
@@ -221,8 +224,18 @@ def make_sample(seed: int, index: int, split: str = "train", category: str | Non
     return Sample(caption=caption, category=category, objects=objects, background=bg, prompt=prompt)
 
 
-def render(sample: Sample, size: int = 32, supersample: int = 4) -> Image.Image:
-    """Draw the sample at size×size (drawn supersample× larger, then box-filtered: anti-aliased)."""
+def render(sample: Sample, size: int = 32, supersample: int = 4, aspect: float = 1.0) -> Image.Image:
+    """Draw the sample at size×size (drawn supersample× larger, then box-filtered: anti-aliased).
+    aspect = width / height ≠ 1: a wider (or taller) picture of the same scene, the size×size square
+    in its centre and its background on either side (size is the shorter side): non-square data
+    for the aspect-ratio buckets that needs no download, judged on its centre square."""
+    if aspect != 1.0:
+        scene = render(sample, size, supersample)
+        width, height = (round(size * aspect), size) if aspect > 1 else (size, round(size / aspect))
+        grey = int(round(sample.background * 255))
+        canvas = Image.new("RGB", (width, height), (grey, grey, grey))
+        canvas.paste(scene, ((width - size) // 2, (height - size) // 2))
+        return canvas
     big = size * supersample
     grey = int(round(sample.background * 255))
     img = Image.new("RGB", (big, big), (grey, grey, grey))
@@ -245,11 +258,23 @@ def batch(seed: int, start: int, n: int, size: int = 32, split: str = "train", l
     return batch_at(seed, range(start, start + n), size, split, level)
 
 
-def batch_at(seed: int, indices, size: int = 32, split: str = "train", level: int = 3):
-    """The samples at these indices (any order): images (n, 3, size, size) in [−1, 1] and records."""
+def batch_at(seed: int, indices, size: int = 32, split: str = "train", level: int = 3, aspect: float = 1.0):
+    """The samples at these indices (any order): images (n, 3, size, size) in [−1, 1] and records
+    (aspect ≠ 1: render's wider or taller pictures, size their shorter side)."""
     samples = [make_sample(seed, i, split, level=level) for i in indices]
-    images = torch.stack([to_tensor(render(s, size)) for s in samples])  # (n, 3, size, size)
+    images = torch.stack([to_tensor(render(s, size, aspect=aspect)) for s in samples])  # (n, 3, H, W)
     return images, samples
+
+
+def parse_aspect(text: str) -> float:
+    """"2:1" (width:height) -> 2.0; ValueError saying what is expected."""
+    try:
+        w, h = (float(v) for v in str(text).split(":"))
+    except ValueError:
+        raise ValueError(f"an aspect ratio is width:height, e.g. 2:1 or 3:4, got {text!r}")
+    if not (w > 0 and h > 0 and 1 / 4 <= w / h <= 4):
+        raise ValueError(f"aspect {text}: width:height must be positive and between 1:4 and 4:1")
+    return w / h
 
 
 if __name__ == "__main__":
@@ -260,9 +285,27 @@ if __name__ == "__main__":
     ap.add_argument("--split", choices=("train", "heldout"), default="train")
     ap.add_argument("--level", type=int, choices=sorted(LEVELS), default=3, help="world level (1, 2 or 3)")
     ap.add_argument("--out", default="shapes_preview.png")
+    ap.add_argument("--export", metavar="DIR", help="write the samples as DIR/NNNNNN.png + .txt captions instead")
+    ap.add_argument("--shape", choices=SHAPES, help="only samples whose every object is this shape")
+    ap.add_argument("--aspect", default="1:1", help="width:height, e.g. 2:1: the scene in the centre of a wider "
+                    "picture (--size is its shorter side)")
     a = ap.parse_args()
-    samples = [make_sample(a.seed, i, a.split, level=a.level) for i in range(a.n)]
+    samples, index = [], 0
+    while len(samples) < a.n:  # the world's samples in order, those of other shapes left out
+        sample = make_sample(a.seed, index, a.split, level=a.level)
+        index += 1
+        if a.shape is None or all(o.shape == a.shape for o in sample.objects):
+            samples.append(sample)
+    if a.export:
+        from pathlib import Path
+        folder = Path(a.export)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, s in enumerate(samples):
+            render(s, a.size, aspect=parse_aspect(a.aspect)).save(folder / f"{i:06d}.png")
+            (folder / f"{i:06d}.txt").write_text(s.caption + "\n")
+        raise SystemExit(f"wrote {a.n} images and captions to {folder}")
     for s in samples:
         print(f"{s.category:14s} {s.caption}")
-    grid([render(s, a.size).resize((a.size * 4,) * 2, Image.NEAREST) for s in samples]).save(a.out)
+    pictures = [render(s, a.size, aspect=parse_aspect(a.aspect)) for s in samples]
+    grid([p.resize((p.width * 4, p.height * 4), Image.NEAREST) for p in pictures]).save(a.out)
     print(f"wrote {a.out}")

@@ -517,9 +517,12 @@ def test_cache_json_naming_anything_but_a_plain_file_in_the_cache_is_refused(dat
 
 
 def test_cli_scan_and_errors(folder, capsys):
-    data.main(["scan", str(folder), "--resolution", "32", "--stages", "2"])
+    data.main(["scan", str(folder), "--resolution", "32", "--stages", "2", "--no-buckets"])
     out = capsys.readouterr().out
-    assert "data: 9 images" in out and "stage 1 (16 px):" in out
+    assert "data: 9 images" in out and "stage 1: " in out and "| 32×32 | 9 |" in out
+    data.main(["scan", str(folder), "--resolution", "32", "--stages", "2"])  # buckets: both sides of each image
+    out = capsys.readouterr().out  # the 20×48 image covers stage 1 of the 20×48 bucket (10×24): a square crop was too small
+    assert "data: 10 images" in out and "| 20×48 | 1 |" in out
     with pytest.raises(SystemExit, match="error: .*not a folder"):
         data.main(["scan", str(folder / "missing")])
 

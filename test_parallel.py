@@ -218,5 +218,5 @@ def test_gpu_check_runs_every_part_at_toy_size(tmp_path):
                        capture_output=True, text=True, timeout=1500)
     table = r.stdout[r.stdout.index("| part | status |"):]
     rows = [line.split(" | ") for line in table.splitlines()[2:] if line.startswith("| ")]
-    assert r.returncode == 0 and len(rows) == 7 and all(row[1] == "ok" for row in rows), r.stdout[-4000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and len(rows) == 8 and all(row[1] == "ok" for row in rows), r.stdout[-4000:] + r.stderr[-2000:]
     assert "torch " + torch.__version__ in r.stdout and (tmp_path / "sample.png").is_file()

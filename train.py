@@ -22,6 +22,8 @@ log.jsonl, samples/step-NNNNNNN.png, ckpt-NNNNNNN/; a killed run continues with 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -29,7 +31,9 @@ from tqdm import tqdm
 import checkpoint
 import config
 import data
+import files
 import init_from
+import lora
 import nami
 import parallel
 import shapes
@@ -87,6 +91,9 @@ def build_model(model_config, cfg: TrainConfig, sharded: bool, autocast: bool, d
     model.checkpointing = cfg.activation_checkpointing
     if cfg.compile:
         parallel.compile_blocks(model)
+    if cfg.lora:  # a LoRA run's frozen base: no EMA of its own (lora.ema_of), stored in bf16 where the step computes
+        # in bf16, its values from --init-from (init_from.load)
+        return model.to(torch.bfloat16 if autocast else torch.float32).to_empty(device=device), None
     if sharded:  # FSDP2: bf16 compute, fp32 master weights and gradient reduction
         parallel.shard_model(model, bf16=autocast)
         parallel.shard_model(ema, bf16=autocast)
@@ -122,13 +129,44 @@ def pretrain_bridgeflow(cfg: TrainConfig, bridge, windows, encoder, autoencoder,
               f"{[round(w, 3) for w in bridge.scale.tolist()]}, MSE per jump = {[round(l, 4) for l in losses]}")
 
 
+def lora_base(cfg: TrainConfig):
+    """--resume of a LoRA run: the base comes back from the folder its checkpoints record, and --lora
+    must give the rank it was started with (a full run resumes without --lora)."""
+    ckpt = checkpoint.latest_checkpoint(Path(cfg.out)) if cfg.resume else None
+    recorded = (files.read_json(ckpt / "config.json").get("lora") or {}) if ckpt else {}
+    if ckpt and recorded.get("rank") != cfg.lora:
+        raise ValueError(f"--resume: {ckpt} is " + (f"a LoRA run of rank {recorded['rank']}: resume it with --lora "
+                         f"{recorded['rank']}" if recorded else "a run of every weight: resume it without --lora"))
+    if recorded:
+        base = lora.record(ckpt)["base"]
+        cfg.init_from, cfg.init_from_raw = base["path"], base.get("weights") == "model"
+        return base
+
+
+def start_lora(cfg: TrainConfig, model, run, resumed_base):
+    """Adapters of --lora's rank on the frozen base (lora.py), recorded in config.json with the sha256
+    of the files the base came from; a resumed run refuses a base whose files changed."""
+    base = {k: run.record["init_from"][k] for k in ("path", "kind", "weights", "sha256")}
+    if resumed_base is not None and run.main and resumed_base["sha256"] != base["sha256"]:
+        raise ValueError(f"--resume: the base {base['path']} is not the one this LoRA run started on (the sha256 of "
+                         f"its files changed); put the original back, or start a new run with --init-from")
+    run.record["lora"] = {**lora.settings(cfg.lora, cfg.lora_alpha, cfg.lora_targets), "base": base}
+    model = lora.attach(model, run.record["lora"])
+    if run.main:
+        print(f"LoRA rank {cfg.lora}: {sum(p.numel() for p in lora.adapter_parameters(model)):,} adapter "
+              f"parameters trained, {sum(p.numel() for p in model.parameters() if not p.requires_grad):,} frozen")
+    return model, lora.ema_of(model)
+
+
 def update_ema(ema, model, decay: float, step: int):
-    """EMA of the weights (used for sampling), with DiT-style warm-up of the decay; on each rank's
-    shards under FSDP2."""
+    """EMA of the trained weights (used for sampling), with DiT-style warm-up of the decay; on each
+    rank's shards under FSDP2. A LoRA run's EMA model shares the frozen base: its adapters alone move."""
     decay = min(decay, (1 + step) / (10 + step))
+    kept, trained = lora.adapter_parameters(ema), lora.adapter_parameters(model)
+    if not trained:  # a full run: every weight
+        kept, trained = list(ema.parameters()), list(model.parameters())
     with torch.no_grad():
-        torch._foreach_lerp_([parallel.local(p) for p in ema.parameters()],
-                             [parallel.local(p) for p in model.parameters()], 1 - decay)
+        torch._foreach_lerp_([parallel.local(p) for p in kept], [parallel.local(p) for p in trained], 1 - decay)
 
 
 def main(cfg: TrainConfig) -> dict:
@@ -141,7 +179,8 @@ def main(cfg: TrainConfig) -> dict:
     micro = cfg.micro_batch or cfg.batch_size // dist.world
     if cfg.batch_size % (micro * dist.world):
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {micro} × {dist.world} ranks")
-    sharded = (cfg.parallel or parallel.default_strategy(cfg.size)) == "fsdp" and dist.active
+    strategy = cfg.parallel or ("ddp" if cfg.lora else parallel.default_strategy(cfg.size))
+    sharded = strategy == "fsdp" and dist.active
     autocast = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
     with checkpoint.RunFolder(cfg, dist.main) as run:  # locked for the run; released however it ends
         torch.manual_seed(cfg.seed)
@@ -164,12 +203,16 @@ def main(cfg: TrainConfig) -> dict:
         model, ema = build_model(model_config, cfg, sharded, autocast, device)
         bridge = BridgeFlow(model_config.in_channels, [(s, s) for s in nami.stage_sizes(side, K)]).to(device)
         # or θ and BridgeFlow from weights the user has (--init-from: ours, the release's, a flat model's)
+        resumed_base = lora_base(cfg)
         bridge_given = init_from.load(cfg, model, ema, bridge, run)
+        if cfg.lora:  # or θ frozen, and low-rank adapters on it trained in its place (lora.py)
+            model, ema = start_lora(cfg, model, run, resumed_base)
         # fused: one kernel per parameter instead of a dozen (the default run's AdamW: 9-12 → 3-4 ms a step on a
         # CPU, BENCHMARKS.md); FSDP2's sharded parameters keep the multi-tensor form
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      fused=None if sharded else True)
-        state = checkpoint.TrainState(model, ema, bridge, optimizer, torch.Generator().manual_seed(cfg.seed), sharded)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay, fused=None if sharded else True)
+        state = checkpoint.TrainState(model, ema, bridge, optimizer, torch.Generator().manual_seed(cfg.seed), sharded,
+                                      lora=bool(cfg.lora))
         step = run.resume(state)  # 0 for a new run; from here on, SIGINT/SIGTERM stop with a checkpoint
         if step == 0 and K > 1 and not bridge_given:  # §3.3: BridgeFlow, pre-trained and frozen first
             pretrain_bridgeflow(cfg, bridge, windows, encoder, autoencoder, state.generator, dist)
