@@ -162,3 +162,17 @@ def test_the_built_in_world_at_2_to_1_trains_and_its_renders_pass_the_judge(tmp_
         shapes.parse_aspect("9:1")
     with pytest.raises(ValueError, match="--aspect applies to the built-in world"):
         config.validate(tiny_run(tmp_path / "y", encoder_dir, data=str(tmp_path), aspect=2.0))
+
+
+def test_sample_py_samples_a_non_square_run_at_its_size_and_refuses_sizes_no_stage_can_take(tmp_path, encoder_dir):
+    import sample
+    out = train.main(tiny_run(tmp_path, encoder_dir, resolution=32, aspect=2.0, world_level=1, max_steps=1,
+                              ckpt_every=1))["out"]
+    sample.main(["a red circle", "--ckpt", str(out), "--out", str(tmp_path / "wide.png"), "--upscale", "1"])
+    picture = Image.open(tmp_path / "wide.png")
+    assert picture.size == (40, 24) and picture.text["resolution"] == "40x24"  # its own size by default
+    sample.main(["a red circle", "--ckpt", str(out), "--res", "24x40", "--out", str(tmp_path / "tall.png"),
+                 "--upscale", "1"])
+    assert Image.open(tmp_path / "tall.png").size == (24, 40)
+    with pytest.raises(SystemExit, match=r"36x24 is not valid.*Nearest valid: width \[32, 40\]"):
+        sample.main(["x", "--ckpt", str(out), "--res", "36x24", "--out", str(tmp_path / "bad.png")])

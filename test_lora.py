@@ -189,3 +189,10 @@ def test_the_memory_plan_counts_on_the_meta_device():
     assert 3 < large["activations_gib"] / small["activations_gib"] < 4.5
     assert large["checkpointed_gib"] < large["activations_gib"] / 2
     assert "samples per micro-batch on 16 GB" in lora.plan_table("tiny", 2, [64])
+
+
+def test_activation_checkpointing_leaves_a_lora_run_unchanged(tmp_path, encoder_dir, base):
+    plain = train.main(tiny_run(tmp_path / "a", encoder_dir, init_from=str(base), lora=4, max_steps=3))
+    recomputed = train.main(tiny_run(tmp_path / "b", encoder_dir, init_from=str(base), lora=4, max_steps=3,
+                                     activation_checkpointing=True))
+    assert recomputed["losses"] == pytest.approx(plain["losses"], rel=1e-5)
