@@ -72,6 +72,8 @@ def attach(model: nn.Module, lora: dict) -> nn.Module:
                                                  target_modules=list(lora["targets"])), model)
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name))
+        if is_adapter(name):  # peft makes adapters in the base's dtype; AdamW and the EMA need float32, where
+            param.data = param.data.float()  # a step of 1e-4 of a weight does not round away (as diffusers' scripts)
     return model
 
 

@@ -196,3 +196,13 @@ def test_activation_checkpointing_leaves_a_lora_run_unchanged(tmp_path, encoder_
     recomputed = train.main(tiny_run(tmp_path / "b", encoder_dir, init_from=str(base), lora=4, max_steps=3,
                                      activation_checkpointing=True))
     assert recomputed["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+
+
+def test_adapters_on_a_bf16_base_are_float32():
+    """A GPU run's base is bf16 (train.build_model); peft makes the adapters in the base's dtype, and
+    AdamW steps of 1e-4 relative would round away in bf16: they must be float32."""
+    model = lora.attach(nami.Nami(nami.get_config("tiny")).to(torch.bfloat16), lora.settings(2))
+    assert {p.dtype for p in lora.adapter_parameters(model)} == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if not lora.is_adapter(n)} == {torch.bfloat16}
+    x = torch.randn(1, 3, 8, 8)
+    assert model(x, torch.rand(1), torch.randn(1, 4, 384), torch.randn(1, 384)).shape == x.shape
