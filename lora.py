@@ -23,6 +23,7 @@ import torch.nn as nn
 
 import files
 import nami
+from init_from import SHAPE, describe  # the fields that fix a transformer's shape, and their wording
 
 FILE = "pytorch_lora_weights.safetensors"
 PREFIX = "transformer."  # diffusers' prefix for the transformer's LoRA keys
@@ -148,7 +149,6 @@ def record(folder: Path) -> dict:
 def check_base(lora: dict, folder: Path, base_folder: Path, model_cfg: nami.NamiConfig, weights: str):
     """A LoRA fits only the base it was trained on: the same shape (else both named), the same part
     of one of our checkpoints (EMA or raw), and the same bytes in every file its weights came from."""
-    from init_from import SHAPE, describe  # the shape fields and their wording, as --init-from uses them
     made_for = nami.NamiConfig.from_dict(lora["model"])
     if any(getattr(made_for, name) != getattr(model_cfg, name) for name in SHAPE):
         raise ValueError(f"the LoRA in {folder} was made for a transformer of {describe(made_for)}; the base "

@@ -176,3 +176,13 @@ def test_sample_py_samples_a_non_square_run_at_its_size_and_refuses_sizes_no_sta
     assert Image.open(tmp_path / "tall.png").size == (24, 40)
     with pytest.raises(SystemExit, match=r"36x24 is not valid.*Nearest valid: width \[32, 40\]"):
         sample.main(["x", "--ckpt", str(out), "--res", "36x24", "--out", str(tmp_path / "bad.png")])
+
+
+def test_a_bucketed_folder_on_two_gloo_ranks_repeats_one_process(tmp_path, encoder_dir):
+    """torchrun with DDP: each rank loads its half of every global batch of one bucket; the losses
+    are the one-process run's."""
+    from test_parallel import losses, one_process, torchrun
+    folder = mixed_folder(tmp_path / "imgs")
+    one_process(tmp_path / "one", encoder_dir, max_steps=3, data=str(folder), workers=0, buckets=True)
+    torchrun(tmp_path / "two", encoder_dir, "--max-steps", "3", "--data", str(folder), "--workers", "0")
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)

@@ -5,9 +5,12 @@ the progressive rectified flow transformer), on the built-in shapes data or an i
     python train.py --world-level 3 --max-steps 12000 --ema-decay 0.999 --out runs/shapes-toy-long
                                              # the longer recipe: the full world, ~1 h on 2 cores
     python train.py --mode flat              # the flat baseline (K = 1, full model)
+    python train.py --aspect 2:1             # the built-in world in 2:1 pictures (an image folder: buckets.py)
     python train.py --resume                 # continue the run in --out where it stopped
     python train.py --init-from runs/shapes-small-flat --out runs/converted   # a new run from a checkpoint,
                                              # the authors' release or a flat transformer (init_from.py)
+    python train.py --init-from runs/shapes-toy --lora 8 --data DIR --vae weights/shapes-vae --jump-noise
+                                             # LoRA adapters on frozen weights (lora.py; README, "Fine-tuning with LoRA")
     python train.py --size 0.6b --data DIR --vae VAE --text-encoder MT5 --pooled-encoder MCLIP \\
         --text-len 256 --resolution 1024      # real data in the FLUX VAE's latent space
     python data.py cache DIR --out CACHE ...  # then train with --cache CACHE instead of --data DIR
