@@ -171,12 +171,20 @@ def plan(ckpt) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{folder}/config.json is missing or damaged ({type(e).__name__}: {e}): "
                          "use another checkpoint (--ckpt) or train one with `python train.py`")
+    not_adapters(config, folder, f"sample it with --lora {folder} (on the base it records), or merge it into a "
+                 "model with --merge-lora OUT")
     K, vocabulary = model_config.num_stages, config.get("vocabulary")
     if not (isinstance(vocabulary, list) and all(isinstance(word, str) for word in vocabulary)):
         vocabulary = None  # not recorded (an older checkpoint), or damaged: no note, nothing refused
     return {"folder": folder, "K": K, "multiple": factor * model_config.size_multiple,
             "resolution": resolution, "steps": nami.default_steps(K), "cfg": nami.DEFAULT_GUIDANCE,
             "schedule": "uniform", "vocabulary": vocabulary}
+
+
+def not_adapters(config: dict, folder, how: str):
+    """A LoRA run's checkpoint holds adapters, not a model: say how to use it instead."""
+    if config.get("lora"):
+        raise ValueError(f"{folder} is a LoRA run's checkpoint (adapters alone, no model): {how}")
 
 
 def picture_size(config: dict) -> tuple[int, int]:
@@ -194,6 +202,7 @@ def load_model(ckpt, use_ema=True, text_encoder=None, pooled_encoder=None, vae=N
     newest below a folder). The encoders and VAE are the ones the checkpoint records, or local
     copies given by the flags; a copy with another architecture or width is refused."""
     folder, config, parts = load_checkpoint(ckpt)
+    not_adapters(config, folder, f"use --lora {folder} (on the base it records)")
     for part in ("ema" if use_ema else "model", "bridge"):
         if part not in parts:  # else a KeyError from deep in here
             raise ValueError(f"{folder}/weights.safetensors holds no {part}.* tensors (only {sorted(parts)}): "

@@ -83,6 +83,8 @@ def our_checkpoint(root: Path, raw: bool) -> Source:
     except SafetensorError as e:  # cut short, or not a safetensors file (a pickle renamed): nothing was run
         raise ValueError(f"--init-from {root}: a weights.safetensors there is damaged ({e}): use another checkpoint")
     weights = "model" if raw else "ema"
+    checkpoint.not_adapters(saved, folder, "merge it into its base first (python sample.py --lora "
+                            f"{folder} --merge-lora OUT \"...\"), then --init-from OUT")
     try:
         model_config = nami.NamiConfig.from_dict(saved["model"])
     except (KeyError, TypeError) as e:

@@ -181,6 +181,15 @@ def test_lora_flags_are_checked_first(tmp_path, encoder_dir, base):
     assert lora.settings(4)["alpha"] == 4.0  # α defaults to the rank: the adapters' scale α/r is 1
 
 
+def test_a_lora_checkpoint_used_as_a_model_says_how_to_use_it(tmp_path, encoder_dir, adapted):
+    with pytest.raises(SystemExit, match="a LoRA run's checkpoint.*--lora"):
+        sample.main(["x", "--ckpt", str(adapted), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(ValueError, match="a LoRA run's checkpoint.*--merge-lora"):
+        train.main(tiny_run(tmp_path / "y", encoder_dir, init_from=str(adapted)))
+    with pytest.raises(ValueError, match="a LoRA run's checkpoint"):
+        checkpoint.load_model(adapted)
+
+
 def test_the_memory_plan_counts_on_the_meta_device():
     """Activations grow with the tokens (4× the pixels: over 3×, text tokens fixed), checkpointing
     keeps far less, and the base is counted at 2 bytes per parameter."""
