@@ -86,10 +86,11 @@ def fit(bridge: BridgeFlow, batches, windows, steps: int, progress=None):
         for k in range(2, K + 1):
             x_e_prev, y = bridge_pairs(x, eps, windows, k)
             u, y = up(x_e_prev).double(), y.double()
-            size = bridge.shift[k - 2].shape[-2:] if bridge.shift[k - 2].shape[-1] > 1 else (sums[k - 2] or [u])[0].shape[-2:]
-            if u.shape[-2:] != size:  # [ours] a batch of another aspect-ratio bucket, resized to the map's size
-                u, y = (F.interpolate(v, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-                        for v in (u, y))
+            # [ours] a batch of another aspect-ratio bucket is resized to the map's size (a per-channel map:
+            # to the first batch's) before its sums are taken (docs/method.md §9)
+            size = tuple((bridge.shift[k - 2] if bridge.shift[k - 2].shape[-1] > 1 else (sums[k - 2] or [u])[0]).shape[-2:])
+            if u.shape[-2:] != size:
+                u, y = (F.interpolate(v, size=size, mode="bilinear", align_corners=False, antialias=True) for v in (u, y))
             batch = [u.sum(0), y.sum(0), (u * u).sum(0), (u * y).sum(0), u.shape[0]]
             sums[k - 2] = batch if sums[k - 2] is None else [a + b for a, b in zip(sums[k - 2], batch)]
         if progress is not None:

@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -311,12 +312,14 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator   # BridgeFlow pre-training's noise
     sharded: bool                # FSDP2: model, EMA and optimizer also as dcp/ shards
-    lora: bool = False           # a LoRA run: its adapters alone are saved and restored (lora.py)
+    # a LoRA run (lora.py): the part of model and EMA a checkpoint holds (lora.adapters), and the file
+    # of the EMA adapters it writes beside them (lora.write_adapters)
+    keep: Callable[[nn.Module], dict] | None = None
+    export: Callable[[Path, dict], None] | None = None
 
     def trained(self, module: nn.Module) -> dict:
         """The tensors of the model or EMA that a checkpoint holds: all, or a LoRA run's adapters."""
-        sd = module.state_dict()
-        return {k: v for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k} if self.lora else sd
+        return self.keep(module) if self.keep else module.state_dict()
 
 
 def write_files(tmp: Path, final: Path, step: int, model_sd, ema_sd, state: TrainState, record: dict,
@@ -326,9 +329,8 @@ def write_files(tmp: Path, final: Path, step: int, model_sd, ema_sd, state: Trai
     tensors.update({f"ema.{k}": v for k, v in ema_sd.items()})
     tensors.update({f"bridge.{k}": v for k, v in state.bridge.state_dict().items()})
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / "weights.safetensors")
-    if state.lora:  # the EMA adapters again, in the layout of diffusers' FLUX LoRAs (what sampling reads)
-        save_file({"transformer." + k.replace(".default.", "."): v.detach().contiguous() for k, v in ema_sd.items()},
-                  tmp / "pytorch_lora_weights.safetensors", metadata={"format": "pt"})
+    if state.export is not None:  # a LoRA run: the EMA adapters again, in the layout sampling reads
+        state.export(tmp, ema_sd)
     (tmp / "config.json").write_text(json.dumps({**record, "step": step}, indent=2))
     train_state = {"step": step, "generator": state.generator.get_state(), "torch_rng": torch.get_rng_state(),
                    "data_position": data_position}

@@ -91,6 +91,14 @@ def adapters(module: nn.Module) -> dict:
     return {name: value for name, value in module.state_dict().items() if is_adapter(name)}
 
 
+def write_adapters(folder: Path, tensors: dict):
+    """Adapters (peft names, e.g. a checkpoint's EMA ones) as FILE in diffusers' layout:
+    transformer.<module>.lora_A.weight / .lora_B.weight (read_tensors reads them back)."""
+    from safetensors.torch import save_file
+    save_file({PREFIX + k.replace(".default.", "."): v.detach().contiguous() for k, v in tensors.items()},
+              folder / FILE, metadata={"format": "pt"})
+
+
 def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in module.named_parameters() if is_adapter(name)]
 

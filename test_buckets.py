@@ -186,3 +186,25 @@ def test_a_bucketed_folder_on_two_gloo_ranks_repeats_one_process(tmp_path, encod
     one_process(tmp_path / "one", encoder_dir, max_steps=3, data=str(folder), workers=0, buckets=True)
     torchrun(tmp_path / "two", encoder_dir, "--max-steps", "3", "--data", str(folder), "--workers", "0")
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+
+
+def test_the_least_squares_bridge_fit_over_two_buckets_is_the_minimum_over_them_resized_to_its_maps():
+    """bridgeflow.fit on a square batch and a 2:1 batch: a dense map's (W, B) is closed_form over both,
+    the 2:1 batch's inputs and targets resized bilinearly (antialiased) to the map's size first."""
+    from bridgeflow import bridge_pairs, closed_form, fit
+    import torch.nn.functional as F
+    windows, g = nami.stage_windows(), torch.Generator().manual_seed(5)
+    square, wide = torch.randn(6, 3, 16, 16, generator=g), torch.randn(6, 3, 16, 32, generator=g)
+    noise = [torch.randn(x.shape, generator=g) for x in (square, wide)]
+    bridge = BridgeFlow(3, [(4, 4), (8, 8), (16, 16)])
+    fit(bridge, lambda step: ((square, noise[0]), (wide, noise[1]))[step], windows, steps=2)
+    for k in (2, 3):
+        pairs = [bridge_pairs(x, e, windows, k) for x, e in ((square, noise[0]), (wide, noise[1]))]
+        side = bridge.shift[k - 2].shape[-1]
+        u = [nami.up(p[0]).double() for p in pairs]
+        y = [p[1].double() for p in pairs]
+        u[1], y[1] = (F.interpolate(v, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+                      for v in (u[1], y[1]))
+        W, B = closed_form(torch.cat(u), torch.cat(y))
+        assert bridge.scale[k - 2].item() == pytest.approx(W.item(), abs=1e-5)
+        torch.testing.assert_close(bridge.shift[k - 2], B, atol=1e-5, rtol=0)

@@ -136,12 +136,12 @@ def lora_base(cfg: TrainConfig):
     """--resume of a LoRA run: the base comes back from the folder its checkpoints record, and --lora
     must give the rank it was started with (a full run resumes without --lora)."""
     ckpt = checkpoint.latest_checkpoint(Path(cfg.out)) if cfg.resume else None
-    recorded = (files.read_json(ckpt / "config.json").get("lora") or {}) if ckpt else {}
+    recorded = lora.record(ckpt) if ckpt and files.read_json(ckpt / "config.json").get("lora") else {}
     if ckpt and recorded.get("rank") != cfg.lora:
         raise ValueError(f"--resume: {ckpt} is " + (f"a LoRA run of rank {recorded['rank']}: resume it with --lora "
                          f"{recorded['rank']}" if recorded else "a run of every weight: resume it without --lora"))
     if recorded:
-        base = lora.record(ckpt)["base"]
+        base = recorded["base"]
         cfg.init_from, cfg.init_from_raw = base["path"], base.get("weights") == "model"
         return base
 
@@ -161,13 +161,11 @@ def start_lora(cfg: TrainConfig, model, run, resumed_base):
     return model, lora.ema_of(model)
 
 
-def update_ema(ema, model, decay: float, step: int):
+def update_ema(kept: list, trained: list, decay: float, step: int):
     """EMA of the trained weights (used for sampling), with DiT-style warm-up of the decay; on each
-    rank's shards under FSDP2. A LoRA run's EMA model shares the frozen base: its adapters alone move."""
+    rank's shards under FSDP2. kept[i] averages trained[i]: every weight of the model, or a LoRA
+    run's adapters alone (its EMA model shares the frozen base)."""
     decay = min(decay, (1 + step) / (10 + step))
-    kept, trained = lora.adapter_parameters(ema), lora.adapter_parameters(model)
-    if not trained:  # a full run: every weight
-        kept, trained = list(ema.parameters()), list(model.parameters())
     with torch.no_grad():
         torch._foreach_lerp_([parallel.local(p) for p in kept], [parallel.local(p) for p in trained], 1 - decay)
 
@@ -212,10 +210,11 @@ def main(cfg: TrainConfig) -> dict:
             model, ema = start_lora(cfg, model, run, resumed_base)
         # fused: one kernel per parameter instead of a dozen (the default run's AdamW: 9-12 → 3-4 ms a step on a
         # CPU, BENCHMARKS.md); FSDP2's sharded parameters keep the multi-tensor form
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                      weight_decay=cfg.weight_decay, fused=None if sharded else True)
+        trained = [p for p in model.parameters() if p.requires_grad]  # a LoRA run: its adapters alone
+        kept = lora.adapter_parameters(ema) if cfg.lora else list(ema.parameters())  # their EMA, in the same order
+        optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=None if sharded else True)
         state = checkpoint.TrainState(model, ema, bridge, optimizer, torch.Generator().manual_seed(cfg.seed), sharded,
-                                      lora=bool(cfg.lora))
+                                      *((lora.adapters, lora.write_adapters) if cfg.lora else ()))
         step = run.resume(state)  # 0 for a new run; from here on, SIGINT/SIGTERM stop with a checkpoint
         if step == 0 and K > 1 and not bridge_given:  # §3.3: BridgeFlow, pre-trained and frozen first
             pretrain_bridgeflow(cfg, bridge, windows, encoder, autoencoder, state.generator, dist)
@@ -248,7 +247,7 @@ def main(cfg: TrainConfig) -> dict:
             finite = run.step_is_finite(step, stage_loss, grad_norm)  # the NaN guard: else skip the update
             if finite:
                 optimizer.step()
-                update_ema(ema, model, cfg.ema_decay, step)
+                update_ema(kept, trained, cfg.ema_decay, step)
             step += 1
             run.log(step, stage_loss, sum(weights[k - 1] * l for k, l in stage_loss.items()), lr=lr,
                     grad_norm=grad_norm.item() if finite else None, ratios=list(ratios))
