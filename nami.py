@@ -5,9 +5,8 @@ This file holds the method itself, top to bottom:
   2. the flow mathematics as small pure functions              (paper Eq. 1-4, §3.2; docs/method.md §1-2)
   3. the progressive FLUX-style MM-DiT                         (paper §3.2, §4.1; docs/method.md §3)
   4. the progressive Euler sampler with classifier-free guidance (paper §3.5; docs/method.md §6)
-It imports nothing of ours: BridgeFlow (bridgeflow.py) and the text encoder reach the sampler as
-arguments. Algorithm 1's training loop is in train.py, the run folder in checkpoint.py, the
-authors' released weights in release.py.
+  5. ours, not the paper's: the jump noise, the later-stage diagnostic (elsewhere: marked [ours])
+It imports nothing of ours: BridgeFlow and the text encoder reach the sampler as arguments; Algorithm 1 is train.py.
 
 Time follows the paper: x_t = t·ε + (1−t)·x, t = 1 is noise, t = 0 is data.
 Latents are unpacked (B, C, H, W); the model packs 2×2 patches only inside its forward.
@@ -21,7 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
+import torch.utils.checkpoint  # [ours] activation checkpointing (Nami.run_block)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Configuration and presets
@@ -44,7 +43,7 @@ class NamiConfig:
     window_ratios: tuple = (1, 1, 1)  # lengths of the K original time windows, stage 1 first
     gamma: float = 1 / 3              # Pyramid Flow's corrected-start constant
     jump_noise: bool = False          # [ours] fine noise added at each jump (with_jump_noise); release: off
-    MAX_BLOCKS = 1000  # per kind (not a field): far above any published model (FLUX.1: 19 double + 38 single)
+    MAX_BLOCKS = 1000  # [ours] per kind (not a field): far above any published model (FLUX.1: 19 double + 38 single)
 
     def __post_init__(self):
         self.cuts = tuple(int(c) for c in self.cuts)
@@ -66,7 +65,7 @@ class NamiConfig:
                             f"(the last stage runs the whole model), got {self.cuts}")
         if any(r <= 0 for r in self.window_ratios):
             problems.append(f"window ratios must be positive, got {self.window_ratios}")
-        if not (0 <= self.depth_double <= self.MAX_BLOCKS and 1 <= self.depth_single <= self.MAX_BLOCKS):
+        if not (0 <= self.depth_double <= self.MAX_BLOCKS and 1 <= self.depth_single <= self.MAX_BLOCKS):  # [ours]
             problems.append(f"{self.depth_double} double and {self.depth_single} single blocks: at most "
                             f"{self.MAX_BLOCKS} of each (a config file claiming more is damaged or crafted)")
         if problems:
@@ -225,12 +224,11 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> tor
 
 
 def stage_points(x, eps, k, windows, bridge=None, start="bridge"):
-    """(x̂_s, x̂_e) of stage k for clean images x and noise eps, both at stage k's size.
-
-    Algorithm 1, lines 7-13: the end point is the noised image at e_k; the start point is ε_1 for
-    k = 1, else the end point of stage k−1 (from Down(x) and the coupled noise 2·Down(ε)) carried
-    across the jump by BridgeFlow as the sampler will carry it. start="pyramid": Pyramid Flow's
-    analytic start instead; bridge=None: Up only."""
+    """(x̂_s, x̂_e) of stage k for clean images x and noise eps, both at stage k's size. Algorithm 1,
+    lines 7-13: the end point is the noised image at e_k; the start point is ε_1 for k = 1, else the
+    end point of stage k−1 (from Down(x) and the coupled noise 2·Down(ε)) carried across the jump by
+    BridgeFlow as the sampler will carry it. [ours] start="pyramid": Pyramid Flow's analytic start
+    instead (train.py --start); bridge=None: Up only."""
     s_k, e_k = windows[k - 1]
     x_e = stage_endpoint(x, eps, e_k)
     if k == 1:
@@ -241,17 +239,6 @@ def stage_points(x, eps, k, windows, bridge=None, start="bridge"):
     x_e_prev = stage_endpoint(x_prev, eps_prev, windows[k - 2][1])
     x_s = bridge(x_e_prev, k) if bridge is not None else up(x_e_prev)
     return x_s, x_e
-
-
-def with_jump_noise(bridge, eps: torch.Tensor, windows):
-    """[ours] The jump bridge(x, k) (None: Up) plus s_k·(ε_k − Up(Down(ε_k))), the fine noise of
-    Pyramid Flow's start that BridgeFlow cannot make (docs/method.md §8), ε_k of eps's pyramid."""
-    pyramid = noise_pyramid(eps, len(windows))
-
-    def jump(x, k):
-        fine = pyramid[k - 1] - up(down(pyramid[k - 1]))
-        return (bridge(x, k) if bridge is not None else up(x)) + windows[k - 1][0] * fine
-    return jump
 
 
 def stage_size(size: int, num_stages: int, k: int) -> int:
@@ -501,8 +488,8 @@ class Nami(nn.Module):
         self.norm_out = AdaNorm(D, 2)  # chunks are (scale, shift), unlike the blocks
         self.proj_out = nn.Linear(D, cfg.in_channels * p * p)
         self._pe_cache: dict = {}
-        self.checkpointing = False  # activation checkpointing per block while training (train.py flag)
-        self.compiled = False       # blocks compiled with torch.compile (parallel.compile_blocks)
+        self.checkpointing = False  # [ours] activation checkpointing per block while training (train.py flag)
+        self.compiled = False       # [ours] blocks compiled with torch.compile (parallel.compile_blocks)
         if not self.x_embedder.weight.is_meta:  # on the meta device: train.py materialises it later
             self.initialize_weights()
 
@@ -534,8 +521,7 @@ class Nami(nn.Module):
         return self.cfg.depth_double, n_single
 
     def positions(self, n_txt: int, h: int, w: int, device) -> torch.Tensor:
-        """RoPE rotations of [txt; img] (text ids all zero, image ids on the h×w grid), cached per
-        shape: every sampling step at one stage reuses them."""
+        """RoPE rotations of [txt; img] (text ids 0, image ids on h×w), cached per shape: the steps reuse them."""
         key = (n_txt, h, w, str(device))
         if key not in self._pe_cache:
             ids = torch.cat([torch.zeros(n_txt, 3, dtype=torch.long, device=device), image_ids(h, w, device)])
@@ -543,8 +529,8 @@ class Nami(nn.Module):
         return self._pe_cache[key]
 
     def run_block(self, block, *args):
-        """A block; with checkpointing (and gradients needed) recomputed in backward instead of keeping
-        its activations. Compiled, it sees the batch dimension as dynamic (it changes with the stage
+        """A block. [ours] With checkpointing (and gradients needed) recomputed in backward instead of
+        keeping its activations. Compiled, it sees the batch dimension as dynamic (it changes with the stage
         and the micro-batch): one graph per stage resolution serves every batch size."""
         if self.compiled:
             for activation in args[:-1]:  # img, txt / tokens, vec: (B, ...); pe, the last, has no batch
@@ -584,8 +570,7 @@ class Nami(nn.Module):
 # 4. Sampling (paper §3.5): progressive Euler with BridgeFlow at each jump, batched CFG
 # ----------------------------------------------------------------------------------------------
 
-def guided_velocity(model, x, tau, txt, pooled, txt_uncond=None, pooled_uncond=None,
-                    cfg: float = 1.0, stage=None):
+def guided_velocity(model, x, tau, txt, pooled, txt_uncond=None, pooled_uncond=None, cfg: float = 1.0, stage=None):
     """Classifier-free guidance v = v_u + g·(v_c − v_u), the two halves in one batch."""
     if txt_uncond is None:
         return model(x, tau, txt, pooled, stage=stage)
@@ -602,8 +587,7 @@ class StageGrid(NamedTuple):
 
 
 def uniform_grids(steps, ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[StageGrid]:
-    """Our grid (docs/method.md §6): t' = linspace(1, 0, n_k + 1) and τ = a_k + t'·(b_k − a_k).
-    (release.grids, with the same arguments, is the authors'.)"""
+    """Ours (docs/method.md §6; release.grids: the authors'): t' = linspace(1, 0, n_k+1), τ = a_k + t'·(b_k − a_k)."""
     grids = []
     for tau_range, n in zip(tau_ranges(ratios, gamma), steps):
         t = torch.linspace(1.0, 0.0, n + 1).tolist()
@@ -617,7 +601,7 @@ def progressive_sample(velocity, eps, grids, bridge=None, on_stage_end=None, sta
     t', τ): v at stage k, local time t' (1 = window start, 0 = end), global time τ; grids: one
     StageGrid per stage. Stage 1 starts at ε_1 of the full-size noise's coupled pyramid (one seed,
     one image, whatever the stage count); between stages x ← BridgeFlow_(k+1)(Up(x)) (bridge=None:
-    Up alone). start=(k0, x̂_s) begins at stage k0 from that point (e.g. a real image's, noised)."""
+    Up alone). [ours] start=(k0, x̂_s) begins at stage k0 from that point (later_stage_start)."""
     K = len(grids)
     k0, x = start if start is not None else (1, noise_pyramid(eps, K)[0])
     if not 1 <= k0 <= K:
@@ -673,12 +657,9 @@ def sampling_plan(cfg: NamiConfig, steps, flat: bool = False, schedule=uniform_g
 
 @torch.no_grad()
 def generate(model, encoder, prompts, seeds, height, width, steps, guidance=DEFAULT_GUIDANCE, negative="",
-             bridge=None, flat=False, on_stage_end=None, from_stage=1, clean=None,
-             schedule=uniform_grids):
-    """Prompts -> images (B, C, H, W), one Gaussian draw ε_K per seed at the full size. flat=True:
-    the baseline, one window [1 → 0], every block, sum(steps) steps. schedule: uniform_grids or
-    release.grids. from_stage=k > 1 with clean latents: stage k starts from their training start
-    point (Algorithm 1, lines 7-13), so stages k..K alone make the image (eval.py --from-stage)."""
+             bridge=None, flat=False, on_stage_end=None, from_stage=1, clean=None, schedule=uniform_grids):
+    """Prompts -> images (B, C, H, W), one Gaussian draw ε_K per seed at the full size; flat=True and
+    schedule: sampling_plan. [ours] from_stage=k > 1 with clean latents: later_stage_start."""
     cfg = model.cfg
     device = next(model.parameters()).device
     txt, pooled = encoder.encode(list(prompts))
@@ -686,15 +667,34 @@ def generate(model, encoder, prompts, seeds, height, width, steps, guidance=DEFA
     eps = torch.stack([torch.randn(cfg.in_channels, height, width, generator=torch.Generator().manual_seed(int(s)))
                        for s in seeds]).to(device)
     windows, grids, full = sampling_plan(cfg, steps, flat, schedule)
-    bridge = with_jump_noise(bridge, eps, windows) if cfg.jump_noise else bridge
+    bridge = with_jump_noise(bridge, eps, windows) if cfg.jump_noise else bridge  # [ours] jump noise
     velocity = model_velocity(model, txt.to(device), pooled.to(device), txt_u.to(device), pooled_u.to(device),
                               guidance, full)
-    start = None
-    if from_stage != 1:
-        K = len(windows)
-        if not 1 < from_stage <= K or clean is None or clean.shape != eps.shape:
-            raise ValueError(f"from_stage={from_stage} needs 2 ≤ from_stage ≤ {K} stages of the NAMI sampler "
-                             f"and clean latents of shape {tuple(eps.shape)}")
-        x_k, eps_k = image_pyramid(clean.to(device), K)[from_stage - 1], noise_pyramid(eps, K)[from_stage - 1]
-        start = (from_stage, stage_points(x_k, eps_k, from_stage, windows, bridge)[0])
+    start = None if from_stage == 1 else later_stage_start(clean, eps, from_stage, windows, bridge)  # [ours]
     return progressive_sample(velocity, eps, grids, bridge, on_stage_end, start)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Ours, not the paper's: the jump noise, and the later-stage diagnostic of the sampler
+# ----------------------------------------------------------------------------------------------
+
+def with_jump_noise(bridge, eps: torch.Tensor, windows):
+    """The jump bridge(x, k) (None: Up) plus s_k·(ε_k − Up(Down(ε_k))), the fine noise of Pyramid Flow's
+    start that BridgeFlow cannot make (docs/method.md §8), ε_k of eps's pyramid (NamiConfig.jump_noise)."""
+    pyramid = noise_pyramid(eps, len(windows))
+
+    def jump(x, k):
+        fine = pyramid[k - 1] - up(down(pyramid[k - 1]))
+        return (bridge(x, k) if bridge is not None else up(x)) + windows[k - 1][0] * fine
+    return jump
+
+
+def later_stage_start(clean, eps, from_stage: int, windows, bridge):
+    """(k, x̂_s) of generate(from_stage=k, clean=...) (experiments/eval.py --from-stage): stage k starts at the clean
+    latents' training start point (Algorithm 1, lines 7-13), so that stages k..K alone make the image."""
+    K = len(windows)
+    if not 1 < from_stage <= K or clean is None or clean.shape != eps.shape:
+        raise ValueError(f"from_stage={from_stage} needs 2 ≤ from_stage ≤ {K} stages of the NAMI sampler "
+                         f"and clean latents of shape {tuple(eps.shape)}")
+    x_k, eps_k = image_pyramid(clean.to(eps.device), K)[from_stage - 1], noise_pyramid(eps, K)[from_stage - 1]
+    return from_stage, stage_points(x_k, eps_k, from_stage, windows, bridge)[0]

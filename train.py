@@ -5,21 +5,21 @@ the progressive rectified flow transformer), on the built-in shapes data or an i
     python train.py --world-level 3 --max-steps 12000 --ema-decay 0.999 --out runs/shapes-toy-long
                                              # the longer recipe: the full world, ~1 h on 2 cores
     python train.py --mode flat              # the flat baseline (K = 1, full model)
-    python train.py --aspect 2:1             # the built-in world in 2:1 pictures (an image folder: buckets.py)
+    python train.py --aspect 2:1             # the built-in world in 2:1 pictures (an image folder: datafeed/buckets.py)
     python train.py --resume                 # continue the run in --out where it stopped
     python train.py --init-from runs/shapes-small-flat --out runs/converted   # a new run from a checkpoint,
-                                             # the authors' release or a flat transformer (init_from.py)
+                                             # the authors' release or a flat transformer (training/init_from.py)
     python train.py --init-from runs/shapes-toy --lora 8 --data DIR --vae weights/shapes-vae --jump-noise
-                                             # LoRA adapters on frozen weights (lora.py; README, "Fine-tuning with LoRA")
+                                             # LoRA adapters on frozen weights (training/lora.py; docs/fine-tuning.md)
     python train.py --size 0.6b --data DIR --vae VAE --text-encoder MT5 --pooled-encoder MCLIP \\
         --text-len 256 --resolution 1024      # real data in the FLUX VAE's latent space
-    python data.py cache DIR --out CACHE ...  # then train with --cache CACHE instead of --data DIR
-    torchrun --nproc_per_node 8 train.py --size 2b ...   # DDP / FSDP2 (see parallel.py)
+    python -m datafeed cache DIR --out CACHE ...  # then train with --cache CACHE instead of --data DIR
+    torchrun --nproc_per_node 8 train.py --size 2b ...   # DDP / FSDP2 (see common/parallel.py)
 
 Read `main` next to the paper's Algorithm 1: each of its lines sits above the code that does it,
 and `Algorithm1Loss` holds lines 6-18, the loop over the time windows. The settings and their
-flags are in config.py, the run folder (checkpoints, log, sample grids, NaN guard, stop signals)
-in checkpoint.py, the data feed in data.py, torchrun/DDP/FSDP2 in parallel.py. Writes to --out:
+flags are in training/config.py, the run folder (checkpoints, log, sample grids, NaN guard, stop signals)
+in training/checkpoint.py, the data feed in datafeed/feed.py, torchrun/DDP/FSDP2 in common/parallel.py. Writes to --out:
 log.jsonl, samples/step-NNNNNNN.png, ckpt-NNNNNNN/; a killed run continues with --resume.
 `main(TrainConfig(...))` is importable.
 """
@@ -31,18 +31,14 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-import checkpoint
-import config
-import data
-import files
-import init_from
-import lora
 import nami
-import parallel
-import shapes
 from bridgeflow import BridgeFlow, fit, pretrain
-from config import TrainConfig, validate
-from encoders import TextEncoder, load_autoencoder
+from common import files, parallel
+from common.encoders import TextEncoder, load_autoencoder
+from datafeed import buckets, feed
+from toyworld import shapes
+from training import checkpoint, config, init_from, lora
+from training.config import TrainConfig, validate
 
 
 class Algorithm1Loss(nn.Module):
@@ -58,7 +54,7 @@ class Algorithm1Loss(nn.Module):
         self.flat, self.start, self.autocast, self.every_stage = flat, start, autocast, every_stage
         self.jump_noise = jump_noise  # [ours] nami.with_jump_noise, as the sampler adds it
 
-    def forward(self, batch: data.MicroBatch, totals):
+    def forward(self, batch: feed.MicroBatch, totals):
         K = len(self.windows)
         loss, sums = 0.0, torch.zeros(K, device=batch.x.device)
         # line 4 (inner loop): for each time window [s_k → e_k] that the batch holds
@@ -69,7 +65,7 @@ class Algorithm1Loss(nn.Module):
             # lines 7-13: start point (ε_1, or BridgeFlow(Up(end point of stage k−1))) and end point
             jump = nami.with_jump_noise(self.bridge, batch.eps[rows], self.windows) if self.jump_noise else self.bridge
             x_s, x_e = nami.stage_points(x, eps, k, self.windows, jump, self.start)
-            # line 14: t' (logit-normal, drawn with the noise by data.Batches); Eq. 3:
+            # line 14: t' (logit-normal, drawn with the noise by feed.Batches); Eq. 3:
             # x̂_t = t'·x̂_s + (1 − t')·x̂_e, and the global time τ(k, t') the model sees
             t = batch.t[rows]
             x_t = nami.interpolate(x_s, x_e, t)
@@ -113,11 +109,11 @@ def pretrain_bridgeflow(cfg: TrainConfig, bridge, windows, encoder, autoencoder,
     """Paper §3.3, §4.3: pre-train every BridgeFlow map on its MSE, before the transformer: with the
     paper's Adam (lr 1e-3, the default), or exactly, by least squares over the batches (bridgeflow.fit).
     Every rank fits the same map on the same data; rank 0's copy is then broadcast."""
-    feed = data.Batches(cfg, encoder, autoencoder, len(windows), dist.device, stream=1)
+    source = feed.Batches(cfg, encoder, autoencoder, len(windows), dist.device, stream=1)
     steps = config.BRIDGE_STEPS[cfg.bridge_fit] if cfg.bridge_steps is None else cfg.bridge_steps
 
     def batch(i):
-        x = feed.next(text=False)[0]
+        x = source.next(text=False)[0]
         return x, torch.randn(x.shape, generator=generator).to(dist.device)
     bar = tqdm(total=steps, desc="BridgeFlow", disable=not (cfg.progress and dist.main), leave=False)
     if cfg.bridge_fit == "least-squares":
@@ -147,7 +143,7 @@ def lora_base(cfg: TrainConfig):
 
 
 def start_lora(cfg: TrainConfig, model, run, resumed_base):
-    """Adapters of --lora's rank on the frozen base (lora.py), recorded in config.json with the sha256
+    """Adapters of --lora's rank on the frozen base (training/lora.py), recorded in config.json with the sha256
     of the files the base came from; a resumed run refuses a base whose files changed."""
     base = {k: run.record["init_from"][k] for k in ("path", "kind", "weights", "sha256")}
     if resumed_base is not None and run.main and resumed_base["sha256"] != base["sha256"]:
@@ -195,7 +191,8 @@ def main(cfg: TrainConfig) -> dict:
             encoder.keep_only(shapes.EXAMPLE_PROMPTS[cfg.world_level] + [""])
         model_config = config.model_config(cfg, encoder.dim, encoder.pooled_dim, autoencoder.channels)
         K, weights = model_config.num_stages, cfg.stage_weights or (1.0,) * model_config.num_stages
-        run.describe(model_config, encoder, autoencoder, data.vocabulary(cfg) if dist.main else None)
+        size = buckets.size_for(cfg.aspect, cfg.resolution, autoencoder.factor * model_config.size_multiple)  # (W, H) px
+        run.describe(model_config, encoder, autoencoder, size, feed.vocabulary(cfg) if dist.main else None)
 
         # Algorithm 1, line 2: K time windows [s_k → e_k] (corrected starts, docs/method.md §2), τ ranges
         windows = nami.stage_windows(model_config.window_ratios, model_config.gamma)
@@ -206,10 +203,10 @@ def main(cfg: TrainConfig) -> dict:
         # or θ and BridgeFlow from weights the user has (--init-from: ours, the release's, a flat model's)
         resumed_base = lora_base(cfg)
         bridge_given = init_from.load(cfg, model, ema, bridge, run)
-        if cfg.lora:  # or θ frozen, and low-rank adapters on it trained in its place (lora.py)
+        if cfg.lora:  # or θ frozen, and low-rank adapters on it trained in its place (training/lora.py)
             model, ema = start_lora(cfg, model, run, resumed_base)
         # fused: one kernel per parameter instead of a dozen (the default run's AdamW: 9-12 → 3-4 ms a step on a
-        # CPU, BENCHMARKS.md); FSDP2's sharded parameters keep the multi-tensor form
+        # CPU, docs/benchmarks.md); FSDP2's sharded parameters keep the multi-tensor form
         trained = [p for p in model.parameters() if p.requires_grad]  # a LoRA run: its adapters alone
         kept = lora.adapter_parameters(ema) if cfg.lora else list(ema.parameters())  # their EMA, in the same order
         optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=None if sharded else True)
@@ -222,7 +219,7 @@ def main(cfg: TrainConfig) -> dict:
         loss_fn = Algorithm1Loss(model, bridge, windows, ranges, weights, cfg.mode == "flat", cfg.start,
                                  autocast and not sharded, every_stage=sharded, jump_noise=model_config.jump_noise)
         step_loss = parallel.wrap_ddp(loss_fn, device) if dist.active and not sharded else loss_fn
-        batches = data.Batches(cfg, encoder, autoencoder, K, device, start_step=step,
+        batches = feed.Batches(cfg, encoder, autoencoder, K, device, start_step=step,
                                slots=parallel.micro_batches(cfg.batch_size, micro, dist.world, dist.rank))
         schedule = config.stage_mix_schedule(cfg, K)
         last_step = cfg.max_steps if cfg.stop_after is None else min(cfg.stop_after, cfg.max_steps)

@@ -1,0 +1,1 @@
+"""The paper's evaluation and ablations, and the benchmarks: python -m experiments.eval|ablate|bench."""
