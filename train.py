@@ -1,7 +1,7 @@
 """Train NAMI: BridgeFlow pre-training (paper §3.3), then Algorithm 1 (multi-resolution training of
 the progressive rectified flow transformer), on the built-in shapes data or an image folder.
 
-    python train.py                          # the default run: world level 1, ~7 min on 2 cores
+    python train.py                          # the default run: world level 0, ~8 min on 2 cores
     python train.py --world-level 3 --max-steps 12000 --ema-decay 0.999 --out runs/shapes-toy-long
                                              # the longer recipe: the full world, ~1 h on 2 cores
     python train.py --mode flat              # the flat baseline (K = 1, full model)

@@ -111,7 +111,7 @@ def score(ckpt: Path, per_category: int, seed: int, heldout: bool = True) -> dic
                             seed=seed, heldout=heldout, batch_size=256 if device.type == "cuda" else 64,
                             level=info["world_level"])
     result.pop("samples", None)  # per-prompt records: not needed for the curves
-    return result
+    return {**result, "world_level": info["world_level"]}
 
 
 def score_checkpoints(out: Path, a) -> list[dict]:
@@ -233,10 +233,11 @@ def plot_conversion(runs: dict, losses: dict, path: Path, title: str):
 
 def conversion_table(runs: dict, a, minutes: dict, half: int) -> str:
     cats = list(next(iter(runs.values()))[-1]["categories"])
+    level = next(iter(runs.values()))[-1].get("world_level", 1)
     lines = [f"# Converting a flat model into NAMI (`train.py --init-from`), {a.steps} steps in all", "",
              f"`python -m experiments.ablate {a.command}` — {datetime.date.today()}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} CPU threads; the default run's setting (toy preset, tiny-VAE latents, world "
-             f"level 1); B starts from C's checkpoint at step {half}. Judge: {a.per_category} prompts per category, "
+             f"level {level}); B starts from C's checkpoint at step {half}. Judge: {a.per_category} prompts per category, "
              "10+10+10 steps (C: 30 flat steps), CFG 3. Curves: [init-from.png](init-from.png).", "",
              "| run | " + " | ".join(c.replace("_", " ") for c in cats) +
              " | overall ± SE | held-out | Fréchet distance | sampling s | training min |", "|---" * (len(cats) + 6) + "|"]
@@ -394,7 +395,8 @@ def gpu_ablation(a):
 
 def time_flags(a) -> list[str]:
     """train.py's flags of every --cpu-minutes run: the default run's setting (toy, 64² in the shapes
-    VAE's latents, world level 1, jump noise for the staged variants), as `python train.py` trains it."""
+    VAE's latents, its world level, jump noise for the staged variants), as `python train.py` trains it;
+    --train-flags "--world-level 1" for another level."""
     tiny = ["--size", "tiny", "--resolution", "32", "--bridge-steps", "5", "--batch-size", "8"] if a.tiny else []
     return ["--seed", str(a.seed), "--sample-every", str(10 ** 9), "--log-every", "1" if a.tiny else "5",
             "--no-progress", *tiny, *a.train_flags.split()]
@@ -426,7 +428,7 @@ def time_ablation(a):
     report = time_report(a, steps, step_times, minutes, results, time.perf_counter() - t0)
     results_dir = Path(a.results)
     results_dir.mkdir(parents=True, exist_ok=True)
-    name = f"fig6-cpu-time-{a.cpu_minutes:g}min"
+    name = f"fig6-cpu-time-{a.cpu_minutes:g}min-level{next(iter(results.values()))['world_level']}"
     (results_dir / f"{name}.md").write_text(report)
     gpu_plot(results, results_dir / f"{name}.png", report.splitlines()[0].lstrip("# "))
     print(report)
@@ -436,10 +438,11 @@ def time_ablation(a):
 def time_report(a, steps: dict, step_times: dict, minutes: dict, results: dict, seconds: float) -> str:
     scores = {name: overall_with_error(r) for name, r in results.items()}
     cats = list(next(iter(results.values()))["categories"])
+    level = next(iter(results.values())).get("world_level", 1)
     lines = [f"# Fig. 6 at equal training time: flat, flow only, NAMI, {a.cpu_minutes:g} minutes each",
              "", f"`python -m experiments.ablate {a.command}` — cpu ({torch.get_num_threads()} threads), torch {torch.__version__}, "
              f"{datetime.date.today()}, {seconds / 60:.1f} min in all; the default run's setting (toy, 64² in the "
-             f"shapes VAE's latents, world level 1, batch 32), judged on {a.per_category} prompts per category "
+             f"shapes VAE's latents, world level {level}, batch 32), judged on {a.per_category} prompts per category "
              f"(seed {a.eval_seed}), 10+10+10 steps (flat: 30), CFG 3.", "",
              "| variant | steps | s/step | training min (measured) | " + " | ".join(c.replace("_", " ") for c in cats) +
              " | overall ± SE | by shape: circle / square / triangle | Fréchet distance | s (sampling all prompts) |",

@@ -274,13 +274,13 @@ def test_time_ablation_gives_each_variant_the_same_minutes_and_writes_its_verdic
     results = ablate.main(["--cpu-minutes", "0.02", "--tiny", "--per-category", "1",
                            "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
     assert set(results) == {"flat", "flow only", "NAMI"}
-    report = (tmp_path / "results" / "fig6-cpu-time-0.02min.md").read_text()
+    report = (tmp_path / "results" / "fig6-cpu-time-0.02min-level0.md").read_text()
     assert "python -m experiments.ablate --cpu-minutes 0.02 --tiny" in report and "torch " + torch.__version__ in report
     claims = [line for line in report.splitlines() if line.startswith("- ") and "**" in line]
     assert len(claims) == 3 and all(any(v in c for v in ("holds", "fails", "within noise")) for c in claims)
     rows = [line for line in report.splitlines() if line.startswith(("| flat |", "| flow only |", "| NAMI |"))]
     assert len(rows) == 3 and all(int(row.split("|")[2]) >= 3 for row in rows)  # steps of each variant
-    assert (tmp_path / "results" / "fig6-cpu-time-0.02min.png").stat().st_size > 1000
+    assert (tmp_path / "results" / "fig6-cpu-time-0.02min-level0.png").stat().st_size > 1000
 
 
 def test_reference_unet_trains_on_the_default_runs_feed_and_is_judged(tmp_path):

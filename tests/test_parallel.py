@@ -38,7 +38,11 @@ def torchrun(out, encoder, *extra, ranks=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
            str(ROOT / "train.py"), *RUN, "--text-encoder", encoder, "--out", str(out), *extra]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    if r.returncode != 0:  # the whole of both streams beside the run, the end of each in the message
+        log = Path(f"{out}.torchrun.log")
+        log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}")
+        raise AssertionError(f"torchrun exited with {r.returncode} (both streams whole in {log})\n--- stdout, "
+                             f"last lines\n{r.stdout[-2000:]}\n--- stderr, last lines\n{r.stderr[-6000:]}")
     return r
 
 

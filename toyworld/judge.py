@@ -474,11 +474,12 @@ def prompt_set(per_category: int = 50, seed: int = SEED, heldout: bool = True,
                level: int = 3) -> list[tuple[str, shapes.Sample]]:
     """[(split, Sample)]: per_category prompts of each category of the world level from the
     training pairs, then (heldout=True) per_category of each of those categories that names a
-    held-out colour-shape pair. A category's prompts are the same at every level."""
+    held-out colour-shape pair. A category's prompts are the same at every level (level 0 draws them
+    centred, as it trains)."""
     categories = shapes.check_level(level)
-    items = [("train", shapes.make_sample(seed, i, "train", cat)) for cat in categories for i in range(per_category)]
+    items = [("train", shapes.make_sample(seed, i, "train", cat, level)) for cat in categories for i in range(per_category)]
     if heldout:
-        items += [("heldout", shapes.make_sample(seed, i, "heldout", cat))
+        items += [("heldout", shapes.make_sample(seed, i, "heldout", cat, level))
                   for cat in HELDOUT_CATEGORIES if cat in categories for i in range(per_category)]
     return items
 

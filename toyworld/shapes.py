@@ -10,15 +10,20 @@ HELDOUT_PAIRS lists the colour-shape pairs that are never drawn in training imag
 named in a training caption): `split="heldout"` produces prompts that use them, to measure
 generalisation to unseen combinations.
 
-The world has three levels of difficulty (LEVELS), each a superset of the one below; the
-held-out pairs stay out at every level:
-  1  one object: single object ("a photo of a triangle") and colours ("a red circle");
+The world has four levels of difficulty (LEVELS); the held-out pairs stay out at every level:
+  0  one object, centred, at half the side (CENTRED_SIZE): the prompts of level 1, the variety
+     that a few minutes on a CPU can learn (the default run's world);
+  1  one object anywhere, at 0.35-0.6 of the side: single object ("a photo of a triangle") and
+     colours ("a red circle");
   2  + two objects, colour attribution and position;
   3  the full world, + counting. Level 3 is the world as it always was: the same (seed, index)
      gives the same sample as before levels existed, so earlier results stay valid.
+Levels 1-3 are each a superset of the one below; level 0 draws level 1's captions with one
+placement.
 
     python -m toyworld.shapes --n 16 --size 32 --out shapes_preview.png     # look at some samples
-    python -m toyworld.shapes --level 1 --size 64                          # the one-object world
+    python -m toyworld.shapes --level 0 --size 64                          # the default run's world
+    python -m toyworld.shapes --level 1 --size 64                          # one object anywhere
     python -m toyworld.shapes --level 1 --split heldout --n 512 --size 64 --export data/heldout
                                   # an image folder (PNG + .txt captions) for train.py --data, e.g.
                                   # the held-out pairs a LoRA of the default run learns (docs/fine-tuning.md)
@@ -49,9 +54,11 @@ NUMBERS = {2: "two", 3: "three", 4: "four"}
 HELDOUT_PAIRS = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 # World levels: the categories a level draws from, in CATEGORIES' order (each level ⊃ the one below)
-LEVELS = {1: ("single_object", "colors"),
+LEVELS = {0: ("single_object", "colors"),
+          1: ("single_object", "colors"),
           2: ("single_object", "two_object", "colors", "position", "color_attr"),
           3: CATEGORIES}
+CENTRED_SIZE = 0.5  # level 0: every object's side, as a fraction of the image side, in its centre
 RELATIONS = {  # relation -> paraphrases; "A <rel> B" means A is on that side of B
     "left of": ("to the left of", "left of", "on the left of"),
     "right of": ("to the right of", "right of", "on the right of"),
@@ -61,7 +68,7 @@ RELATIONS = {  # relation -> paraphrases; "A <rel> B" means A is on that side of
 PREFIXES = ("a photo of ", "an image of ", "a picture of ", "a drawing of ", "")
 # Fixed prompts of each level for the sample grids written while training (none names a held-out pair)
 EXAMPLE_PROMPTS = {
-    1: ["a photo of a red circle", "a blue square", "a photo of a green triangle", "a yellow circle",
+    0: ["a photo of a red circle", "a blue square", "a photo of a green triangle", "a yellow circle",
         "a purple square", "an orange triangle", "a photo of a white circle", "a photo of a triangle"],
     2: ["a photo of a red circle", "a blue square", "a photo of a green triangle", "a photo of a circle and a square",
         "a purple square to the left of an orange circle", "a white triangle above a blue square",
@@ -70,6 +77,7 @@ EXAMPLE_PROMPTS = {
         "a purple square to the left of an orange circle", "a white triangle above a blue square",
         "a photo of a circle and a square", "a photo of a red circle and a green square"],
 }
+EXAMPLE_PROMPTS[1] = EXAMPLE_PROMPTS[0]  # the same captions, drawn anywhere
 SAMPLE_PROMPTS = EXAMPLE_PROMPTS[3]  # the full world's
 
 
@@ -143,8 +151,8 @@ def satisfies(relation: str, a, b) -> bool:
 def check_level(level: int) -> tuple:
     """The categories of a world level, or a ValueError naming the levels."""
     if level not in LEVELS:
-        raise ValueError(f"world level {level!r} does not exist: choose one of {sorted(LEVELS)} "
-                         "(1 one object, 2 + two objects and positions, 3 the full world with counting)")
+        raise ValueError(f"world level {level!r} does not exist: choose one of {sorted(LEVELS)} (0 one object, "
+                         "centred; 1 one object anywhere; 2 + two objects and positions; 3 the full world with counting)")
     return LEVELS[level]
 
 
@@ -216,7 +224,11 @@ def make_sample(seed: int, index: int, split: str = "train", category: str | Non
 
     prefix = PREFIXES[rng.integers(len(PREFIXES))]
     objs, caption, prompt, sizes, relation = compose(category, rng, pick, prefix, split == "heldout")
-    boxes = _place(rng, sizes, relation)
+    if level == 0:  # one object, centred, one size: what the default run's few minutes can learn
+        low, high = (1 - CENTRED_SIZE) / 2, (1 + CENTRED_SIZE) / 2
+        boxes = [(low, low, high, high)]
+    else:
+        boxes = _place(rng, sizes, relation)
     if rng.random() < 0.5 and relation is None:
         order = rng.permutation(len(objs))
         objs, boxes = [objs[i] for i in order], [boxes[i] for i in order]
@@ -283,7 +295,7 @@ if __name__ == "__main__":
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", choices=("train", "heldout"), default="train")
-    ap.add_argument("--level", type=int, choices=sorted(LEVELS), default=3, help="world level (1, 2 or 3)")
+    ap.add_argument("--level", type=int, choices=sorted(LEVELS), default=3, help="world level (0, 1, 2 or 3)")
     ap.add_argument("--out", default="shapes_preview.png")
     ap.add_argument("--export", metavar="DIR", help="write the samples as DIR/NNNNNN.png + .txt captions instead")
     ap.add_argument("--shape", choices=SHAPES, help="only samples whose every object is this shape")

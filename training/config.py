@@ -88,8 +88,9 @@ class TrainConfig:
                                     "batches for least-squares; paper §4.3)", type=int, bounds=(0, 10 ** 8))
     bridge_lr: float = flag(1e-3, "BridgeFlow pre-training lr (--bridge-fit adam)", type=float, bounds=("(", 0, 1, ")"))
     # data, encoders, autoencoder
-    world_level: int = flag(1, "built-in data: 1 one object, 2 + two objects, attributes and positions, 3 the "
-                            "full world with counting (shapes.LEVELS)", type=int, choices=sorted(shapes.LEVELS))
+    world_level: int = flag(0, "built-in data: 0 one object, centred, one size; 1 one object anywhere, any size; "
+                            "2 + two objects, attributes and positions; 3 the full world with counting "
+                            "(toyworld.shapes.LEVELS)", type=int, choices=sorted(shapes.LEVELS))
     data: str | None = flag(None, "image folder (captions in .txt files beside the images or metadata.jsonl); "
                             "default: the built-in shapes data")
     cache: str | None = flag(None, "a cache made by `python -m datafeed cache` (latents + text states) instead of --data")
