@@ -21,6 +21,7 @@ import sample
 import test_inputs
 import train
 from conftest import tiny_run
+from datafeed import feed
 from training import checkpoint, config, release
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ def test_sample_cli_end_to_end_and_bad_input(tmp_path, encoder_dir, capsys):
     sample.main(["a photo of a cat", "--ckpt", str(tmp_path / "run"), "--steps", "1,1,1", "--out", str(tmp_path / "c.png")])
     printed = capsys.readouterr().out
     assert [line for line in printed.splitlines() if line.startswith("note:")] == [
-        sample.world_note("a photo of a cat", json.loads((tmp_path / "run" / "ckpt-0000002" / "config.json").read_text())["vocabulary"])]
+        feed.world_note("a photo of a cat", json.loads((tmp_path / "run" / "ckpt-0000002" / "config.json").read_text())["vocabulary"])]
     assert "--weights" in printed and "wrote" in printed
     out = tmp_path / "cat.png"
     r = run_cli("sample.py", "a red circle above a blue square", "--ckpt", str(tmp_path / "run"), "--out", str(out),

@@ -107,7 +107,6 @@ def test_a_prompt_outside_the_training_captions_gets_a_note(tmp_path, encoder_di
     """config.json records the words of the training captions: the built-in world's from toyworld/shapes.py's
     templates, a folder's from its captions (function words left out, none past the limit); a prompt
     that uses none of them is noted in one line, pointing to --weights (sampled all the same: the CLI test)."""
-    import sample
     vocabulary = feed.vocabulary(tiny_run(tmp_path, encoder_dir))
     assert {"red", "circle", "triangles", "three", "left", "above"} <= set(vocabulary) and "photo" not in vocabulary
     captions = [shapes.make_sample(0, i).caption for i in range(300)]
@@ -116,11 +115,11 @@ def test_a_prompt_outside_the_training_captions_gets_a_note(tmp_path, encoder_di
     assert feed.vocabulary(tiny_run(tmp_path, encoder_dir, data=str(tmp_path / "images"))) == ["blue", "green", "noise", "orange"]
     assert feed.caption_vocabulary([f"w{i}" for i in range(feed.VOCABULARY_LIMIT + 1)]) is None
     assert feed.vocabulary(tiny_run(tmp_path, encoder_dir, cache=str(tmp_path))) is None  # a cache keeps no captions
-    note = sample.world_note("a photo of a cat", vocabulary)
+    note = feed.world_note("a photo of a cat", vocabulary)
     assert "circle" in note and "--weights" in note and "\n" not in note
     for prompt in ("a photo of a red dog", "", "a RED circle"):
-        assert sample.world_note(prompt, vocabulary) is None, prompt
-    assert sample.world_note("a photo of a cat", None) is None  # a checkpoint that records no vocabulary
+        assert feed.world_note(prompt, vocabulary) is None, prompt
+    assert feed.world_note("a photo of a cat", None) is None  # a checkpoint that records no vocabulary
 
 
 # ---------------------------------------------------------------------------------------------
