@@ -43,6 +43,7 @@ class NamiConfig:
     window_ratios: tuple = (1, 1, 1)  # lengths of the K original time windows, stage 1 first
     gamma: float = 1 / 3              # Pyramid Flow's corrected-start constant
     jump_noise: bool = False          # [ours] fine noise added at each jump (with_jump_noise); release: off
+    velocity: str = "local"           # what the network predicts (stage_velocity): release "local"; [ours] "global"
     MAX_BLOCKS = 1000  # [ours] per kind (not a field): far above any published model (FLUX.1: 19 double + 38 single)
 
     def __post_init__(self):
@@ -63,6 +64,8 @@ class NamiConfig:
         elif self.cuts[-1] != self.depth_single:
             problems.append(f"the last cut point must be depth_single={self.depth_single} "
                             f"(the last stage runs the whole model), got {self.cuts}")
+        if self.velocity not in VELOCITIES:
+            problems.append(f"velocity must be one of {VELOCITIES}, got {self.velocity!r}")
         if any(r <= 0 for r in self.window_ratios):
             problems.append(f"window ratios must be positive, got {self.window_ratios}")
         if not (0 <= self.depth_double <= self.MAX_BLOCKS and 1 <= self.depth_single <= self.MAX_BLOCKS):  # [ours]
@@ -206,6 +209,16 @@ def interpolate(x_s: torch.Tensor, x_e: torch.Tensor, t) -> torch.Tensor:
 def flow_target(x_s: torch.Tensor, x_e: torch.Tensor) -> torch.Tensor:
     """The velocity Eq. 4 regresses: dx̂_t/dt' = x̂_s − x̂_e."""
     return x_s - x_e
+
+
+VELOCITIES = ("local", "global")
+
+
+def stage_velocity(v: torch.Tensor, window, velocity: str = "local") -> torch.Tensor:
+    """The local velocity x̂_s − x̂_e (Eq. 4's target, Eq. 1's v) from the network's output v at the window
+    (s_k, e_k): "local", the release's, is v itself. [ours] "global": v is the path's velocity ε − x, which a
+    flat model predicts; x̂_s − x̂_e ≈ (s_k − e_k)·(ε − x), so the local one is (s_k − e_k)·v (docs/method.md §9)."""
+    return v if velocity == "local" else (window[0] - window[1]) * v
 
 
 def logit_normal(n: int, generator=None, mean: float = 0.0, std: float = 1.0, device="cpu"):
@@ -620,16 +633,19 @@ def progressive_sample(velocity, eps, grids, bridge=None, on_stage_end=None, sta
 
 
 def model_velocity(model, txt, pooled, txt_uncond=None, pooled_uncond=None, guidance: float = 1.0,
-                   full_model: bool = False):
-    """progressive_sample's velocity(x, k, t', τ) for a Nami model, in float32 whatever the weights'
-    dtype. Guidance 1 skips the unconditional half; full_model runs every block ("flow only", flat)."""
+                   full_model: bool = False, windows=None):
+    """progressive_sample's velocity(x, k, t', τ) for a Nami model: stage k's local velocity in float32
+    whatever the weights' dtype. Guidance 1 skips the unconditional half; full_model runs every block
+    ("flow only", flat); windows, the plan's (s_k, e_k), are needed where cfg.velocity is "global"."""
     if guidance == 1.0:
         txt_uncond = pooled_uncond = None
+    if windows is None and model.cfg.velocity != "local":
+        raise ValueError("a model that predicts the global velocity needs the sampling plan's windows")
 
     def velocity(x, k, t, tau):
         tau = torch.full((x.shape[0],), tau, device=x.device)
         v = guided_velocity(model, x, tau, txt, pooled, txt_uncond, pooled_uncond, guidance, None if full_model else k)
-        return v.float()
+        return v.float() if windows is None else stage_velocity(v.float(), windows[k - 1], model.cfg.velocity)
     return velocity
 
 
@@ -669,7 +685,7 @@ def generate(model, encoder, prompts, seeds, height, width, steps, guidance=DEFA
     windows, grids, full = sampling_plan(cfg, steps, flat, schedule)
     bridge = with_jump_noise(bridge, eps, windows) if cfg.jump_noise else bridge  # [ours] jump noise
     velocity = model_velocity(model, txt.to(device), pooled.to(device), txt_u.to(device), pooled_u.to(device),
-                              guidance, full)
+                              guidance, full, windows)
     start = None if from_stage == 1 else later_stage_start(clean, eps, from_stage, windows, bridge)  # [ours]
     return progressive_sample(velocity, eps, grids, bridge, on_stage_end, start)
 

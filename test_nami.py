@@ -130,6 +130,27 @@ def test_logit_normal_and_loss():
     assert nami.flow_loss(v, target).item() == pytest.approx(14 / 6)
 
 
+def test_global_velocity_is_the_path_velocity_scaled_to_the_window_and_weights_eq4_by_its_length_squared():
+    """docs/method.md §9: with velocity="global" the network predicts ε − x and stage k's local velocity is
+    (s_k − e_k)·v; Eq. 4 in local units is then (s_k − e_k)²·‖v − (x̂_s − x̂_e)/(s_k − e_k)‖². The path's
+    velocity read this way is stage 1's target exactly (its start is ε_1, its end on the straight path)."""
+    g = torch.Generator().manual_seed(4)
+    x, eps, v = (torch.randn(2, 3, 8, 8, generator=g) for _ in range(3))
+    windows = nami.stage_windows()
+    for k, window in enumerate(windows, 1):
+        length = window[0] - window[1]
+        assert torch.equal(nami.stage_velocity(v, window, "local"), v)
+        torch.testing.assert_close(nami.stage_velocity(v, window, "global"), length * v)
+        target = nami.flow_target(*nami.stage_points(x, eps, k, windows))
+        assert nami.flow_loss(nami.stage_velocity(v, window, "global"), target).item() == pytest.approx(
+            length ** 2 * nami.flow_loss(v, target / length).item(), rel=1e-5)
+    x_s, x_e = nami.stage_points(x, eps, 1, windows)
+    torch.testing.assert_close(nami.stage_velocity(eps - x, windows[0], "global"), nami.flow_target(x_s, x_e))
+    assert [round(1 / (s - e), 2) for s, e in windows] == [3.0, 2.14, 2.0]  # the factors a local reading is off by
+    with pytest.raises(ValueError, match="velocity must be one of"):
+        nami.get_config("tiny", velocity="path")
+
+
 # ---------------------------------------------------------------------------------------------
 # docs/method.md §3: the progressive model
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from common import files, parallel
 from common.encoders import TextEncoder, load_autoencoder
 from datafeed import buckets, feed
 from toyworld import shapes
-from training import checkpoint, config, init_from, lora
+from training import checkpoint, config, init_from, lora, validation
 from training.config import TrainConfig, validate
 
 
@@ -48,11 +48,12 @@ class Algorithm1Loss(nn.Module):
     (totals[k−1] samples at stage k). One module, so that DDP sees one forward per backward."""
 
     def __init__(self, model, bridge, windows, ranges, weights, flat=False, start="bridge", autocast=False,
-                 every_stage=False, jump_noise=False):
+                 every_stage=False, jump_noise=False, velocity="local"):
         super().__init__()
         self.model, self.bridge, self.windows, self.ranges, self.weights = model, bridge, windows, ranges, weights
         self.flat, self.start, self.autocast, self.every_stage = flat, start, autocast, every_stage
         self.jump_noise = jump_noise  # [ours] nami.with_jump_noise, as the sampler adds it
+        self.velocity = velocity      # what the network predicts: nami.stage_velocity makes it the local velocity
 
     def forward(self, batch: feed.MicroBatch, totals):
         K = len(self.windows)
@@ -70,9 +71,11 @@ class Algorithm1Loss(nn.Module):
             t = batch.t[rows]
             x_t = nami.interpolate(x_s, x_e, t)
             tau = nami.stage_tau(t, self.ranges[k - 1])
-            # line 15: the velocity v_θk(x̂_t, t') of the model cut after stage k's blocks
+            # line 15: the velocity v_θk(x̂_t, t') of the model cut after stage k's blocks, in the window's
+            # local units whatever the network predicts (--velocity global: (s_k − e_k)·v)
             with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 v = self.model(x_t, tau, batch.txt[rows], batch.pooled[rows], stage=None if self.flat else k)
+            v = nami.stage_velocity(v, self.windows[k - 1], self.velocity)
             # line 16: Eq. 4, ‖(x̂_s − x̂_e) − v_θk(x̂_t, t')‖², summed over this micro-batch's n samples
             stage_sum = nami.flow_loss(v, nami.flow_target(x_s, x_e)) * n
             sums[k - 1] = stage_sum.detach()
@@ -217,12 +220,22 @@ def main(cfg: TrainConfig) -> dict:
             pretrain_bridgeflow(cfg, bridge, windows, encoder, autoencoder, state.generator, dist)
         bridge.requires_grad_(False)
         loss_fn = Algorithm1Loss(model, bridge, windows, ranges, weights, cfg.mode == "flat", cfg.start,
-                                 autocast and not sharded, every_stage=sharded, jump_noise=model_config.jump_noise)
+                                 autocast and not sharded, every_stage=sharded, jump_noise=model_config.jump_noise,
+                                 velocity=model_config.velocity)
         step_loss = parallel.wrap_ddp(loss_fn, device) if dist.active and not sharded else loss_fn
         batches = feed.Batches(cfg, encoder, autoencoder, K, device, start_step=step,
                                slots=parallel.micro_batches(cfg.batch_size, micro, dist.world, dist.rank))
         schedule = config.stage_mix_schedule(cfg, K)
         last_step = cfg.max_steps if cfg.stop_after is None else min(cfg.stop_after, cfg.max_steps)
+        # [ours] the validation loss: Eq. 4 per stage on held-out samples at fixed t' and noise (EMA weights)
+        held_out = validation.held_out(cfg, encoder, autoencoder, K, device) if cfg.val_every else None
+
+        def validate_at(step):
+            if held_out is not None and (step % cfg.val_every == 0 or step == last_step):
+                per_t = validation.validation_loss(ema, bridge, held_out, start=cfg.start)
+                run.log_validation(step, validation.summary(per_t, weights))
+        if step == 0:
+            validate_at(0)
         model.train()
         while step < last_step:  # line 4: repeat … until the last step
             ratios, lr = config.stage_ratios(schedule, step), config.learning_rate(cfg, step, schedule)
@@ -248,9 +261,13 @@ def main(cfg: TrainConfig) -> dict:
             step += 1
             run.log(step, stage_loss, sum(weights[k - 1] * l for k, l in stage_loss.items()), lr=lr,
                     grad_norm=grad_norm.item() if finite else None, ratios=list(ratios))
+            validate_at(step)
             run.sample_grid(step, ema, bridge, encoder, autoencoder, batches.prompts)
             if run.checkpoint(step, last_step, state):  # also asks whether a stop signal came
                 break
+        if last_step == 0:  # --max-steps 0: the --init-from weights as they are, beside the pre-trained BridgeFlow
+            run.sample_grid(0, ema, bridge, encoder, autoencoder, batches.prompts)
+            run.checkpoint(0, 0, state)
     return run.result(step)
 
 

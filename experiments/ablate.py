@@ -208,7 +208,7 @@ def conversion(a) -> dict:
 
 
 def log_losses(out: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in checkpoint.read_log(out)]
+    return [(r["step"], r["loss"]) for r in checkpoint.read_log(out) if "loss" in r]  # not the validation lines
 
 
 def plot_conversion(runs: dict, losses: dict, path: Path, title: str):

@@ -106,8 +106,9 @@ def peak_memory_gb(device) -> float:
 def time_sampler(model, bridge, txt, pooled, res, steps, guidance, flat):
     """Seconds per stage of one sample (batch of txt), the flat sampler's one window if flat."""
     eps = torch.randn(txt.shape[0], model.cfg.in_channels, res, res, device=txt.device)
-    _, grids, full = nami.sampling_plan(model.cfg, steps, flat)
-    velocity = nami.model_velocity(model, txt, pooled, torch.zeros_like(txt), torch.zeros_like(pooled), guidance, full)
+    windows, grids, full = nami.sampling_plan(model.cfg, steps, flat)
+    velocity = nami.model_velocity(model, txt, pooled, torch.zeros_like(txt), torch.zeros_like(pooled), guidance, full,
+                                   windows)
     parallel.synchronize(eps.device)
     marks = [time.perf_counter()]
     nami.progressive_sample(velocity, eps, grids, None if flat else bridge,

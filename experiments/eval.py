@@ -8,6 +8,7 @@ category, held-out colour-shape pairs and the Fréchet distance to real renders.
     python -m experiments.eval --ckpt CKPT --from-stage 3               # diagnostic: stage 3 from real renders
     python -m experiments.eval --calibrate 200 --res 64 --level 1 --vae weights/shapes-vae   # real renders through a VAE
     python -m experiments.eval --lora runs/lora-toy                     # a LoRA (train.py --lora) on the base it names
+    python -m experiments.eval --ckpt CKPT --val-loss                   # the validation loss (Eq. 4 per stage and t')
 
 The categories judged are those of the checkpoint's world level (train.py --world-level;
 --level overrides); every accuracy comes with its standard error, and the table ends with the
@@ -22,10 +23,10 @@ from pathlib import Path
 import torch
 
 import nami
-from common import encoders, parallel
+from common import encoders, files, parallel
 from toyworld import shapes
 from toyworld.judge import SEED, calibrate, evaluate, sample_grid, table
-from training import checkpoint, lora, sample_config
+from training import checkpoint, lora, sample_config, validation
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -63,7 +64,37 @@ def parse_args(argv=None):
     ap.add_argument("--lora", help="judge these LoRA adapters (train.py --lora) on their base (or on --ckpt, "
                     "which must be the same files)")
     ap.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (0 = the base alone)")
+    ap.add_argument("--val-loss", action="store_true", help="no sampling: the validation loss of the checkpoint's "
+                    "EMA, as train.py logs it (training/validation.py), per stage and fixed t'")
+    ap.add_argument("--val-data", help="--val-loss: held-out image folder or cache (default: the run's --val-data, "
+                    "or the built-in world's held-out samples)")
+    ap.add_argument("--val-samples", type=int, help="--val-loss: held-out samples (default: the run's, 64)")
     return ap.parse_args(argv)
+
+
+def validation_report(a) -> dict:
+    """--val-loss: the checkpoint's validation loss on the held-out samples its run was validated on."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, bridge, encoder, autoencoder, info = checkpoint.load_model(a.ckpt, not a.no_ema, device=device)
+    train = files.read_json(Path(info["folder"]) / "config.json")["train"]
+    run = argparse.Namespace(**{**train, "val_data": a.val_data or train.get("val_data"),
+                                "val_samples": a.val_samples or train.get("val_samples", 64)})
+    held = validation.held_out(run, encoder, autoencoder, model.cfg.num_stages, device)
+    if held is None:
+        raise ValueError(f"{info['folder']} was trained on --data/--cache without --val-data: give --val-data DIR")
+    per_t = validation.validation_loss(model, bridge, held, start=train.get("start", "bridge"))
+    weights = train.get("stage_weights") or [1.0] * model.cfg.num_stages
+    return {"checkpoint": info["folder"], "samples": sum(len(g[0]) for g in held), "t": validation.t_points(),
+            "per_t": {str(k): v for k, v in per_t.items()}, **validation.summary(per_t, weights)}
+
+
+def print_validation(report: dict):
+    print(f"{report['checkpoint']}: validation loss (Eq. 4, local units), {report['samples']} held-out samples, "
+          f"EMA weights\n")
+    print("stage | mean | " + " | ".join(f"t'={t:.4g}" for t in report["t"]))
+    for k, losses in report["per_t"].items():
+        print(f"{k} | {report['val_loss_stage' + k]:.6f} | " + " | ".join(f"{v:.6f}" for v in losses))
+    print(f"\nweighted sum over the stages (val_loss): {report['val_loss']:.6f}")
 
 
 def check_flags(a):
@@ -151,6 +182,15 @@ def main(argv=None):
         if out is not None:
             (out / "calibration.json").write_text(json.dumps(results, indent=1))
         return results
+    if a.val_loss:
+        try:
+            report = validation_report(a)
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            raise SystemExit(f"error: {e}")
+        print(json.dumps(report, indent=1)) if a.json else print_validation(report)
+        if out is not None:
+            (out / "validation.json").write_text(json.dumps(report, indent=1))
+        return report
     try:
         parts, info, steps, level = load(a, steps)
     except (ValueError, FileNotFoundError, ImportError) as e:

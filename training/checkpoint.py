@@ -515,6 +515,14 @@ class RunFolder:
                 for k, ratio in enumerate(ratios, 1):  # the stage mix as shares of the batch
                     self.board.add_scalar(f"stage_mix/stage{k}", ratio / sum(ratios), step)
 
+    def log_validation(self, step: int, fields: dict):
+        """A log.jsonl line of the validation loss (training/validation.py), and its TensorBoard scalars."""
+        if self.main:
+            self.log_file.write(json.dumps({"step": step, **fields}) + "\n")
+            self.log_file.flush()
+            for name, value in fields.items() if self.board is not None else ():
+                self.board.add_scalar(f"val/{name}", value, step)
+
     def sample_grid(self, step: int, ema, bridge, encoder, autoencoder, prompts):
         """Every --sample-every steps (and the last), a grid of the EMA model's samples of fixed
         prompts and seeds. Every rank samples (FSDP2 shards the EMA too, so its forward is
@@ -650,22 +658,24 @@ def read_log(run: Path) -> list[dict]:
 
 
 def plot_log(run: Path, out: Path | None = None) -> Path:
-    """The loss of every stage and the weighted loss (log scale), and images per second, against the
-    step, from RUN/log.jsonl; written to RUN/log.png unless `out` names another file."""
+    """The loss of every stage, the weighted loss and the validation loss (log scale), and images per second,
+    against the step, from RUN/log.jsonl; written to RUN/log.png unless `out` names another file."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     records = read_log(run)
-    steps = [r["step"] for r in records]
     fig, (losses, speed) = plt.subplots(1, 2, figsize=(10, 3.6))
     stage_keys = sorted({k for r in records for k in r if re.fullmatch(r"loss_stage\d+", k)},
                         key=lambda k: int(k[len("loss_stage"):]))
     for key in ["loss", *stage_keys]:
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         losses.plot(*zip(*points), label="weighted (Eq. 4)" if key == "loss" else f"stage {key[10:]}")
+    for key in sorted({k for r in records for k in r if re.fullmatch(r"val_loss_stage\d+", k)}):  # the validation
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        losses.plot(*zip(*points), "--", marker=".", label=f"validation, stage {key[14:]}")
     losses.set(xlabel="step", ylabel="loss", yscale="log", title="loss per stage")
     losses.legend(fontsize=8)
-    speed.plot(steps, [r.get("images_per_s") for r in records], color="C4")
+    speed.plot(*zip(*[(r["step"], r["images_per_s"]) for r in records if "images_per_s" in r]), color="C4")
     speed.set(xlabel="step", ylabel="images / s", title="throughput", ylim=(0, None))
     fig.suptitle(str(run), fontsize=9)
     fig.tight_layout()

@@ -54,12 +54,17 @@ class TrainConfig:
                               type=numbers("--cuts"))
     window_ratios: tuple | None = flag(None, "time-window ratios of the stages, e.g. 1:1:1 or 0.5:0.25:0.25 "
                                        "(paper Fig. 8)", type=numbers("--window-ratios", float, "1:1:1"))
+    velocity: str = flag("local", "what the network predicts: local, the stage's velocity x̂_s − x̂_e (the release); "
+                         "global, the path's ε − x, scaled by the window's length s_k − e_k (a flat model's: "
+                         "convert one with --init-from FLAT --velocity global; docs/method.md §9)",
+                         choices=nami.VELOCITIES)
     # Algorithm 1 and its schedule (paper §3.4, §4.3)
     resolution: int = flag(64, "training image size (pixels; 64 = 4×16×16 latents of the tiny shapes VAE)", type=int,
                            bounds=(1, 16384))
     batch_size: int = flag(32, "global batch (samples per step over all ranks)", type=int, bounds=(1, 1 << 16))
     lr: float = flag(1e-3, "peak learning rate (AdamW)", type=float, bounds=("(", 0, 1, ")"))
-    max_steps: int = flag(1200, "training steps", type=int, bounds=(1, 10 ** 9))
+    max_steps: int = flag(1200, "training steps (0 with --init-from: BridgeFlow pre-trained, the given weights saved "
+                          "as they are, a conversion without training)", type=int, bounds=(0, 10 ** 9))
     warmup: int | None = flag(None, "linear lr warm-up steps (default 100; 20 with --init-from)", type=int,
                               bounds=(0, 10 ** 9))
     warmup_start: float | None = flag(None, "the warm-up rises linearly from this fraction of --lr (default 0; 0.1 "
@@ -136,6 +141,12 @@ class TrainConfig:
     keep: int = flag(3, "checkpoints kept", type=int, bounds=(1, 1000))
     max_bad_steps: int = flag(5, "stop after this many steps in a row with a non-finite loss or gradient "
                               "(each is skipped)", type=int, bounds=(1, 10 ** 6))
+    val_every: int = flag(300, "steps between validation losses (Eq. 4 per stage on held-out samples at fixed t' and "
+                          "noise, EMA weights; also at step 0 and the last; training/validation.py); 0: none",
+                          type=int, bounds=(0, 10 ** 9))
+    val_samples: int = flag(64, "held-out samples of the validation loss", type=int, bounds=(1, 1 << 16))
+    val_data: str | None = flag(None, "held-out image folder or cache for the validation loss (the built-in world "
+                                "holds out its own samples; --data/--cache runs without --val-data have none)")
     log_every: int = flag(10, "steps between log.jsonl lines", type=int, bounds=(1, 10 ** 9))
     progress: bool = flag(True, "progress bars", action=argparse.BooleanOptionalAction)
     tensorboard: bool = flag(False, "also log to RUN/tensorboard (losses per stage, lr, gradient norm, images/s, "
@@ -216,6 +227,8 @@ def model_config(cfg: TrainConfig, text_dim: int = 1, pooled_dim: int = 1, chann
         overrides["cuts"] = cfg.cuts
     if cfg.jump_noise:
         overrides["jump_noise"] = True
+    if cfg.velocity != "local":
+        overrides["velocity"] = cfg.velocity
     if cfg.mode == "flat":    # one window [1 -> 0], full model, full resolution
         overrides.update(window_ratios=(1,), cuts=(base["depth_single"],))
     elif cfg.mode == "flow-only":  # the stages, but every stage runs the full model
@@ -245,6 +258,8 @@ def validate(cfg: TrainConfig):
                "one from other weights: give one of them (a run started with --init-from resumes with --resume "
                "alone: its checkpoints record where its weights came from)"),
               (not cfg.init_from_raw or bool(cfg.init_from), "--init-from-raw applies to --init-from only"),
+              (cfg.max_steps > 0 or bool(cfg.init_from), "--max-steps 0 saves given weights untrained: add --init-from "
+               "PATH, or train at least one step"),
               (cfg.lora is not None or (cfg.lora_alpha is None and cfg.lora_targets is None),
                "--lora-alpha and --lora-targets apply to --lora RANK runs only"),
               (not cfg.lora or bool(cfg.init_from or cfg.resume), "--lora trains adapters on given weights: add "
@@ -261,7 +276,7 @@ def validate(cfg: TrainConfig):
                           "out: log.jsonl is written either way, and `python -m training.checkpoint plot RUN` draws it)")
     if cfg.lora and importlib.util.find_spec("peft") is None:
         raise ImportError("--lora needs the peft package: pip install peft (docs/fine-tuning.md)")
-    for name in ("data", "cache", "vae", "text_encoder", "pooled_encoder", "init_from"):
+    for name in ("data", "cache", "val_data", "vae", "text_encoder", "pooled_encoder", "init_from"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_dir():
             raise ValueError(f"--{name.replace('_', '-')} {path}: no such folder")
