@@ -5,7 +5,7 @@ This file holds the method itself, top to bottom:
   2. the flow mathematics as small pure functions              (paper Eq. 1-4, §3.2; docs/method.md §1-2)
   3. the progressive FLUX-style MM-DiT                         (paper §3.2, §4.1; docs/method.md §3)
   4. the progressive Euler sampler with classifier-free guidance (paper §3.5; docs/method.md §6)
-  5. ours, not the paper's: the jump noise, the later-stage diagnostic (elsewhere: marked [ours])
+  5. ours, not the paper's: the jump noise                      (elsewhere: marked [ours])
 It imports nothing of ours: BridgeFlow and the text encoder reach the sampler as arguments; Algorithm 1 is train.py.
 
 Time follows the paper: x_t = t·ε + (1−t)·x, t = 1 is noise, t = 0 is data.
@@ -44,11 +44,11 @@ class NamiConfig:
     gamma: float = 1 / 3              # Pyramid Flow's corrected-start constant
     jump_noise: bool = False          # [ours] fine noise added at each jump (with_jump_noise); release: off
     velocity: str = "local"           # what the network predicts (stage_velocity): release "local"; [ours] "global"
+    guidance_embeds: bool = False     # FLUX.1-dev's distilled guidance as an input (TimeTextEmbed); release: none
     MAX_BLOCKS = 1000  # [ours] per kind (not a field): far above any published model (FLUX.1: 19 double + 38 single)
 
     def __post_init__(self):
-        self.cuts = tuple(int(c) for c in self.cuts)
-        self.axes_dim = tuple(int(a) for a in self.axes_dim)
+        self.cuts, self.axes_dim = tuple(int(c) for c in self.cuts), tuple(int(a) for a in self.axes_dim)
         self.window_ratios = tuple(float(r) for r in self.window_ratios)
         problems = []
         if self.hidden_size % self.num_heads:
@@ -99,6 +99,9 @@ PRESETS: dict[str, dict] = {
                in_channels=16, joint_attention_dim=4096, pooled_projection_dim=1024, axes_dim=(16, 56, 56)),
     "0.6b": dict(hidden_size=1536, num_heads=12, depth_double=4, depth_single=8, cuts=(1, 5, 8),
                  in_channels=16, joint_attention_dim=4096, pooled_projection_dim=1024, axes_dim=(16, 56, 56)),
+    # FLUX.1-dev's shape (T5-XXL states, CLIP-L pooled, guidance-distilled), to convert it: release.config_from_diffusers
+    "flux1-dev": dict(hidden_size=3072, num_heads=24, depth_double=19, depth_single=38, cuts=(13, 25, 38), in_channels=16,
+                      joint_attention_dim=4096, pooled_projection_dim=768, axes_dim=(16, 56, 56), guidance_embeds=True),
     # CPU presets (text dims of all-MiniLM-L6-v2); mini: results/recipes.md's smaller model; toy: the
     # default run's, for 4×16×16 latents of the tiny shapes VAE (one double block: stage 1 is cheap)
     "small": dict(hidden_size=192, num_heads=3, depth_double=2, depth_single=6, cuts=(2, 4, 6), axes_dim=(16, 24, 24)),
@@ -124,12 +127,8 @@ def get_config(name: str, **overrides) -> NamiConfig:
 
 def window_boundaries(ratios=(1, 1, 1)) -> list[float]:
     """Original boundaries 1 = σ_0 > σ_1 > … > σ_K = 0, stage lengths ∝ ratios (paper Fig. 8)."""
-    total, acc, sigmas = float(sum(ratios)), 0.0, [1.0]
-    for r in ratios:
-        acc += r
-        sigmas.append(1.0 - acc / total)
-    sigmas[-1] = 0.0
-    return sigmas
+    total = float(sum(ratios))
+    return [1.0] + [1.0 - sum(ratios[:k]) / total for k in range(1, len(ratios))] + [0.0]
 
 
 def corrected_start(sigma: float, gamma: float = 1 / 3) -> float:
@@ -237,11 +236,10 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> tor
 
 
 def stage_points(x, eps, k, windows, bridge=None, start="bridge"):
-    """(x̂_s, x̂_e) of stage k for clean images x and noise eps, both at stage k's size. Algorithm 1,
-    lines 7-13: the end point is the noised image at e_k; the start point is ε_1 for k = 1, else the
-    end point of stage k−1 (from Down(x) and the coupled noise 2·Down(ε)) carried across the jump by
-    BridgeFlow as the sampler will carry it. [ours] start="pyramid": Pyramid Flow's analytic start
-    instead (train.py --start); bridge=None: Up only."""
+    """(x̂_s, x̂_e) of stage k for clean images x and noise eps, both at stage k's size. Algorithm 1, lines 7-13: the
+    end point is the noised image at e_k; the start point is ε_1 for k = 1, else the end point of stage k−1 (from
+    Down(x) and the coupled noise 2·Down(ε)) carried across the jump by BridgeFlow as the sampler will carry it.
+    [ours] start="pyramid": Pyramid Flow's analytic start instead (train.py --start); bridge=None: Up only."""
     s_k, e_k = windows[k - 1]
     x_e = stage_endpoint(x, eps, e_k)
     if k == 1:
@@ -308,9 +306,8 @@ def rope(ids: torch.Tensor, axes_dim, theta: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent feature pairs (x0, x1) of x (B, heads, L, hd) by their angles, in float32:
-    (x0·cos − x1·sin, x0·sin + x1·cos), the pairing of FLUX. Real-valued (not complex numbers),
-    so that torch.compile generates it and FSDP2 need not keep complex tensors."""
+    """Rotate adjacent feature pairs (x0, x1) of x (B, heads, L, hd) by their angles, in float32: (x0·cos − x1·sin,
+    x0·sin + x1·cos), FLUX's pairing; real-valued, so that torch.compile and FSDP2 need no complex tensors."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, heads, L, hd/2) each
     cos, sin = pe.unbind(-1)                               # (L, hd/2) each
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
@@ -369,9 +366,7 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GELUProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
 
     def forward(self, x):
-        for layer in self.net:
-            x = layer(x)
-        return x
+        return self.net[2](self.net[0](x))
 
 
 class Attention(nn.Module):
@@ -469,18 +464,22 @@ class MLPEmbedder(nn.Module):
 
 
 class TimeTextEmbed(nn.Module):
-    """vec = time_embed(τ·1000) + pooled_text_embed (no guidance embedding, as in the release)."""
+    """vec = time_embed(τ·1000) + pooled_text_embed (the release); a guidance-distilled FLUX (FLUX.1-dev) adds
+    guidance_embed(g·1000), the guidance scale g given as an input instead of classifier-free guidance."""
 
-    def __init__(self, dim: int, pooled_dim: int):
+    def __init__(self, dim: int, pooled_dim: int, guidance_embeds: bool = False):
         super().__init__()
         self.timestep_embedder = MLPEmbedder(256, dim)
+        self.guidance_embedder = MLPEmbedder(256, dim) if guidance_embeds else None
         self.text_embedder = MLPEmbedder(pooled_dim, dim)
 
-    def forward(self, tau, pooled):
+    def forward(self, tau, pooled, guidance=None):
         # τ·1000 and its sinusoid in float32 whatever the weights' dtype: in bf16 τ·1000 would be
         # off by up to 2, against Euler steps of 33 (10 per stage)
-        t_emb = self.timestep_embedder(timestep_embedding(tau.float() * 1000.0).to(pooled.dtype))
-        return t_emb + self.text_embedder(pooled)
+        vec = self.timestep_embedder(timestep_embedding(tau.float() * 1000.0).to(pooled.dtype))
+        if self.guidance_embedder is not None:
+            vec = vec + self.guidance_embedder(timestep_embedding(guidance.float() * 1000.0).to(pooled.dtype))
+        return vec + self.text_embedder(pooled)
 
 
 class Nami(nn.Module):
@@ -493,7 +492,7 @@ class Nami(nn.Module):
         D, p = cfg.hidden_size, cfg.patch_size
         self.x_embedder = nn.Linear(cfg.in_channels * p * p, D)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, D)
-        self.time_text_embed = TimeTextEmbed(D, cfg.pooled_projection_dim)
+        self.time_text_embed = TimeTextEmbed(D, cfg.pooled_projection_dim, cfg.guidance_embeds)
         self.transformer_blocks = nn.ModuleList(
             DoubleStreamBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth_double))
         self.single_transformer_blocks = nn.ModuleList(
@@ -501,15 +500,13 @@ class Nami(nn.Module):
         self.norm_out = AdaNorm(D, 2)  # chunks are (scale, shift), unlike the blocks
         self.proj_out = nn.Linear(D, cfg.in_channels * p * p)
         self._pe_cache: dict = {}
-        self.checkpointing = False  # [ours] activation checkpointing per block while training (train.py flag)
-        self.compiled = False       # [ours] blocks compiled with torch.compile (parallel.compile_blocks)
+        self.checkpointing = self.compiled = False  # [ours] per-block activation checkpointing; parallel.compile_blocks
         if not self.x_embedder.weight.is_meta:  # on the meta device: train.py materialises it later
             self.initialize_weights()
 
     def initial_values(self):
-        """(name, value) of each parameter at initialisation, one at a time, on the CPU, as DiT:
-        Xavier-uniform linears, zero biases, zero adaLN modulation and output head (every block
-        starts as the identity, an untrained model predicts zero velocity), unit RMSNorm scales."""
+        """(name, value) of each parameter at initialisation, one at a time, on the CPU, as DiT: Xavier-uniform
+        linears, zero biases, adaLN and output head zero (blocks start as identities, v = 0), unit RMSNorm scales."""
         zeroed = {id(self.proj_out)} | {id(m.linear) for m in self.modules() if isinstance(m, AdaNorm)}
         for prefix, module in self.named_modules():
             for name, param in module.named_parameters(recurse=False):
@@ -522,8 +519,7 @@ class Nami(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self, fill=None):
-        """Give every parameter its initial value; fill(param, value) copies it (into this rank's
-        shard under FSDP2: parallel.fill_shard)."""
+        """Give every parameter its initial value; fill(param, value) copies it (FSDP2: parallel.fill_shard)."""
         fill = fill or (lambda param, value: param.copy_(value))
         for name, value in self.initial_values():
             fill(self.get_parameter(name), value)
@@ -542,9 +538,8 @@ class Nami(nn.Module):
         return self._pe_cache[key]
 
     def run_block(self, block, *args):
-        """A block. [ours] With checkpointing (and gradients needed) recomputed in backward instead of
-        keeping its activations. Compiled, it sees the batch dimension as dynamic (it changes with the stage
-        and the micro-batch): one graph per stage resolution serves every batch size."""
+        """A block. [ours] With checkpointing (and gradients needed) recomputed in backward, its activations not kept.
+        Compiled, its batch dimension is dynamic (stage, micro-batch): one graph per stage resolution."""
         if self.compiled:
             for activation in args[:-1]:  # img, txt / tokens, vec: (B, ...); pe, the last, has no batch
                 torch._dynamo.maybe_mark_dynamic(activation, 0)
@@ -552,9 +547,9 @@ class Nami(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x, tau, txt, pooled, stage: int | None = None):
+    def forward(self, x, tau, txt, pooled, stage: int | None = None, guidance=None):
         """x (B, C, H, W) at the stage's size, tau (B,) in [0, 1], txt (B, L, joint_attention_dim),
-        pooled (B, pooled_projection_dim) -> velocity (B, C, H, W)."""
+        pooled (B, pooled_projection_dim), guidance (B,) for guidance_embeds -> velocity (B, C, H, W)."""
         B, C, H, W = x.shape
         p = self.cfg.patch_size
         if C != self.cfg.in_channels or H % p or W % p:
@@ -562,11 +557,13 @@ class Nami(nn.Module):
                              f"and sides divisible by the patch size {p}")
         if stage is not None and not 1 <= stage <= self.cfg.num_stages:
             raise ValueError(f"stage {stage} outside 1..{self.cfg.num_stages}")
+        if (guidance is None) == self.cfg.guidance_embeds:
+            raise ValueError("guidance (B,) is the input of guidance-distilled models (guidance_embeds), of no other")
         h, w = H // p, W // p
         dtype = self.x_embedder.weight.dtype  # bf16 for bf16 weights or FSDP2's bf16 compute; τ stays fp32
         img = self.x_embedder(patchify(x, p).to(dtype))                # (B, h·w, D)
         txt = self.context_embedder(txt.to(dtype))                     # (B, L, D)
-        vec_act = F.silu(self.time_text_embed(tau, pooled.to(dtype)))  # (B, D)
+        vec_act = F.silu(self.time_text_embed(tau, pooled.to(dtype), guidance))  # (B, D)
         pe = self.positions(txt.shape[1], h, w, x.device)
         n_double, n_single = self.blocks_run(stage)
         for block in self.transformer_blocks[:n_double]:
@@ -593,8 +590,8 @@ def guided_velocity(model, x, tau, txt, pooled, txt_uncond=None, pooled_uncond=N
 
 
 class StageGrid(NamedTuple):
-    """One stage's Euler grid: the local times t' of its n steps, 1 → 0 (n + 1 values: step j goes
-    from t[j] to t[j + 1]), and the global time τ the model is given at each step (n values)."""
+    """One stage's Euler grid: the local times t' of its n steps, 1 → 0 (n + 1 values: step j goes from t[j] to
+    t[j + 1]), and the global time τ the model is given at each step (n values)."""
     t: list
     tau: list
 
@@ -610,11 +607,10 @@ def uniform_grids(steps, ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[StageGr
 
 @torch.no_grad()
 def progressive_sample(velocity, eps, grids, bridge=None, on_stage_end=None, start=None):
-    """Integrate the K-stage flow from noise to data; returns every stage's output. velocity(x, k,
-    t', τ): v at stage k, local time t' (1 = window start, 0 = end), global time τ; grids: one
-    StageGrid per stage. Stage 1 starts at ε_1 of the full-size noise's coupled pyramid (one seed,
-    one image, whatever the stage count); between stages x ← BridgeFlow_(k+1)(Up(x)) (bridge=None:
-    Up alone). [ours] start=(k0, x̂_s) begins at stage k0 from that point (later_stage_start)."""
+    """Integrate the K-stage flow from noise to data; returns every stage's output. velocity(x, k, t', τ): v at
+    stage k, local time t' (1 = window start, 0 = end), global time τ; grids: one StageGrid per stage. Stage 1
+    starts at ε_1 of the full-size noise's coupled pyramid (one seed, one image, whatever the stage count); between
+    stages x ← BridgeFlow_(k+1)(Up(x)) (bridge=None: Up alone). [ours] start=(k0, x̂_s): begin at stage k0 there."""
     K = len(grids)
     k0, x = start if start is not None else (1, noise_pyramid(eps, K)[0])
     if not 1 <= k0 <= K:
@@ -634,17 +630,19 @@ def progressive_sample(velocity, eps, grids, bridge=None, on_stage_end=None, sta
 
 def model_velocity(model, txt, pooled, txt_uncond=None, pooled_uncond=None, guidance: float = 1.0,
                    full_model: bool = False, windows=None):
-    """progressive_sample's velocity(x, k, t', τ) for a Nami model: stage k's local velocity in float32
-    whatever the weights' dtype. Guidance 1 skips the unconditional half; full_model runs every block
-    ("flow only", flat); windows, the plan's (s_k, e_k), are needed where cfg.velocity is "global"."""
-    if guidance == 1.0:
+    """progressive_sample's velocity(x, k, t', τ) for a Nami model: stage k's local velocity (windows: the plan's
+    (s_k, e_k), for cfg.velocity "global") in float32. Guidance 1 skips the unconditional half, a guidance-distilled
+    model takes g as its input instead; full_model runs every block ("flow only", flat)."""
+    distilled = model.cfg.guidance_embeds
+    if guidance == 1.0 or distilled:
         txt_uncond = pooled_uncond = None
     if windows is None and model.cfg.velocity != "local":
         raise ValueError("a model that predicts the global velocity needs the sampling plan's windows")
 
     def velocity(x, k, t, tau):
-        tau = torch.full((x.shape[0],), tau, device=x.device)
-        v = guided_velocity(model, x, tau, txt, pooled, txt_uncond, pooled_uncond, guidance, None if full_model else k)
+        tau, stage = torch.full((x.shape[0],), tau, device=x.device), None if full_model else k
+        v = (model(x, tau, txt, pooled, stage, torch.full_like(tau, guidance)) if distilled else
+             guided_velocity(model, x, tau, txt, pooled, txt_uncond, pooled_uncond, guidance, stage))
         return v.float() if windows is None else stage_velocity(v.float(), windows[k - 1], model.cfg.velocity)
     return velocity
 
@@ -659,9 +657,8 @@ def default_steps(num_stages: int, total: int = 30) -> list[int]:
 
 
 def sampling_plan(cfg: NamiConfig, steps, flat: bool = False, schedule=uniform_grids):
-    """(windows, grids, full_model) of the NAMI sampler, or of the flat baseline: one window
-    [1 → 0] with all sum(steps) steps and every block. schedule(steps, ratios, gamma) makes the
-    Euler grids: ours by default, release.grids the authors' (docs/method.md §6)."""
+    """(windows, grids, full_model) of the NAMI sampler, or of the flat baseline: one window [1 → 0] with all
+    sum(steps) steps and every block. schedule(steps, ratios, gamma): ours, or release.grids (docs/method.md §6)."""
     if flat or cfg.num_stages == 1:
         ratios, steps, full_model = (1.0,), [sum(steps)], True
     else:
@@ -673,9 +670,9 @@ def sampling_plan(cfg: NamiConfig, steps, flat: bool = False, schedule=uniform_g
 
 @torch.no_grad()
 def generate(model, encoder, prompts, seeds, height, width, steps, guidance=DEFAULT_GUIDANCE, negative="",
-             bridge=None, flat=False, on_stage_end=None, from_stage=1, clean=None, schedule=uniform_grids):
+             bridge=None, flat=False, on_stage_end=None, start=None, schedule=uniform_grids):
     """Prompts -> images (B, C, H, W), one Gaussian draw ε_K per seed at the full size; flat=True and
-    schedule: sampling_plan. [ours] from_stage=k > 1 with clean latents: later_stage_start."""
+    schedule: sampling_plan. [ours] start(eps, windows, bridge) -> (k, x̂_s): begin at stage k from x̂_s."""
     cfg = model.cfg
     device = next(model.parameters()).device
     txt, pooled = encoder.encode(list(prompts))
@@ -686,12 +683,12 @@ def generate(model, encoder, prompts, seeds, height, width, steps, guidance=DEFA
     bridge = with_jump_noise(bridge, eps, windows) if cfg.jump_noise else bridge  # [ours] jump noise
     velocity = model_velocity(model, txt.to(device), pooled.to(device), txt_u.to(device), pooled_u.to(device),
                               guidance, full, windows)
-    start = None if from_stage == 1 else later_stage_start(clean, eps, from_stage, windows, bridge)  # [ours]
+    start = None if start is None else start(eps, windows, bridge)  # [ours] e.g. toyworld.judge.later_stage_start
     return progressive_sample(velocity, eps, grids, bridge, on_stage_end, start)
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Ours, not the paper's: the jump noise, and the later-stage diagnostic of the sampler
+# 5. Ours, not the paper's: the jump noise
 # ----------------------------------------------------------------------------------------------
 
 def with_jump_noise(bridge, eps: torch.Tensor, windows):
@@ -704,13 +701,3 @@ def with_jump_noise(bridge, eps: torch.Tensor, windows):
         return (bridge(x, k) if bridge is not None else up(x)) + windows[k - 1][0] * fine
     return jump
 
-
-def later_stage_start(clean, eps, from_stage: int, windows, bridge):
-    """(k, x̂_s) of generate(from_stage=k, clean=...) (experiments/eval.py --from-stage): stage k starts at the clean
-    latents' training start point (Algorithm 1, lines 7-13), so that stages k..K alone make the image."""
-    K = len(windows)
-    if not 1 < from_stage <= K or clean is None or clean.shape != eps.shape:
-        raise ValueError(f"from_stage={from_stage} needs 2 ≤ from_stage ≤ {K} stages of the NAMI sampler "
-                         f"and clean latents of shape {tuple(eps.shape)}")
-    x_k, eps_k = image_pyramid(clean.to(eps.device), K)[from_stage - 1], noise_pyramid(eps, K)[from_stage - 1]
-    return from_stage, stage_points(x_k, eps_k, from_stage, windows, bridge)[0]

@@ -48,12 +48,13 @@ class Algorithm1Loss(nn.Module):
     (totals[k−1] samples at stage k). One module, so that DDP sees one forward per backward."""
 
     def __init__(self, model, bridge, windows, ranges, weights, flat=False, start="bridge", autocast=False,
-                 every_stage=False, jump_noise=False, velocity="local"):
+                 every_stage=False, jump_noise=False, velocity="local", guidance=None):
         super().__init__()
         self.model, self.bridge, self.windows, self.ranges, self.weights = model, bridge, windows, ranges, weights
         self.flat, self.start, self.autocast, self.every_stage = flat, start, autocast, every_stage
         self.jump_noise = jump_noise  # [ours] nami.with_jump_noise, as the sampler adds it
         self.velocity = velocity      # what the network predicts: nami.stage_velocity makes it the local velocity
+        self.guidance = guidance      # a guidance-distilled model's (FLUX.1-dev) guidance input, else None
 
     def forward(self, batch: feed.MicroBatch, totals):
         K = len(self.windows)
@@ -74,7 +75,8 @@ class Algorithm1Loss(nn.Module):
             # line 15: the velocity v_θk(x̂_t, t') of the model cut after stage k's blocks, in the window's
             # local units whatever the network predicts (--velocity global: (s_k − e_k)·v)
             with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                v = self.model(x_t, tau, batch.txt[rows], batch.pooled[rows], stage=None if self.flat else k)
+                g = None if self.guidance is None else torch.full_like(tau, self.guidance)
+                v = self.model(x_t, tau, batch.txt[rows], batch.pooled[rows], None if self.flat else k, g)
             v = nami.stage_velocity(v, self.windows[k - 1], self.velocity)
             # line 16: Eq. 4, ‖(x̂_s − x̂_e) − v_θk(x̂_t, t')‖², summed over this micro-batch's n samples
             stage_sum = nami.flow_loss(v, nami.flow_target(x_s, x_e)) * n
@@ -219,9 +221,10 @@ def main(cfg: TrainConfig) -> dict:
         if step == 0 and K > 1 and not bridge_given:  # §3.3: BridgeFlow, pre-trained and frozen first
             pretrain_bridgeflow(cfg, bridge, windows, encoder, autoencoder, state.generator, dist)
         bridge.requires_grad_(False)
+        guidance = cfg.distilled_guidance if model_config.guidance_embeds else None  # FLUX.1-dev: g is an input
         loss_fn = Algorithm1Loss(model, bridge, windows, ranges, weights, cfg.mode == "flat", cfg.start,
                                  autocast and not sharded, every_stage=sharded, jump_noise=model_config.jump_noise,
-                                 velocity=model_config.velocity)
+                                 velocity=model_config.velocity, guidance=guidance)
         step_loss = parallel.wrap_ddp(loss_fn, device) if dist.active and not sharded else loss_fn
         batches = feed.Batches(cfg, encoder, autoencoder, K, device, start_step=step,
                                slots=parallel.micro_batches(cfg.batch_size, micro, dist.world, dist.rank))
@@ -232,7 +235,7 @@ def main(cfg: TrainConfig) -> dict:
 
         def validate_at(step):
             if held_out is not None and (step % cfg.val_every == 0 or step == last_step):
-                per_t = validation.validation_loss(ema, bridge, held_out, start=cfg.start)
+                per_t = validation.validation_loss(ema, bridge, held_out, start=cfg.start, guidance=guidance)
                 run.log_validation(step, validation.summary(per_t, weights))
         if step == 0:
             validate_at(0)

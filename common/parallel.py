@@ -84,7 +84,7 @@ def shutdown():
 
 def default_strategy(preset: str) -> str:
     """FSDP2 where the model is too large to replicate comfortably, DDP for the small presets."""
-    return "fsdp" if preset in ("0.6b", "2b") else "ddp"
+    return "fsdp" if preset in ("0.6b", "2b", "flux1-dev") else "ddp"
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,8 @@ def validation_report(a) -> dict:
     held = validation.held_out(run, encoder, autoencoder, model.cfg.num_stages, device)
     if held is None:
         raise ValueError(f"{info['folder']} was trained on --data/--cache without --val-data: give --val-data DIR")
-    per_t = validation.validation_loss(model, bridge, held, start=train.get("start", "bridge"))
+    guidance = train.get("distilled_guidance", 3.5) if model.cfg.guidance_embeds else None
+    per_t = validation.validation_loss(model, bridge, held, start=train.get("start", "bridge"), guidance=guidance)
     weights = train.get("stage_weights") or [1.0] * model.cfg.num_stages
     return {"checkpoint": info["folder"], "samples": sum(len(g[0]) for g in held), "t": validation.t_points(),
             "per_t": {str(k): v for k, v in per_t.items()}, **validation.summary(per_t, weights)}

@@ -30,9 +30,9 @@ class ScaledToWindow(torch.nn.Module):
         self.model, self.cfg = model, nami.NamiConfig(**{**model.cfg.to_dict(), "velocity": "local"})
         self.windows = nami.stage_windows(model.cfg.window_ratios, model.cfg.gamma)
 
-    def forward(self, x, tau, txt, pooled, stage=None):
+    def forward(self, x, tau, txt, pooled, stage=None, guidance=None):
         s, e = self.windows[stage - 1]
-        return (s - e) * self.model(x, tau, txt, pooled, stage=stage)
+        return (s - e) * self.model(x, tau, txt, pooled, stage, guidance)
 
 
 def global_model(seed=0):

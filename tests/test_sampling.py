@@ -6,6 +6,8 @@ bit for bit to the loop it replaced, generate() from a later stage (the diagnost
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 import bridgeflow
 import nami
 from conftest import randomize
+from toyworld import judge
 
 
 def sample_before_grids(model, eps, steps, bridge, conditioning, flat=False):
@@ -55,7 +58,7 @@ def test_uniform_grid_samples_bit_for_bit_as_the_sampler_before_grids():
 
 def test_generate_from_a_later_stage_starts_at_the_noised_real_image():
     """Eq. 3's end point of stage k−1 for the real image (coupled noise 2·Down(ε)), carried up:
-    with no Euler step in the last stage, generate(from_stage=3) returns exactly that start."""
+    with no Euler step in the last stage, generate from judge.later_stage_start at stage 3 returns exactly it."""
     cfg = nami.get_config("tiny", joint_attention_dim=8, pooled_projection_dim=8)
     model = nami.Nami(cfg).eval()
 
@@ -64,14 +67,16 @@ def test_generate_from_a_later_stage_starts_at_the_noised_real_image():
             return torch.zeros(len(prompts), 4, 8), torch.zeros(len(prompts), 8)
 
     clean = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
-    out = nami.generate(model, Encoder(), ["a", "b"], [11, 12], 16, 16, [1, 1, 0], from_stage=3, clean=clean)
+    out = nami.generate(model, Encoder(), ["a", "b"], [11, 12], 16, 16, [1, 1, 0],
+                        start=functools.partial(judge.later_stage_start, clean, 3))
     eps = torch.stack([torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in (11, 12)])
     e2 = nami.stage_windows(cfg.window_ratios, cfg.gamma)[1][1]
     expected = nami.up(e2 * 2 * F.avg_pool2d(eps, 2) + (1 - e2) * F.avg_pool2d(clean, 2))
     assert len(out) == 1
     torch.testing.assert_close(out[-1], expected)
     with pytest.raises(ValueError, match="from_stage=2"):
-        nami.generate(model, Encoder(), ["a"], [1], 16, 16, [1, 1, 1], flat=True, from_stage=2, clean=clean[:1])
+        nami.generate(model, Encoder(), ["a"], [1], 16, 16, [1, 1, 1], flat=True,
+                      start=functools.partial(judge.later_stage_start, clean[:1], 2))
 
 
 def test_bf16_weights_sample_like_fp32_without_autocast():

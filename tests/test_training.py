@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import nami
 import train
 from common import encoders
 from conftest import TINY_FLUX, randomize, save_tiny_vae, tiny_run
@@ -252,6 +253,37 @@ def test_init_from_a_flat_model_converts_it_to_nami_and_pretrains_bridgeflow(tmp
     assert same(new["model"], release.convert_diffusers_flux(flux.state_dict()))
     record = recorded_source(tmp_path / "from-flux")
     assert record["kind"] == "diffusers" and set(record["sha256"]) == {"config.json", "diffusion_pytorch_model.safetensors"}
+
+
+def test_a_guidance_distilled_flux_gives_diffusers_velocity_and_converts_to_nami(tmp_path, monkeypatch,
+                                                                               released_tiny_preset):
+    """FLUX.1-dev's layout (guidance_embeds: the guidance g is an input, g·1000 embedded beside τ·1000): the same
+    velocity as diffusers', one pass per step in the sampler instead of CFG's two, and --init-from converts it
+    (here a tiny one, through a tiny preset with the guidance embedding) with --velocity global."""
+    from diffusers import FluxTransformer2DModel
+    from test_nami import flux_velocity, inputs
+    flux = randomize(FluxTransformer2DModel(**dict(TINY_PRESET_FLUX, guidance_embeds=True)), seed=6).eval()
+    flux.save_pretrained(tmp_path / "dev")
+    ours = release.load_transformer(tmp_path / "dev")
+    x, tau, txt, pooled = inputs(ours.cfg, B=2, H=8, W=8)
+    g = torch.tensor([3.5, 1.0])
+    with torch.no_grad():
+        want = flux_velocity(flux, x, tau, txt, pooled, g)
+        torch.testing.assert_close(ours(x, tau, txt, pooled, guidance=g), want, rtol=1e-4, atol=1e-4 * want.abs().max())
+        with pytest.raises(ValueError, match="guidance-distilled"):
+            ours(x, tau, txt, pooled)
+        calls = []
+        ours.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        v = nami.model_velocity(ours, txt, pooled, txt * 0, pooled * 0, 3.5)(x, 3, 0.5, 0.25)
+        torch.testing.assert_close(v, ours(x, torch.full((2,), 0.25), txt, pooled, 3, torch.full((2,), 3.5)))
+        assert calls[0] == 2  # no unconditional half
+    monkeypatch.setitem(nami.PRESETS, "tiny", dict(nami.PRESETS["tiny"], guidance_embeds=True))
+    result = train.main(release_run(tmp_path / "nami", released_tiny_preset, resolution=32, max_steps=2, ckpt_every=2,
+                                    init_from=str(tmp_path / "dev"), velocity="global", val_samples=4))
+    _, saved, new = checkpoint.load_checkpoint(tmp_path / "nami")
+    assert saved["model"]["guidance_embeds"] and saved["model"]["velocity"] == "global"
+    assert "time_text_embed.guidance_embedder.linear_1.weight" in new["model"]
+    assert all(math.isfinite(loss) for loss in result["losses"]) and (tmp_path / "nami" / "samples").is_dir()
 
 
 def test_init_from_weights_that_do_not_fit_names_both_shapes_or_every_tensor(tmp_path, encoder_dir, our_run,

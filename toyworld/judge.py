@@ -36,6 +36,7 @@ VAE, in the latent space where the jumps happen.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -484,6 +485,18 @@ def prompt_set(per_category: int = 50, seed: int = SEED, heldout: bool = True,
     return items
 
 
+def later_stage_start(clean, from_stage: int, eps, windows, bridge):
+    """nami.generate's start for the diagnostic `python -m experiments.eval --from-stage k`: (k, x̂_s), stage k
+    starting at the clean latents' training start point (Algorithm 1, lines 7-13), so that stages k..K alone
+    make the image."""
+    K = len(windows)
+    if not 1 < from_stage <= K or clean is None or clean.shape != eps.shape:
+        raise ValueError(f"from_stage={from_stage} needs 2 ≤ from_stage ≤ {K} stages of the NAMI sampler "
+                         f"and clean latents of shape {tuple(eps.shape)}")
+    x_k, eps_k = nami.image_pyramid(clean.to(eps.device), K)[from_stage - 1], nami.noise_pyramid(eps, K)[from_stage - 1]
+    return from_stage, nami.stage_points(x_k, eps_k, from_stage, windows, bridge)[0]
+
+
 @torch.no_grad()
 def generate_images(model, bridge, encoder, autoencoder, captions, seeds, resolution, steps, guidance=nami.DEFAULT_GUIDANCE,
                     flat=False, batch_size=64, from_stage=1, reals=None, latents=None) -> torch.Tensor:
@@ -497,9 +510,9 @@ def generate_images(model, bridge, encoder, autoencoder, captions, seeds, resolu
     out = []
     for i in range(0, len(captions), batch_size):
         clean = None if reals is None else autoencoder.encode(reals[i:i + batch_size].to(device))
+        start = None if from_stage == 1 else functools.partial(later_stage_start, clean, from_stage)
         x = nami.generate(model, encoder, captions[i:i + batch_size], seeds[i:i + batch_size], h // f, w // f, steps,
-                          guidance, bridge=bridge, flat=flat,
-                          from_stage=from_stage, clean=clean)[-1]
+                          guidance, bridge=bridge, flat=flat, start=start)[-1]
         if latents is not None:
             latents.append(x.float().cpu())
         out.append(autoencoder.decode(x).float().cpu())

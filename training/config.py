@@ -58,6 +58,9 @@ class TrainConfig:
                          "global, the path's ε − x, scaled by the window's length s_k − e_k (a flat model's: "
                          "convert one with --init-from FLAT --velocity global; docs/method.md §9)",
                          choices=nami.VELOCITIES)
+    distilled_guidance: float = flag(3.5, "a guidance-distilled model's guidance input while training and validating "
+                                     "(FLUX.1-dev, --size flux1-dev; diffusers' FLUX training examples: 3.5); sampling "
+                                     "gives it --cfg", type=float, bounds=(0, 100))
     # Algorithm 1 and its schedule (paper §3.4, §4.3)
     resolution: int = flag(64, "training image size (pixels; 64 = 4×16×16 latents of the tiny shapes VAE)", type=int,
                            bounds=(1, 16384))

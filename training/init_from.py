@@ -35,7 +35,7 @@ from training import checkpoint, release
 
 # The fields of NamiConfig that fix the shapes of the weights (cuts and windows do not)
 SHAPE = ("hidden_size", "num_heads", "depth_double", "depth_single", "in_channels", "patch_size",
-         "joint_attention_dim", "pooled_projection_dim", "axes_dim", "mlp_ratio")
+         "joint_attention_dim", "pooled_projection_dim", "axes_dim", "mlp_ratio", "guidance_embeds")
 LAYOUTS = ("one of our checkpoints (RUN/ or RUN/ckpt-N/ with weights.safetensors), the authors' release "
            "(DIR/transformer/ and DIR/bridge_flow.bin) or a diffusers FluxTransformer2DModel folder "
            "(config.json and *.safetensors or *.bin)")

@@ -103,8 +103,6 @@ def config_from_diffusers(config: dict, cuts=None, window_ratios=(1, 1, 1)) -> n
     """Our NamiConfig for a diffusers FluxTransformer2DModel config.json (its in_channels are the
     packed C·2·2). cuts: the stage cut points over the single blocks; None gives the release's
     for 14 single blocks and K = 3, else evenly spread ones."""
-    if config.get("guidance_embeds"):
-        raise ValueError("guidance-distilled FLUX transformers (guidance_embeds=true) are not supported")
     if config.get("patch_size", 1) != 1:
         raise ValueError(f"expected a FLUX transformer with patch_size 1 over packed 2×2 latents, got {config['patch_size']}")
     n_single, heads = config["num_single_layers"], config["num_attention_heads"]
@@ -121,21 +119,20 @@ def config_from_diffusers(config: dict, cuts=None, window_ratios=(1, 1, 1)) -> n
                            in_channels=config["in_channels"] // 4, patch_size=2,
                            joint_attention_dim=config["joint_attention_dim"],
                            pooled_projection_dim=config["pooled_projection_dim"],
-                           axes_dim=tuple(config.get("axes_dims_rope", (16, 56, 56))), window_ratios=window_ratios)
+                           axes_dim=tuple(config.get("axes_dims_rope", (16, 56, 56))), window_ratios=window_ratios,
+                           guidance_embeds=bool(config.get("guidance_embeds", False)))
 
 
 def convert_diffusers_flux(state_dict: dict) -> dict:
     """A diffusers FluxTransformer2DModel state dict (the released NAMI-2B layout) in our keys.
 
-    Our modules carry diffusers' names, so the conversion only strips a wrapper prefix and
-    refuses what we do not model (a guidance embedding)."""
+    Our modules carry diffusers' names (a guidance-distilled one's time_text_embed.guidance_embedder too),
+    so the conversion only strips a wrapper prefix."""
     out = {}
     for key, value in state_dict.items():
         for prefix in ("module.", "transformer.", "_orig_mod."):
             if key.startswith(prefix):
                 key = key[len(prefix):]
-        if "guidance_embedder" in key:
-            raise ValueError(f"{key}: guidance-distilled FLUX checkpoints are not supported")
         out[key] = value
     return out
 

@@ -87,9 +87,11 @@ def text_of(captions: list, encoder, device):
 
 
 @torch.no_grad()
-def validation_loss(model, bridge, groups, points: int = POINTS, start: str = "bridge", chunk: int = 32) -> dict:
+def validation_loss(model, bridge, groups, points: int = POINTS, start: str = "bridge", chunk: int = 32,
+                    guidance: float | None = None) -> dict:
     """{k: [Eq. 4 of stage k at each of the t_points, averaged over the held-out samples]}, in the window's
-    local units whatever the model predicts (nami.stage_velocity), the model in eval mode (put back after)."""
+    local units whatever the model predicts (nami.stage_velocity), the model in eval mode (put back after);
+    guidance: a guidance-distilled model's input."""
     cfg = model.cfg
     windows, ranges = nami.stage_windows(cfg.window_ratios, cfg.gamma), nami.tau_ranges(cfg.window_ratios, cfg.gamma)
     K, was_training = cfg.num_stages, model.training
@@ -107,7 +109,7 @@ def validation_loss(model, bridge, groups, points: int = POINTS, start: str = "b
                 for j, t in enumerate(t_points(points)):
                     t_batch = torch.full((len(x),), t, device=x.device)
                     v = model(nami.interpolate(x_s, x_e, t_batch), nami.stage_tau(t_batch, ranges[k - 1]),
-                              txt[rows], pooled[rows], stage=k)
+                              txt[rows], pooled[rows], k, None if guidance is None else torch.full_like(t_batch, guidance))
                     v = nami.stage_velocity(v.float(), windows[k - 1], cfg.velocity)
                     sums[k][j] += nami.flow_loss(v, nami.flow_target(x_s, x_e)).item() * len(x)
     model.train(was_training)
