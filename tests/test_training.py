@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_cli import run_cli
 
 import nami
 import train
 from common import encoders
 from conftest import TINY_FLUX, randomize, save_tiny_vae, tiny_run
 from datafeed import feed
-from test_cli import run_cli
 from toyworld import shapes
 from training import checkpoint, config, release
 
@@ -261,6 +261,7 @@ def test_a_guidance_distilled_flux_gives_diffusers_velocity_and_converts_to_nami
     velocity as diffusers', one pass per step in the sampler instead of CFG's two, and --init-from converts it
     (here a tiny one, through a tiny preset with the guidance embedding) with --velocity global."""
     from diffusers import FluxTransformer2DModel
+
     from test_nami import flux_velocity, inputs
     flux = randomize(FluxTransformer2DModel(**dict(TINY_PRESET_FLUX, guidance_embeds=True)), seed=6).eval()
     flux.save_pretrained(tmp_path / "dev")

@@ -48,7 +48,7 @@ def held_out(cfg, encoder, autoencoder, num_stages: int, device, n: int | None =
     for i, (x, caption) in enumerate(items):
         groups.setdefault(tuple(x.shape[1:]), []).append((i, x, caption))
     out = []
-    for shape, members in groups.items():
+    for members in groups.values():
         x = torch.cat([m[1] for m in members]).to(device)
         if isinstance(members[0][2], str):  # pictures with their captions: encode; a cache holds latents
             x = autoencoder.encode(x)
