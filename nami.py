@@ -88,20 +88,20 @@ class NamiConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NamiConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
 
-# Paper Table 1; the double/single split of 2B is the release's, 0.6B follows the same rule.
+# Paper Table 1; the double/single split of 2B is the release's, 0.6B follows the same rule. flux1-dev: FLUX.1-dev's
+# shape (T5-XXL states, CLIP-L pooled, guidance-distilled) with release.config_from_diffusers' cuts, to convert it.
 # The small presets are ours, sized for a 2-core CPU and the built-in shapes data (pixels, C=3).
 PRESETS: dict[str, dict] = {
     "2b": dict(hidden_size=2048, num_heads=16, depth_double=8, depth_single=14, cuts=(1, 8, 14),
                in_channels=16, joint_attention_dim=4096, pooled_projection_dim=1024, axes_dim=(16, 56, 56)),
     "0.6b": dict(hidden_size=1536, num_heads=12, depth_double=4, depth_single=8, cuts=(1, 5, 8),
                  in_channels=16, joint_attention_dim=4096, pooled_projection_dim=1024, axes_dim=(16, 56, 56)),
-    # FLUX.1-dev's shape (T5-XXL states, CLIP-L pooled, guidance-distilled), to convert it: release.config_from_diffusers
-    "flux1-dev": dict(hidden_size=3072, num_heads=24, depth_double=19, depth_single=38, cuts=(13, 25, 38), in_channels=16,
-                      joint_attention_dim=4096, pooled_projection_dim=768, axes_dim=(16, 56, 56), guidance_embeds=True),
+    "flux1-dev": dict(hidden_size=3072, num_heads=24, depth_double=19, depth_single=38, cuts=(13, 25, 38),
+                      in_channels=16, joint_attention_dim=4096, pooled_projection_dim=768, axes_dim=(16, 56, 56),
+                      guidance_embeds=True),
     # CPU presets (text dims of all-MiniLM-L6-v2); mini: results/recipes.md's smaller model; toy: the
     # default run's, for 4×16×16 latents of the tiny shapes VAE (one double block: stage 1 is cheap)
     "small": dict(hidden_size=192, num_heads=3, depth_double=2, depth_single=6, cuts=(2, 4, 6), axes_dim=(16, 24, 24)),
@@ -215,8 +215,8 @@ VELOCITIES = ("local", "global")
 
 def stage_velocity(v: torch.Tensor, window, velocity: str = "local") -> torch.Tensor:
     """The local velocity x̂_s − x̂_e (Eq. 4's target, Eq. 1's v) from the network's output v at the window
-    (s_k, e_k): "local", the release's, is v itself. [ours] "global": v is the path's velocity ε − x, which a
-    flat model predicts; x̂_s − x̂_e ≈ (s_k − e_k)·(ε − x), so the local one is (s_k − e_k)·v (docs/method.md §9)."""
+    (s_k, e_k): "local", the release's, is v itself. [ours] "global": v is the path's velocity ε − x, which a flat
+    model predicts; x̂_s − x̂_e ≈ (s_k − e_k)·(ε − x), so the local one is (s_k − e_k)·v (docs/method.md §10)."""
     return v if velocity == "local" else (window[0] - window[1]) * v
 
 
@@ -332,8 +332,7 @@ class RMSNorm(nn.Module):
 
 
 def modulate(x, shift, scale):
-    """adaLN: LayerNorm(x)·(1 + scale) + shift, per sample (the LayerNorm has no affine parameters
-    of its own: adaLN supplies them)."""
+    """adaLN: LayerNorm(x)·(1 + scale) + shift, per sample (a LayerNorm without affine parameters: adaLN's)."""
     return torch.addcmul(shift[:, None], F.layer_norm(x, x.shape[-1:], eps=1e-6), 1 + scale[:, None])
 
 
@@ -590,8 +589,7 @@ def guided_velocity(model, x, tau, txt, pooled, txt_uncond=None, pooled_uncond=N
 
 
 class StageGrid(NamedTuple):
-    """One stage's Euler grid: the local times t' of its n steps, 1 → 0 (n + 1 values: step j goes from t[j] to
-    t[j + 1]), and the global time τ the model is given at each step (n values)."""
+    """One stage's Euler grid: local times t' 1 → 0 (step j: t[j] → t[j + 1]) and the τ of each of its n steps."""
     t: list
     tau: list
 
@@ -651,8 +649,7 @@ DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale g of the release (10+10
 
 
 def default_steps(num_stages: int, total: int = 30) -> list[int]:
-    """Euler steps per stage when none are given: 30 in all (the release's 10+10+10), split as
-    evenly as possible, so that a flat (K = 1) model gets the same 30 steps as the NAMI sampler."""
+    """Euler steps per stage when none are given: 30 in all (the release's 10+10+10), split evenly (flat: 30)."""
     return [total // num_stages + (k < total % num_stages) for k in range(num_stages)]
 
 

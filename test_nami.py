@@ -131,7 +131,7 @@ def test_logit_normal_and_loss():
 
 
 def test_global_velocity_is_the_path_velocity_scaled_to_the_window_and_weights_eq4_by_its_length_squared():
-    """docs/method.md §9: with velocity="global" the network predicts ε − x and stage k's local velocity is
+    """docs/method.md §10: with velocity="global" the network predicts ε − x and stage k's local velocity is
     (s_k − e_k)·v; Eq. 4 in local units is then (s_k − e_k)²·‖v − (x̂_s − x̂_e)/(s_k − e_k)‖². The path's
     velocity read this way is stage 1's target exactly (its start is ε_1, its end on the straight path)."""
     g = torch.Generator().manual_seed(4)

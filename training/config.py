@@ -56,7 +56,7 @@ class TrainConfig:
                                        "(paper Fig. 8)", type=numbers("--window-ratios", float, "1:1:1"))
     velocity: str = flag("local", "what the network predicts: local, the stage's velocity x̂_s − x̂_e (the release); "
                          "global, the path's ε − x, scaled by the window's length s_k − e_k (a flat model's: "
-                         "convert one with --init-from FLAT --velocity global; docs/method.md §9)",
+                         "convert one with --init-from FLAT --velocity global; docs/method.md §10)",
                          choices=nami.VELOCITIES)
     distilled_guidance: float = flag(3.5, "a guidance-distilled model's guidance input while training and validating "
                                      "(FLUX.1-dev, --size flux1-dev; diffusers' FLUX training examples: 3.5); sampling "

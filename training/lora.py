@@ -291,7 +291,8 @@ def saved_bytes(model: nn.Module, latent: int, text_len: int, batch: int) -> tup
         with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             x = torch.empty(batch, cfg.in_channels, latent, latent, dtype=torch.bfloat16)
             model(x, torch.rand(batch), torch.empty(batch, text_len, cfg.joint_attention_dim, dtype=torch.bfloat16),
-                  torch.empty(batch, cfg.pooled_projection_dim, dtype=torch.bfloat16))
+                  torch.empty(batch, cfg.pooled_projection_dim, dtype=torch.bfloat16), None,
+                  torch.rand(batch) if cfg.guidance_embeds else None)
     finally:
         F.scaled_dot_product_attention = sdpa
         for h in hooks:
@@ -322,11 +323,11 @@ OVERHEAD_GIB = 1.5  # CUDA context and kernels, the VAE (decoding sample grids),
 GPUS_GIB = (16, 24, 48, 80)
 
 
-def plan_table(size: str, rank: int, resolutions) -> str:
+def plan_table(size: str, rank: int, resolutions, text_len: int = 256) -> str:
     """docs/fine-tuning.md's table: each part's memory, and the samples per micro-batch that fit each GPU."""
     rows = ["| | " + " | ".join(f"{r}², {how}" for r in resolutions for how in ("plain", "checkpointed")) + " |",
             "|---|" + "---|" * 2 * len(resolutions)]
-    plans = [memory_plan(size, rank, r) for r in resolutions]
+    plans = [memory_plan(size, rank, r, text_len=text_len) for r in resolutions]
     fixed = [p["base_gib"] + p["adapters_gib"] + OVERHEAD_GIB for p in plans]
     cells = [(p, f) for p, f in zip(plans, fixed)]
     rows.append("| bf16 base + fp32 adapters, grads, AdamW, EMA + overhead (GiB) | " + " | ".join(
@@ -348,5 +349,6 @@ if __name__ == "__main__":
     ap.add_argument("--size", default="2b", choices=sorted(nami.PRESETS))
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--resolution", type=int, nargs="+", default=[1024, 512])
+    ap.add_argument("--text-len", type=int, default=256, help="text tokens (the release: 256; FLUX.1-dev: 512)")
     a = ap.parse_args()
-    print(plan_table(a.size, a.rank, a.resolution))
+    print(plan_table(a.size, a.rank, a.resolution, a.text_len))

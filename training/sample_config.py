@@ -54,7 +54,8 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
     ap.add_argument("--steps", default=None,
                     help="Euler steps per stage, e.g. 10,10,10 (default 30 in all: 10 per stage for 3 stages)")
-    ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale g (1 = off; default 3)")
+    ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale g (1 = off; default 3); a guidance-"
+                    "distilled model (FLUX.1-dev's layout) takes g as its input instead")
     ap.add_argument("--negative", default=None,
                     help="negative prompt, the unconditional half of CFG (default '', with --weights the release's)")
     ap.add_argument("--schedule", choices=sorted(release.SCHEDULES), default=None,
