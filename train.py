@@ -234,7 +234,7 @@ def main(cfg: TrainConfig) -> dict:
         held_out = validation.held_out(cfg, encoder, autoencoder, K, device) if cfg.val_every else None
 
         def validate_at(step):
-            if held_out is not None and (step % cfg.val_every == 0 or step == last_step):
+            if held_out is not None and (step % cfg.val_every == 0 or step == cfg.max_steps):
                 per_t = validation.validation_loss(ema, bridge, held_out, start=cfg.start, guidance=guidance)
                 run.log_validation(step, validation.summary(per_t, weights))
         if step == 0:

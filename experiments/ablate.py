@@ -12,7 +12,6 @@ are cached in scores.json beside it. Interrupted? Run the same command again: tr
 (train.py's --resume) and scored checkpoints are not scored again. At the end the figure's curves
 go to results/fig<N>.png and a markdown table to results/fig<N>.md.
 
-    python -m experiments.ablate --conversion    # NAMI / flat then NAMI (--init-from) / flat, 600 steps each (results/init-from.md)
     python -m experiments.ablate --gpu           # Fig. 6 decided on one CUDA device in about 8 minutes
     python -m experiments.ablate --gpu --tiny    # the same steps at toy sizes (runs on a CPU; the tests do)
     python -m experiments.ablate --cpu-minutes 8 # Fig. 6 at equal training time: 8 minutes each on this machine
@@ -180,74 +179,6 @@ def table(figure: int, title: str, runs: dict, a, minutes: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # --conversion: can a flat model become NAMI by training Algorithm 1 from its weights?
 # ----------------------------------------------------------------------------------------------
-
-def conversion(a) -> dict:
-    """One budget of --steps N on the default run's setting: A, NAMI from scratch; C, flat (the
-    reference, sampled flat); B, C's checkpoint at N/2 continued as NAMI for N/2 (train.py
-    --init-from). Writes results/init-from.md and .png (judge per checkpoint, loss curves)."""
-    root, half = Path(a.out) / "conversion", a.steps // 2
-    a.eval_every, names = half, {"A": "A: NAMI from scratch", "B": "B: flat, then NAMI", "C": "C: flat"}
-    minutes = {names["A"]: train_variant(root / "nami", {}, a, []),
-               names["C"]: train_variant(root / "flat", {"mode": "flat"}, a, [])}
-    source = root / "flat" / checkpoint.checkpoint_name(half)
-    second = argparse.Namespace(**{**vars(a), "steps": a.steps - half})
-    minutes[names["B"]] = minutes[names["C"]] / 2 + train_variant(root / "converted", {"init_from": str(source)},
-                                                                  second, [])
-    runs = {names["A"]: score_checkpoints(root / "nami", a), names["C"]: score_checkpoints(root / "flat", a)}
-    runs[names["B"]] = [runs[names["C"]][0]] + [{**s, "step": s["step"] + half}
-                                                 for s in score_checkpoints(root / "converted", a)]
-    losses = {names["A"]: log_losses(root / "nami"), names["C"]: log_losses(root / "flat"),
-              names["B"]: [(s, l) for s, l in log_losses(root / "flat") if s <= half] +
-              [(s + half, l) for s, l in log_losses(root / "converted")]}
-    results = Path(a.results)
-    plot_conversion(runs, losses, results / "init-from.png", f"{a.steps} steps of 32 for each run")
-    report = conversion_table(runs, a, minutes, half)
-    (results / "init-from.md").write_text(report)
-    print(report)
-    return runs
-
-
-def log_losses(out: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in checkpoint.read_log(out) if "loss" in r]  # not the validation lines
-
-
-def plot_conversion(runs: dict, losses: dict, path: Path, title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for i, name in enumerate(runs):
-        axes[0].plot(*zip(*losses[name]), label=name, color=f"C{i}", alpha=0.8)
-        axes[1].errorbar([s["step"] for s in runs[name]], [s["overall"] for s in runs[name]],
-                         yerr=[2 * s["overall_se"] for s in runs[name]], marker="o", capsize=3, label=name, color=f"C{i}")
-    axes[0].set(xlabel="training step (all runs)", ylabel="training loss (Eq. 4, mean over the batch)", yscale="log")
-    axes[1].set(xlabel="training step (all runs)", ylabel="judge overall (± 2 SE)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-
-
-def conversion_table(runs: dict, a, minutes: dict, half: int) -> str:
-    cats = list(next(iter(runs.values()))[-1]["categories"])
-    level = next(iter(runs.values()))[-1].get("world_level", 1)
-    lines = [f"# Converting a flat model into NAMI (`train.py --init-from`), {a.steps} steps in all", "",
-             f"`python -m experiments.ablate {a.command}` — {datetime.date.today()}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} CPU threads; the default run's setting (toy preset, tiny-VAE latents, world "
-             f"level {level}); B starts from C's checkpoint at step {half}. Judge: {a.per_category} prompts per category, "
-             "10+10+10 steps (C: 30 flat steps), CFG 3. Curves: [init-from.png](init-from.png).", "",
-             "| run | " + " | ".join(c.replace("_", " ") for c in cats) +
-             " | overall ± SE | held-out | Fréchet distance | sampling s | training min |", "|---" * (len(cats) + 6) + "|"]
-    for name, scores in runs.items():
-        r = scores[-1]
-        lines.append(f"| {name} | " + " | ".join(f"{r['categories'][c]['accuracy']:.2f}" for c in cats) +
-                     f" | {r['overall']:.3f} ± {r['overall_se']:.3f} | {r['heldout']['accuracy']:.2f} | {r['fd']:.3f} | "
-                     f"{r['seconds']:.1f} | {minutes[name]:.1f} |")
-    return "\n".join(lines) + "\n"
-
 
 # ----------------------------------------------------------------------------------------------
 # --gpu: Fig. 6 decided where the compute is, in one command
@@ -549,7 +480,6 @@ def reference_run(a):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--figure", type=int, choices=sorted(FIGURES))
-    ap.add_argument("--conversion", action="store_true", help="A/B/C: NAMI, flat then NAMI, flat (see conversion)")
     ap.add_argument("--gpu", action="store_true", help="Fig. 6 on one CUDA device within --minutes (see above)")
     ap.add_argument("--tiny", action="store_true", help="--gpu at toy sizes (runs on a CPU)")
     ap.add_argument("--reference", action="store_true", help="a conditional UNet of the field (diffusers), trained "
@@ -562,7 +492,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3, help="--gpu: peak learning rate")
     ap.add_argument("--steps", type=int, help="training steps per variant (default: about an hour per figure)")
     ap.add_argument("--eval-every", type=int, help="steps between scored checkpoints (default: steps / 3)")
-    ap.add_argument("--size", help="model preset (default: small; toy, the default run's, for --conversion)")
+    ap.add_argument("--size", help="model preset (default: small)")
     ap.add_argument("--per-category", type=int, default=30, help="judge prompts per category")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--eval-seed", type=int, default=2026, help="seed of the judge's prompt set")
@@ -572,7 +502,7 @@ def main(argv=None):
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--train-flags", default="", help="more train.py flags for every run, e.g. '--bridge-steps 100'")
     a = ap.parse_args(argv)
-    a.size = a.size or ("toy" if a.conversion else "small")
+    a.size = a.size or "small"
     a.command = " ".join(f"'{v}'" if " " in v else v for v in (argv if argv is not None else sys.argv[1:]))
     if a.gpu:
         a.per_category = max(a.per_category, 100) if not a.tiny else a.per_category
@@ -583,11 +513,9 @@ def main(argv=None):
     if a.cpu_minutes:
         a.per_category = a.per_category if a.tiny else max(a.per_category, 50)
         return time_ablation(a)
-    if a.conversion:
-        a.steps = a.steps or 600
-        return conversion(a)
     if a.figure is None:
-        raise SystemExit("error: give --figure 6, 7 or 8, --conversion or --gpu")
+        raise SystemExit("error: give --figure 6, 7 or 8, --gpu, --cpu-minutes or --reference (a flat model converted: "
+                         "python -m experiments.conversion)")
     a.steps = a.steps or DEFAULT_STEPS[a.figure]
     a.eval_every = a.eval_every or max(1, a.steps // 3)
     if a.steps <= 0 or a.eval_every <= 0 or a.per_category <= 0:

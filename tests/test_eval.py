@@ -296,19 +296,27 @@ def test_reference_unet_trains_on_the_default_runs_feed_and_is_judged(tmp_path):
         str(tmp_path / "results")
 
 
-def test_conversion_runs_a_b_and_c_and_b_starts_from_cs_midpoint(tmp_path):
-    """experiments/ablate.py --conversion (results/init-from.md) at a toy budget: A and C train 4 steps, B continues C's
-    checkpoint at step 2 as NAMI for 2 steps, and the report has one row per run."""
-    from experiments import ablate
-    runs = ablate.main(["--conversion", "--steps", "4", "--size", "tiny", "--per-category", "1", "--quiet",
-                        "--train-flags", "--bridge-steps 5 --batch-size 8 --resolution 32",
-                        "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
-    assert [s["step"] for s in runs["B: flat, then NAMI"]] == [2, 4] and [s["step"] for s in runs["C: flat"]] == [2, 4]
-    converted = tmp_path / "runs" / "conversion" / "converted"
-    source = json.loads((checkpoint.latest_checkpoint(converted) / "config.json").read_text())["init_from"]
-    assert source["path"].endswith("ckpt-0000002") and "flat" in source["path"]
-    report = (tmp_path / "results" / "init-from.md").read_text()
-    assert all(f"| {name} |" in report for name in runs) and (tmp_path / "results" / "init-from.png").is_file()
+def test_the_conversion_protocol_runs_every_run_once_and_reports_them(tmp_path):
+    """experiments/conversion.py (results/conversion.md) at a toy length: the flat run, NAMI from scratch with each
+    --velocity, the flat checkpoint nearest S-local's time converted for 0 to all steps, the flow-only-first order;
+    a second call trains nothing, and the reader's findings in conversion.md survive it."""
+    from experiments import conversion
+    args = ["--steps", "4", "--per-category", "1", "--train-flags", "--size tiny --bridge-steps 5 --batch-size 8 "
+            "--resolution 32", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    conversion.main(args)
+    runs = tmp_path / "runs"
+    assert set(conversion.seconds_of(runs)) == {name for name, _ in conversion.plan(4)}
+    source = json.loads((checkpoint.latest_checkpoint(runs / "C-global-300") / "config.json").read_text())
+    assert "F/ckpt-" in source["init_from"]["path"] and source["model"]["velocity"] == "global"
+    assert checkpoint.latest_checkpoint(runs / "C-local-0").name == "ckpt-0000000"
+    report = (tmp_path / "results" / "conversion.md").read_text()
+    assert all(f"| {name} |" in report for name in ("F", "S-global", "C-local-0", "C-global-1200", "C-global-fo"))
+    assert (tmp_path / "results" / "conversion.png").is_file()
+    (tmp_path / "results" / "conversion.md").write_text(report + "\n## What it shows\n\nmy notes\n")
+    lines = (runs / "times.txt").read_text()
+    conversion.main(args + ["--report-only"])
+    assert (runs / "times.txt").read_text() == lines
+    assert (tmp_path / "results" / "conversion.md").read_text().endswith("## What it shows\n\nmy notes\n")
 
 
 def test_checkpoint_plot_draws_a_runs_log_and_names_what_is_missing(tmp_path):
@@ -326,8 +334,8 @@ def test_checkpoint_plot_draws_a_runs_log_and_names_what_is_missing(tmp_path):
 
 
 def test_tensorboard_logs_what_log_jsonl_holds_and_the_sample_grids(tmp_path, encoder_dir):
-    """train.py --tensorboard: the same numbers as log.jsonl (losses per stage, lr, images/s) and the
-    stage mix as scalars, the sample grid as an image, in RUN/tensorboard; log.jsonl is unchanged."""
+    """train.py --tensorboard: the same numbers as log.jsonl (losses per stage, lr, images/s, the validation
+    loss) and the stage mix as scalars, the sample grid as an image, in RUN/tensorboard."""
     pytest.importorskip("tensorboard")
     from conftest import tiny_run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -338,8 +346,11 @@ def test_tensorboard_logs_what_log_jsonl_holds_and_the_sample_grids(tmp_path, en
     assert {"train/loss", "train/loss_stage1", "train/loss_stage3", "train/lr", "train/grad_norm",
             "train/images_per_s", "stage_mix/stage1"} <= set(tags["scalars"]) and tags["images"] == ["samples"]
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [e.step for e in board.Scalars("train/loss")] == [r["step"] for r in logged] == [2, 4]
-    assert [e.value for e in board.Scalars("train/loss")] == pytest.approx([r["loss"] for r in logged])
+    trained, validated = [r for r in logged if "loss" in r], [r for r in logged if "val_loss" in r]
+    assert [e.step for e in board.Scalars("train/loss")] == [r["step"] for r in trained] == [2, 4]
+    assert [e.value for e in board.Scalars("train/loss")] == pytest.approx([r["loss"] for r in trained])
+    assert [e.step for e in board.Scalars("val/val_loss_stage2")] == [r["step"] for r in validated] == [0, 4]
+    assert [e.value for e in board.Scalars("val/val_loss")] == pytest.approx([r["val_loss"] for r in validated])
 
 
 def test_tensorboard_without_the_package_is_refused_before_any_work(tmp_path, encoder_dir, monkeypatch):
