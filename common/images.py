@@ -78,3 +78,15 @@ def save_png(picture: Image.Image, out: Path, meta: PngInfo | None = None):
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_figure(fig, path, title: str, dpi: int = 120, fontsize: int = 10) -> Path:
+    """A matplotlib figure of the plotting commands, titled and laid out, to `path` (its folder made), then closed."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from common import encoders, parallel
+from common import encoders, images, parallel
 from toyworld import judge, shapes
 from training import checkpoint
 
@@ -147,10 +147,7 @@ def plot(figure: int, title: str, runs: dict, path: Path):
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    images.save_figure(fig, path, title)
 
 
 def table(figure: int, title: str, runs: dict, a, minutes: dict) -> str:
@@ -289,10 +286,7 @@ def gpu_plot(results: dict, path: Path, title: str):
     axes[0].set(ylabel="judge overall (± 2 SE)", ylim=(0, 1))
     axes[1].bar(names, [results[n]["fd"] for n in names], color=["C0", "C1", "C2"])
     axes[1].set(ylabel="Fréchet distance (lower is better)")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    images.save_figure(fig, path, title, fontsize=9)
 
 
 def gpu_ablation(a):

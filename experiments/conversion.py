@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from common import images
 from training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,11 +144,7 @@ def plot(out: Path, path: Path, title: str):
         ax.set(title=f"stage {k}", xlabel="training step", ylabel="validation loss (Eq. 4, local units)", yscale="log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    images.save_figure(fig, path, title, dpi=110)
 
 
 def report(out: Path, results: Path, per_category: int, command: str) -> str:

@@ -677,12 +677,7 @@ def plot_log(run: Path, out: Path | None = None) -> Path:
     losses.legend(fontsize=8)
     speed.plot(*zip(*[(r["step"], r["images_per_s"]) for r in records if "images_per_s" in r]), color="C4")
     speed.set(xlabel="step", ylabel="images / s", title="throughput", ylim=(0, None))
-    fig.suptitle(str(run), fontsize=9)
-    fig.tight_layout()
-    out = Path(out) if out else Path(run) / "log.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return images.save_figure(fig, Path(out) if out else Path(run) / "log.png", str(run), dpi=110, fontsize=9)
 
 
 if __name__ == "__main__":
