@@ -8,7 +8,7 @@ default run's settings otherwise, every log line kept (--log-every 1):
 
   F                   a flat run (--mode flat) of the default run's steps, a checkpoint every 100 steps
   S-local, S-global   NAMI from scratch with each --velocity (docs/method.md §10), validated every 100 steps
-  F-src               F's checkpoint whose training time is nearest S-local's: F at the NAMI run's wall clock
+  F-src               F's checkpoint nearest the step F reaches in S-local's time: F at the NAMI run's wall clock
                       (a flat run's lr is constant after its warm-up, so a checkpoint is a shorter run)
   C-{v}-{n}           F-src converted (train.py --init-from) with --velocity v for n = 0, 100, 300 and 1200 steps
   C-global-fo         the other order: 150 steps of --mode flow-only (the full model at every stage), then 150
@@ -23,6 +23,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -81,18 +82,19 @@ def train(out: Path, name: str, flags: list[str], common: list[str]):
 
 
 def pick_flat_source(out: Path) -> Path:
-    """out/F-src: a link to F's checkpoint whose time since F's start (from the checkpoints' modification
-    times) is nearest S-local's training time."""
+    """out/F-src: a link to F's checkpoint nearest the step F reaches in S-local's training time, at F's median
+    speed (its log's images per second: a stretch slowed by another job on the cores does not move the pick)."""
     link = out / "F-src"
     if not link.exists():
-        saved = {checkpoint.checkpoint_step(c.name): c.stat().st_mtime for c in checkpoint.complete_checkpoints(out / "F")}
-        first, last = min(saved), max(saved)
-        rate = (saved[last] - saved[first]) / max(1, last - first)
-        start, target = saved[first] - first * rate, seconds_of(out)["S-local"]
-        best = min(saved, key=lambda s: abs(saved[s] - start - target))
+        log = [r for r in checkpoint.read_log(out / "F") if "images_per_s" in r][1:]  # the first holds the start-up
+        batch = json.loads((checkpoint.latest_checkpoint(out / "F") / "config.json").read_text())["train"]["batch_size"]
+        per_step = batch / statistics.median(r["images_per_s"] for r in log)
+        target = seconds_of(out)["S-local"]
+        steps = [checkpoint.checkpoint_step(c.name) for c in checkpoint.complete_checkpoints(out / "F")]
+        best = min(steps, key=lambda s: abs(s * per_step - target))
         os.symlink(out / "F" / checkpoint.checkpoint_name(best), link)
-        (out / "F-src.json").write_text(json.dumps({"step": best, "seconds": saved[best] - start,
-                                                    "s_per_step": rate, "S-local seconds": target}))
+        (out / "F-src.json").write_text(json.dumps({"step": best, "seconds": best * per_step, "s_per_step": per_step,
+                                                    "S-local seconds": target}))
     return link
 
 
