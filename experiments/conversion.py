@@ -123,11 +123,12 @@ def first_losses(run: Path) -> dict:
     return {int(k[10:]): v for k, v in first.items() if k.startswith("loss_stage")}
 
 
-def meeting_step(a: dict, b: dict) -> int | None:
-    """The first validation step from which the sum over the stages of run a is no longer below run b's."""
-    steps = sorted(set(s for s, _ in a[1]) & set(s for s, _ in b[1]))
+def meeting_step(behind: dict, ahead: dict, tolerance: float = 0.05) -> int | None:
+    """The first validation step at which run `behind`'s validation loss, summed over the stages, is within
+    `tolerance` of run `ahead`'s (or below it); None if it never is."""
+    steps = sorted(set(s for s, _ in behind[1]) & set(s for s, _ in ahead[1]))
     total = lambda curves, s: sum(dict(c)[s] for c in curves.values())
-    return next((s for s in steps if total(a, s) >= total(b, s)), None)
+    return next((s for s in steps if total(behind, s) <= (1 + tolerance) * total(ahead, s)), None)
 
 
 def plot(out: Path, path: Path, title: str):
@@ -186,8 +187,8 @@ def report(out: Path, results: Path, per_category: int, command: str) -> str:
             f"{torch.get_num_threads()} CPU threads; world level 1, the default run's settings otherwise. F is the flat "
             f"run's checkpoint at step {source['step']} ({source['seconds']:.0f} s, S-local took "
             f"{source['S-local seconds']:.0f} s). Judge: {per_category} prompts per category, 10+10+10 steps (F: 30 "
-            "flat steps), CFG 3. The local and global conversions' validation losses (sum over the stages) meet at "
-            f"step {meet} of the 1200-step runs. Curves: [conversion.png](conversion.png).", ""]
+            "flat steps), CFG 3. The local conversion's validation loss (summed over the stages) comes within 5 % of the "
+            f"global one's at step {meet} of the 1200-step runs. Curves: [conversion.png](conversion.png).", ""]
     text = "\n".join(head + lines) + "\n"
     plot(out, results / "conversion.png", "validation loss per stage: from scratch (blue), converted (green: global, red: local)")
     return text
