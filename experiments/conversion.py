@@ -141,6 +141,10 @@ def plot(out: Path, path: Path, title: str):
               "C-local-300": ("C3", ":"), "C-global-300": ("C2", ":"), "C-global-fo": ("C4", "-.")}
     for name, (color, line) in styles.items():
         curves = validation_curves(out / name) if (out / name / "log.jsonl").is_file() else {}
+        if name == "C-global-fo":  # its flow-only half first, then the cut points' steps after it
+            first = validation_curves(out / "C-global-fo-a")
+            shift = max(s for s, _ in first[1])
+            curves = {k: first[k] + [(s + shift, v) for s, v in points[1:]] for k, points in curves.items()}
         for k, points in curves.items():
             axes[k - 1].plot(*zip(*points), line, color=color, marker=".", label=name)
     for k, ax in enumerate(axes, 1):
@@ -158,7 +162,8 @@ def report(out: Path, results: Path, per_category: int, command: str) -> str:
     steps = {name: source["step"] if name == "F" else checkpoint.checkpoint_step(checkpoint.latest_checkpoint(out / name).name)
              for name in names}
     train_s = {name: source["seconds"] if name == "F" else seconds[name] for name in names}
-    train_s["C-global-fo"] += seconds["C-global-fo-a"]
+    train_s["C-global-fo"] += seconds["C-global-fo-a"]  # both halves: flow only, then the cut points
+    steps["C-global-fo"] += checkpoint.checkpoint_step(checkpoint.latest_checkpoint(out / "C-global-fo-a").name)
     shapes = list(scores["S-local"]["by_shape"])
     cats = list(scores["S-local"]["categories"])
     lines = [f"| run | steps | training s | {' | '.join(c.replace('_', ' ') for c in cats)} | overall ± SE | held-out | "
@@ -170,6 +175,7 @@ def report(out: Path, results: Path, per_category: int, command: str) -> str:
                      f" | {r['overall']:.3f} ± {r['overall_se']:.3f} | {r['heldout']['accuracy']:.2f} | " +
                      " / ".join(f"{r['by_shape'][s]['accuracy']:.2f}" for s in shapes) + f" | {r['seconds']:.1f} |")
     val = {name: validation_curves(out / name) for name in names[1:]}
+    val["C-global-fo"] = {k: validation_curves(out / "C-global-fo-a")[k][:1] + c for k, c in val["C-global-fo"].items()}
     lines += ["", "Validation loss per stage (Eq. 4 in local units, 64 held-out samples, 8 fixed t', EMA weights): "
               "at step 0, and at the run's last step.", "",
               "| run | step 0: stage 1 / 2 / 3 | last: stage 1 / 2 / 3 |", "|---|---|---|"]
