@@ -433,7 +433,7 @@ def run(command: list[str], timeout: int = 600) -> str:
 
 def log_losses(run_dir: Path) -> list[dict]:
     """The training lines of the run's log (not its validation lines), each with a finite loss."""
-    records = [r for r in checkpoint.read_log(run_dir) if "val_loss" not in r]
+    records = checkpoint.read_log(run_dir)
     if not records or not all(math.isfinite(r["loss"]) for r in records):
         raise RuntimeError(f"{run_dir}/log.jsonl: no losses, or non-finite ones")
     return records

@@ -86,7 +86,7 @@ def pick_flat_source(out: Path) -> Path:
     speed (its log's images per second: a stretch slowed by another job on the cores does not move the pick)."""
     link = out / "F-src"
     if not link.exists():
-        log = [r for r in checkpoint.read_log(out / "F") if "images_per_s" in r][1:]  # the first holds the start-up
+        log = checkpoint.read_log(out / "F")[1:]  # the first holds the start-up
         batch = json.loads((checkpoint.latest_checkpoint(out / "F") / "config.json").read_text())["train"]["batch_size"]
         per_step = batch / statistics.median(r["images_per_s"] for r in log)
         target = seconds_of(out)["S-local"]
@@ -110,7 +110,7 @@ def judge(out: Path, name: str, per_category: int) -> dict:
 def validation_curves(run: Path) -> dict:
     """{k: [(step, val_loss_stage k)]} from the run's log."""
     curves: dict = {}
-    for r in checkpoint.read_log(run):
+    for r in checkpoint.read_log(run, validation=True):
         for key, value in r.items():
             if key.startswith("val_loss_stage"):
                 curves.setdefault(int(key[14:]), []).append((r["step"], value))
@@ -119,7 +119,7 @@ def validation_curves(run: Path) -> dict:
 
 def first_losses(run: Path) -> dict:
     """{k: Eq. 4 of stage k at the first training step} (its samples, noise and t' are the seed's)."""
-    first = next(r for r in checkpoint.read_log(run) if "loss" in r)
+    first = checkpoint.read_log(run)[0]
     return {int(k[10:]): v for k, v in first.items() if k.startswith("loss_stage")}
 
 

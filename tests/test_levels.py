@@ -21,6 +21,7 @@ import nami
 from common import images
 from experiments import eval
 from toyworld import judge as ev, shapes, tinyvae
+from training import checkpoint
 
 
 def fingerprint(samples) -> str:
@@ -326,7 +327,7 @@ def default_run_losses(out: Path) -> list[dict]:
     import train
     train.main(config.TrainConfig(out=str(out), max_steps=3, bridge_steps=5, log_every=1, ckpt_every=3,
                                   sample_every=10 ** 6, progress=False))
-    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]  # not validation
+    return checkpoint.read_log(out)
 
 
 def test_the_default_run_is_deterministic_and_its_first_losses_are_pinned(tmp_path):

@@ -47,7 +47,7 @@ def torchrun(out, encoder, *extra, ranks=2):
 
 
 def losses(out) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (Path(out) / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    return [r["loss"] for r in checkpoint.read_log(out)]
 
 
 @pytest.fixture(scope="module")

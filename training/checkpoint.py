@@ -1,6 +1,6 @@
 """The run folder: everything train.py, sample.py, experiments/eval.py and experiments/bench.py read or write of a run.
 
-    RUN/log.jsonl                  one line of metrics per --log-every steps
+    RUN/log.jsonl                  one line of metrics per --log-every steps, one per validation
     RUN/samples/step-NNNNNNN.png   sample grids of fixed prompts and seeds (EMA weights)
     RUN/ckpt-NNNNNNN/              weights.safetensors (model., ema., bridge. tensors), config.json,
                                    train_state.pt (step, RNG, optimizer), dcp/ (FSDP2 shards)
@@ -641,18 +641,21 @@ def load_for_resume(ckpt: Path, model_dict: dict, state: TrainState) -> int:
 # A run's curves, for readers without TensorBoard: python -m training.checkpoint plot RUN
 # ----------------------------------------------------------------------------------------------
 
-def read_log(run: Path) -> list[dict]:
-    """The lines of RUN/log.jsonl; a torn last line (a killed run's) is left out."""
+def read_log(run: Path, validation: bool = False) -> list[dict]:
+    """The training lines of RUN/log.jsonl (validation=True: its validation-loss lines instead); a torn
+    last line (a killed run's) is left out."""
     path = Path(run) / "log.jsonl"
     if not path.is_file():
         raise ValueError(f"{run} holds no log.jsonl: give the --out folder of a training run")
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
-    if not records:
+        if ("val_loss" in record) == validation:
+            records.append(record)
+    if not records and not validation:
         raise ValueError(f"{path} has no complete line yet: plot again after the first --log-every steps")
     return records
 
@@ -663,19 +666,19 @@ def plot_log(run: Path, out: Path | None = None) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    records = read_log(run)
+    records, validated = read_log(run), read_log(run, validation=True)
     fig, (losses, speed) = plt.subplots(1, 2, figsize=(10, 3.6))
     stage_keys = sorted({k for r in records for k in r if re.fullmatch(r"loss_stage\d+", k)},
                         key=lambda k: int(k[len("loss_stage"):]))
     for key in ["loss", *stage_keys]:
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         losses.plot(*zip(*points), label="weighted (Eq. 4)" if key == "loss" else f"stage {key[10:]}")
-    for key in sorted({k for r in records for k in r if re.fullmatch(r"val_loss_stage\d+", k)}):  # the validation
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    for key in sorted({k for r in validated for k in r if re.fullmatch(r"val_loss_stage\d+", k)}):
+        points = [(r["step"], r[key]) for r in validated]
         losses.plot(*zip(*points), "--", marker=".", label=f"validation, stage {key[14:]}")
     losses.set(xlabel="step", ylabel="loss", yscale="log", title="loss per stage")
     losses.legend(fontsize=8)
-    speed.plot(*zip(*[(r["step"], r["images_per_s"]) for r in records if "images_per_s" in r]), color="C4")
+    speed.plot(*zip(*[(r["step"], r["images_per_s"]) for r in records]), color="C4")
     speed.set(xlabel="step", ylabel="images / s", title="throughput", ylim=(0, None))
     return images.save_figure(fig, Path(out) if out else Path(run) / "log.png", str(run), dpi=110, fontsize=9)
 
