@@ -20,9 +20,7 @@ or score is not done again: run the same command after an interruption.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import io
 import json
 import os
 import statistics
@@ -34,7 +32,6 @@ from pathlib import Path
 import torch
 
 from common import images
-from experiments import eval as evaluation
 from training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,9 +101,9 @@ def pick_flat_source(out: Path) -> Path:
 def judge(out: Path, name: str, per_category: int) -> dict:
     """experiments/eval.py on the run's newest checkpoint, once (its eval.json is kept)."""
     folder = out / "eval" / name
-    if not (folder / "eval.json").is_file():  # in this process: a judge is short, a process start is not
-        with contextlib.redirect_stdout(io.StringIO()):
-            evaluation.main(["--ckpt", str(out / name), "--per-category", str(per_category), "--json", "--out", str(folder)])
+    if not (folder / "eval.json").is_file():
+        subprocess.check_call([sys.executable, "-m", "experiments.eval", "--ckpt", str(out / name), "--per-category",
+                               str(per_category), "--json", "--out", str(folder)], cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads((folder / "eval.json").read_text())
 
 
