@@ -111,9 +111,9 @@ def test_the_validation_loss_of_an_image_folder_needs_val_data(tmp_path, encoder
             (tmp_path / folder / f"{i}.txt").write_text(f"a colour number {i}")
     run = dict(resolution=32, max_steps=2, batch_size=6, ckpt_every=2, workers=0, data=str(tmp_path / "train"))
     train.main(tiny_run(tmp_path / "a", encoder_dir, **run))
-    assert not any("val_loss" in line for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines())
+    assert checkpoint.read_log(tmp_path / "a", validation=True) == []
     train.main(tiny_run(tmp_path / "b", encoder_dir, val_data=str(tmp_path / "held"), **run))
-    val = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines() if "val_loss" in line]
+    val = checkpoint.read_log(tmp_path / "b", validation=True)
     assert [r["step"] for r in val] == [0, 2]
     with pytest.raises(SystemExit, match="give --val-data"):
         evaluation.main(["--ckpt", str(tmp_path / "a"), "--val-loss"])

@@ -345,8 +345,7 @@ def test_tensorboard_logs_what_log_jsonl_holds_and_the_sample_grids(tmp_path, en
     tags = board.Tags()
     assert {"train/loss", "train/loss_stage1", "train/loss_stage3", "train/lr", "train/grad_norm",
             "train/images_per_s", "stage_mix/stage1"} <= set(tags["scalars"]) and tags["images"] == ["samples"]
-    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    trained, validated = [r for r in logged if "loss" in r], [r for r in logged if "val_loss" in r]
+    trained, validated = checkpoint.read_log(out), checkpoint.read_log(out, validation=True)
     assert [e.step for e in board.Scalars("train/loss")] == [r["step"] for r in trained] == [2, 4]
     assert [e.value for e in board.Scalars("train/loss")] == pytest.approx([r["loss"] for r in trained])
     assert [e.step for e in board.Scalars("val/val_loss_stage2")] == [r["step"] for r in validated] == [0, 4]
