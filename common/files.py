@@ -10,6 +10,7 @@ or at gigabytes where a few bytes were expected. So:
     read_json(path)               a JSON file of at most MAX_JSON_BYTES
     sha256(path)                  the hash of a regular file, in constant memory
     plain_name(name)              True for a bare file name, which stays inside its folder
+    probe_writable(folder)        make the folder and show it takes a write, or raise OSError
 
     lock_folder(folder, shared=False, purpose="")   an OS lock on FOLDER/.lock
 
@@ -29,6 +30,7 @@ import json
 import os
 import socket
 import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +103,18 @@ def plain_name(name) -> bool:
     names a file inside that folder and nowhere else."""
     return (isinstance(name, str) and name not in ("", ".", "..") and not name.startswith(".")
             and "/" not in name and "\\" not in name and "\0" not in name and os.path.basename(name) == name)
+
+
+def probe_writable(folder):
+    """Make the folder and write a few bytes into a file in it, or raise the OSError that says why not
+    (a path through a file, a read-only disk, a full one). The probe is an anonymous temporary file
+    (tempfile.TemporaryFile: O_TMPFILE, or a unique name unlinked at once), so that processes probing
+    one folder at the same moment, as every torchrun rank does at start-up, never touch each other's."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder) as probe:
+        probe.write(b"ok")
+        probe.flush()
 
 
 # ----------------------------------------------------------------------------------------------

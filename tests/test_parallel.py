@@ -35,15 +35,29 @@ def one_process(out, encoder, **kw):
 
 
 def torchrun(out, encoder, *extra, ranks=2):
+    """train.py on `ranks` gloo ranks, each recording the files it writes (tests/rank_writes.py): besides
+    repeating one process, no two ranks may write, rename or delete one file name below the run's folder."""
+    record = Path(f"{out}.writes")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           str(ROOT / "train.py"), *RUN, "--text-encoder", encoder, "--out", str(out), *extra]
+           str(ROOT / "tests" / "rank_writes.py"), str(record), str(Path(out).parent), str(ROOT / "train.py"),
+           *RUN, "--text-encoder", encoder, "--out", str(out), *extra]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:  # the whole of both streams beside the run, the end of each in the message
         log = Path(f"{out}.torchrun.log")
         log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}")
         raise AssertionError(f"torchrun exited with {r.returncode} (both streams whole in {log})\n--- stdout, "
                              f"last lines\n{r.stdout[-2000:]}\n--- stderr, last lines\n{r.stderr[-6000:]}")
+    assert shared_writes(record, ranks) == {}
     return r
+
+
+def shared_writes(record: Path, ranks: int) -> dict:
+    """{path: ranks} of the files more than one rank wrote, renamed or deleted (tests/rank_writes.py)."""
+    by_path: dict[str, list[int]] = {}
+    for rank in range(ranks):
+        for path in json.loads(Path(f"{record}-rank{rank}.json").read_text()):
+            by_path.setdefault(path, []).append(rank)
+    return {path: seen for path, seen in by_path.items() if len(seen) > 1}
 
 
 def losses(out) -> list[float]:
@@ -85,10 +99,15 @@ def test_init_from_on_two_ranks_repeats_the_one_process_run(tmp_path, encoder_di
 
 
 def test_fsdp_checkpoint_of_two_ranks_resumes_on_one_and_on_two(tmp_path, encoder_dir, reference):
-    torchrun(tmp_path / "two", encoder_dir, "--parallel", "fsdp", "--max-steps", "4", "--stop-after", "2")
+    """Also the run folder's other files under two ranks (torchrun checks that no two ranks write one name):
+    TensorBoard's, resumed with its purge step, and the pruning of old checkpoints (--keep 1)."""
+    torchrun(tmp_path / "two", encoder_dir, "--parallel", "fsdp", "--max-steps", "4", "--stop-after", "2", "--tensorboard")
     assert (tmp_path / "two" / "ckpt-0000002" / "dcp").is_dir()
     subprocess.run(["cp", "-r", str(tmp_path / "two"), str(tmp_path / "one")], check=True)
-    torchrun(tmp_path / "two", encoder_dir, "--parallel", "fsdp", "--max-steps", "4", "--resume")
+    torchrun(tmp_path / "two", encoder_dir, "--parallel", "fsdp", "--max-steps", "4", "--resume", "--tensorboard",
+             "--keep", "1")
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "two")] == ["ckpt-0000004"]
+    assert list((tmp_path / "two" / "tensorboard").iterdir())
     resumed = one_process(tmp_path / "one", encoder_dir, max_steps=4, resume=True)
     assert losses(tmp_path / "two") == pytest.approx(losses(reference), rel=TOLERANCE)
     assert resumed["losses"] == pytest.approx(losses(reference)[2:], rel=TOLERANCE)
@@ -110,6 +129,36 @@ def test_fsdp_run_whose_batches_lack_a_stage_keeps_the_one_process_weights(tmp_p
     assert stage3_only
     for key in stage3_only:
         assert torch.allclose(two["model"][key], one["model"][key], rtol=1e-4, atol=1e-6), key
+
+
+def check_out_many_times(out: str, start, refusals, rounds: int):
+    """One rank's start-up check of --out, `rounds` times; the first refusal's message goes to `refusals`."""
+    start.wait()
+    for _ in range(rounds):
+        try:
+            config.check_writable(Path(out))
+        except ValueError as e:
+            refusals.put(str(e))
+            return
+
+
+def test_ranks_checking_one_out_folder_at_once_never_refuse_it(tmp_path):
+    """Every torchrun rank validates its settings, --out included, at the same moment. A probe file of one
+    name, written and deleted by each rank, failed when another rank deleted it first ("--out … cannot be
+    written (No such file or directory)"), and README's test command with it, under load."""
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    ranks, rounds = 4, 300
+    start, refusals = context.Barrier(ranks), context.Queue()
+    processes = [context.Process(target=check_out_many_times, args=(str(tmp_path / "run"), start, refusals, rounds))
+                 for _ in range(ranks)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0] * ranks
+    assert refusals.empty(), refusals.get()
+    assert list((tmp_path / "run").iterdir()) == []  # no probe left behind
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import nami
-from common import encoders
+from common import encoders, files
 from toyworld import shapes
 
 
@@ -296,13 +296,11 @@ def validate(cfg: TrainConfig):
 
 
 def check_writable(out: Path):
-    """Create the output folder and write a probe file in it, so that a path that cannot be
-    written fails now, with the reason, not after hours of training."""
+    """Create the output folder and write a probe file in it (files.probe_writable: one no other rank
+    can touch), so that a path that cannot be written fails now, with the reason, on every rank, not
+    after hours of training."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        files.probe_writable(out)
     except OSError as e:
         raise ValueError(f"--out {out} cannot be written ({e.strerror or e}): choose another folder")
 

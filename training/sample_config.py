@@ -5,11 +5,10 @@ checkpoint's config files before any weights are read; --steps and --cfg are exp
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import nami
-from common import encoders
+from common import encoders, files
 from training import checkpoint, lora, release
 from training.config import check_resolution
 
@@ -105,9 +104,7 @@ def check_png_out(out: str) -> Path:
         raise ValueError(f"--out {out}: sample.py writes PNG (prompt and settings go in its text chunks); "
                          "give a file name ending in .png")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):  # a folder can exist and still refuse writes
-            pass
+        files.probe_writable(path.parent)  # a folder can exist and still refuse writes
     except OSError as e:
         raise ValueError(f"--out {out}: cannot write in {path.parent} ({e.strerror or e}): choose another folder")
     return path
