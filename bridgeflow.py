@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nami import image_pyramid, noise_pyramid, pyramid_start, stage_endpoint, up
+from nami import image_pyramid, noise_pyramid, pyramid_start, stage_endpoint, up, with_jump_noise
 
 
 class BridgeFlow(nn.Module):
@@ -129,3 +129,14 @@ def pretrain(bridge: BridgeFlow, batches, windows, steps: int, lr: float = 1e-3,
             progress(step, [l.item() for l in losses])
     bridge.requires_grad_(False)
     return [l.item() for l in losses]
+
+
+def jump_for(bridge, windows, x, eps, jump_noise: bool = False, pyramid: bool = False):
+    """The jump that nami.stage_points gives the start point of a stage by, for samples of clean full-size latents x
+    and noise eps: BridgeFlow(Up(·)), the paper's (bridge=None: Up alone); [ours] plus the fine noise BridgeFlow cannot
+    make (jump_noise: nami.with_jump_noise, docs/method.md §8); or, pyramid, Pyramid Flow's analytic start
+    s_k·ε_k + (1 − s_k)·Up(x^(k−1)) whatever the end point it is handed (train.py --start pyramid)."""
+    if pyramid:
+        xs, noise = image_pyramid(x, len(windows)), noise_pyramid(eps, len(windows))
+        return lambda x_e_prev, k: pyramid_start(xs[k - 2], noise[k - 1], windows[k - 1][0])
+    return with_jump_noise(bridge, eps, windows) if jump_noise else bridge

@@ -1,14 +1,16 @@
 """NAMI: Bridged Progressive Rectified Flow Transformers (Ma et al., 2025) in plain PyTorch.
 
-This file holds the method itself, top to bottom:
-  1. NamiConfig and PRESETS                                   (paper Table 1)
-  2. the flow mathematics as small pure functions              (paper Eq. 1-4, §3.2; docs/method.md §1-2)
-  3. the progressive FLUX-style MM-DiT                         (paper §3.2, §4.1; docs/method.md §3)
-  4. the progressive Euler sampler with classifier-free guidance (paper §3.5; docs/method.md §6)
-  5. ours, not the paper's: the jump noise                      (elsewhere: marked [ours])
-It imports nothing of ours: BridgeFlow and the text encoder reach the sampler as arguments; Algorithm 1 is train.py.
+This file holds the method, top to bottom: 1. NamiConfig and PRESETS (paper Table 1); 2. the flow mathematics as
+small pure functions (Eq. 1-4, §3.2); 3. the progressive FLUX-style MM-DiT (§3.2, §4.1); 4. the progressive Euler
+sampler with classifier-free guidance (§3.5); 5. ours, not the paper's: the jump noise. It
+imports nothing of ours: BridgeFlow and the text encoder reach the sampler as arguments; Algorithm 1 is train.py.
 
-Time follows the paper: x_t = t·ε + (1−t)·x, t = 1 is noise, t = 0 is data.
+Notation, where it differs from the paper (the whole table: docs/method.md). Time follows Eq. 1-2, x_t = t·ε + (1−t)·x
+with t = 1 the noise: the paper's x_0 (noise) and x_1 (data) are ε and x here. Stage 1, the coarsest, sits at the
+noise: windows run [s_k → e_k] from 1 = σ_0 > σ_1 > … > σ_K = 0 (the paper's [t_(k−1), t_k] with t_K = 1), s_k and e_k
+are times (the paper's x̂_(s_k), x̂_(e_k) are the points there), t' ∈ [0, 1] is local to a window (1 at its start), and
+the network sees the global time τ(k, t'), not t'. Down halves VAE latents (the paper: images); stage k's side is
+side / 2^(K−k). The paper's modules m_k of MM-DiT blocks are here double-stream blocks, then single-stream ones.
 Latents are unpacked (B, C, H, W); the model packs 2×2 patches only inside its forward.
 """
 from __future__ import annotations
@@ -163,7 +165,7 @@ def stage_tau(t_local, tau_range):
 
 
 def down(x: torch.Tensor) -> torch.Tensor:
-    """Down(x): 2× bilinear downsampling, which for a factor of exactly 2 is 2×2 average pooling."""
+    """Down(x): 2× bilinear downsampling (of latents; the paper: images), for a factor of 2 a 2×2 average pooling."""
     return F.avg_pool2d(x, 2)
 
 
@@ -199,7 +201,7 @@ def pyramid_start(x_prev: torch.Tensor, eps_k: torch.Tensor, s_k: float) -> torc
 
 
 def interpolate(x_s: torch.Tensor, x_e: torch.Tensor, t) -> torch.Tensor:
-    """Eq. 3: x̂_t = t'·x̂_s + (1 − t')·x̂_e, with t' broadcast over (B, 1, 1, 1)."""
+    """Eq. 3: x̂_t = t'·x̂_s + (1 − t')·x̂_e, t' ∈ [0, 1] in every window (the paper: [t_(k−1), t_k]), per sample."""
     if torch.is_tensor(t) and t.ndim == 1:
         t = t.view(-1, *([1] * (x_s.ndim - 1)))
     return t * x_s + (1.0 - t) * x_e
@@ -226,7 +228,7 @@ def logit_normal(n: int, generator=None, mean: float = 0.0, std: float = 1.0, de
 
 
 def flow_loss(v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Eq. 4, one stage: mean ‖(x̂_s − x̂_e) − v_θk(x̂_t, t')‖² (over batch and elements)."""
+    """Eq. 4, one stage: mean ‖(x̂_s − x̂_e) − v_θk(x̂_t, t')‖² over batch and elements (v_θk is given τ, not t')."""
     return (target.float() - v.float()).pow(2).mean()
 
 
@@ -235,25 +237,20 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> tor
     return x + (t_next - t) * v
 
 
-def stage_points(x, eps, k, windows, bridge=None, start="bridge"):
+def stage_points(x, eps, k, windows, jump=None):
     """(x̂_s, x̂_e) of stage k for clean images x and noise eps, both at stage k's size. Algorithm 1, lines 7-13: the
-    end point is the noised image at e_k; the start point is ε_1 for k = 1, else the end point of stage k−1 (from
-    Down(x) and the coupled noise 2·Down(ε)) carried across the jump by BridgeFlow as the sampler will carry it.
-    [ours] start="pyramid": Pyramid Flow's analytic start instead (train.py --start); bridge=None: Up only."""
-    s_k, e_k = windows[k - 1]
-    x_e = stage_endpoint(x, eps, e_k)
+    end point is the noised image at e_k; the start point is ε_1 for k = 1, else jump(x̂_e^(k−1), k): the end point of
+    stage k−1 (from Down(x) and the coupled noise 2·Down(ε)) carried across the jump, by BridgeFlow(Up(·)) as the
+    sampler carries it (jump=None: Up alone; bridgeflow.jump_for: the jumps of training, ours included)."""
+    x_e = stage_endpoint(x, eps, windows[k - 1][1])
     if k == 1:
         return eps, x_e
-    x_prev, eps_prev = down(x), 2.0 * down(eps)
-    if start == "pyramid":
-        return pyramid_start(x_prev, eps, s_k), x_e
-    x_e_prev = stage_endpoint(x_prev, eps_prev, windows[k - 2][1])
-    x_s = bridge(x_e_prev, k) if bridge is not None else up(x_e_prev)
-    return x_s, x_e
+    x_e_prev = stage_endpoint(down(x), 2.0 * down(eps), windows[k - 2][1])
+    return (jump(x_e_prev, k) if jump is not None else up(x_e_prev)), x_e
 
 
 def stage_size(size: int, num_stages: int, k: int) -> int:
-    """Side of stage k for a full side `size` (pixels or latent cells): size / 2^(K−k)."""
+    """Side of stage k for a full side `size` (pixels or latent cells): size / 2^(K−k) (the paper counts 2^k)."""
     return size // 2 ** (num_stages - k)
 
 

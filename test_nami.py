@@ -101,7 +101,7 @@ def test_stage_points_end_of_last_stage_is_data_and_start_of_first_is_noise():
     # stage 2 starts at Up(end of stage 1) (identity bridge) or Pyramid Flow's analytic start
     x_s, _ = nami.stage_points(xs[1], es[1], 2, windows)
     torch.testing.assert_close(x_s, nami.up((2 / 3) * es[0] + (1 / 3) * xs[0]))
-    x_s, _ = nami.stage_points(xs[1], es[1], 2, windows, start="pyramid")
+    x_s, _ = nami.stage_points(xs[1], es[1], 2, windows, bridgeflow.jump_for(None, windows, x, eps, pyramid=True))
     torch.testing.assert_close(x_s, 0.8 * es[1] + 0.2 * nami.up(xs[0]))
     # Down is 2×2 averaging and Up is nearest
     torch.testing.assert_close(nami.down(nami.up(xs[0])), xs[0])

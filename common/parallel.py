@@ -121,17 +121,12 @@ def micro_batches(batch_size: int, micro: int, world: int, rank: int) -> list[li
     return [list(range(j * world + rank, batch_size, R)) for j in range(R // world)]
 
 
-def stage_rows(counts, totals, every_stage: bool):
-    """(k, rows, n) for each stage k this micro-batch computes, its samples ordered by stage
-    (counts[k−1] of them at stage k, totals[k−1] in the global batch). every_stage (FSDP2): a stage
-    the global batch has but this micro-batch lacks runs on one sample with n = 0 (weight 0), so
-    that all ranks run the same blocks and issue the same collectives."""
-    first = 0
-    for k, (n, total) in enumerate(zip(counts, totals), 1):
-        if total == 0 or (n == 0 and not every_stage):
-            continue
-        yield k, (slice(first, first + n) if n else slice(0, 1)), n
-        first += n
+def window_rows(stages: list, k: int) -> tuple[list, int]:
+    """The samples of a micro-batch at stage k (stages: each sample's stage) and their number n, for a stage that the
+    global batch holds. A micro-batch without one runs the stage on its first sample with n = 0 (weight 0): every rank
+    then runs every stage of the global batch, so the same blocks and the same collectives, as FSDP2 requires."""
+    rows = [i for i, s in enumerate(stages) if s == k]
+    return (rows, len(rows)) if rows else ([0], 0)
 
 
 def share_of_global_mean(loss_sum: torch.Tensor, total: float) -> torch.Tensor:
@@ -165,7 +160,7 @@ def shard_model(model: nn.Module, bf16: bool):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     # Stages stop after different single blocks. Every rank runs every stage of the global batch
-    # (stage_rows), so every rank runs the same blocks and issues the same collectives; a block
+    # (window_rows), so every rank runs the same blocks and issues the same collectives; a block
     # no stage of the batch reaches gets no gradient anywhere and, as in one process, AdamW
     # leaves it alone (FSDP2's set_reduce_scatter_unused_params would give it zeros to move on).
     return model

@@ -1,11 +1,11 @@
-"""The training feed of Algorithm 1: the data order, and each sample's stage, noise and t'.
+"""The training feed of Algorithm 1: line 5's global batches of full-size latents, in a resumable data order.
 
-`Batches` feeds train.py: each step's global batch (from the built-in shapes world, an image folder
-read by datafeed/folders.py, or a cache made by datafeed/cache.py) cut into this rank's micro-batches, with every
-sample's noise, t' and caption dropout drawn from its position in the data order, and its stage
-drawn at the phase's sampling ratio within Algorithm 1's size rule (a stage trains only on images
-at least its size: folders.max_stage, assign_stages). The data tools' command line (scan, cache)
-is datafeed/commands.py, run as python -m datafeed.
+`Batches` feeds train.py: each step's global batch (from the built-in shapes world, an image folder read by
+datafeed/folders.py, or a cache made by datafeed/cache.py) cut into this rank's micro-batches, each sample with its
+position in the data order (train.py draws its noise, t' and caption dropout from it) and the highest stage its image
+allows (Algorithm 1's size rule: a stage trains only on images at least its size; folders.max_stage). Which stage
+each sample trains at the phase's ratio is `batch_stages` (§4.3), which train.py calls. The data tools' command line
+(scan, cache) is datafeed/commands.py, run as python -m datafeed.
 """
 from __future__ import annotations
 
@@ -181,28 +181,22 @@ def stage_counts(ratios, batch_size):
     return counts
 
 
-def sample_randomness(seed: int, caption_dropout: float, positions, shape, device):
-    """Per sample, from a generator seeded by (seed, position): the caption-dropout coin, ε_K at
-    full size and t' ~ logit-normal (SD3). A sample draws the same numbers on whichever rank and
-    in whichever micro-batch it lands, so a run on N ranks repeats the one-process run."""
-    drop, eps, t = [], [], []
-    for p in positions:
-        g = torch.Generator().manual_seed(mix_seed(seed, "noise", p))
-        drop.append(bool(torch.rand((), generator=g) < caption_dropout))
-        eps.append(torch.randn(shape, generator=g))
-        t.append(nami.logit_normal(1, g))
-    return torch.tensor(drop, device=device), torch.stack(eps).to(device), torch.cat(t).to(device)
+def sample_generator(seed: int, position: int) -> torch.Generator:
+    """The generator of one sample's draws (train.draws: caption dropout, ε_K, t'), seeded by (seed, its position in
+    the data order): a sample draws the same numbers on whichever rank and in whichever micro-batch it lands, so a
+    run on N ranks repeats the one-process run, and a resumed run the one that never stopped."""
+    return torch.Generator().manual_seed(mix_seed(seed, "noise", position))
 
 
 @dataclass
 class MicroBatch:
-    """One micro-batch of Algorithm 1, its samples ordered by stage: counts[k−1] at stage k."""
+    """One micro-batch of a step's global batch as the data gives it (Algorithm 1, line 5)."""
     x: torch.Tensor        # (n, C, H, W) clean latents x'_1 at the full training size
-    txt: torch.Tensor      # (n, L, D) text states (the empty prompt's where the caption was dropped)
+    txt: torch.Tensor      # (n, L, D) text states of the captions
     pooled: torch.Tensor   # (n, P) pooled text vectors
-    eps: torch.Tensor      # (n, C, H, W) noise ε_K at the full size
-    t: torch.Tensor        # (n,) local times t' ~ logit-normal
-    counts: list           # samples per stage
+    positions: list        # each sample's position in the data order (the seed of its draws: sample_generator)
+    slot: list             # each sample's index in the global batch (batch_stages gives its stage by it)
+    max_stage: torch.Tensor  # (n,) the highest stage each image may train (Algorithm 1's size rule)
 
 
 class Batches:
@@ -278,36 +272,20 @@ class Batches:
         txt, pooled = self.encoder.encode(list(captions))
         return x, txt.to(self.device), pooled.to(self.device), max_stage, positions
 
-    def next_step(self, ratios) -> tuple[list[MicroBatch], list[int]]:
-        """This rank's micro-batches of the next global batch, each with its samples' noise, t' and
-        caption dropout, and the samples per stage of the whole global batch. The stages are drawn
-        on the global batch (paper §4.3: the phase's sampling ratio) by each sample's position in
-        it, within Algorithm 1's size rule, and only then split: every micro-batch size and number
-        of ranks trains the same mix."""
-        loaded = [self.next() for _ in self.slots]
-        stages = batch_stages(ratios, self.cfg.batch_size, self.global_max_stages(loaded))
-        micro = []
-        for slot, (x, txt, pooled, max_stage, positions) in zip(self.slots, loaded):
-            drop, eps, t = sample_randomness(self.cfg.seed, self.cfg.caption_dropout, positions, x.shape[1:],
-                                             self.device)
-            # Paper §3.4: drop 10 % of the captions (the empty prompt is the unconditional input)
-            txt = torch.where(drop[:, None, None], self.uncond[0], txt)
-            pooled = torch.where(drop[:, None], self.uncond[1], pooled)
-            mine = [stages[i] for i in slot]
-            order = sorted(range(len(slot)), key=lambda i: mine[i])  # the micro-batch by stage
-            counts = [mine.count(k) for k in range(1, self.K + 1)]
-            micro.append(MicroBatch(x[order], txt[order], pooled[order], eps[order], t[order], counts))
-        return micro, [stages.count(k) for k in range(1, self.K + 1)]
+    def next_step(self) -> list[MicroBatch]:
+        """This rank's micro-batches of the next global batch (Algorithm 1, line 5), as the data gives them: the same
+        global batches whatever the micro-batch size and the number of ranks."""
+        return [MicroBatch(x, txt, pooled, positions, slot, max_stage)
+                for slot, (x, txt, pooled, max_stage, positions) in zip(self.slots, [self.next() for _ in self.slots])]
 
-    def global_max_stages(self, loaded):
-        """The highest stage each sample of the global batch may train (Algorithm 1's size rule),
-        gathered from every rank's micro-batches; None when every image allows every stage (the
-        built-in data), which needs no communication."""
+    def max_stages(self, micro_batches: list[MicroBatch]) -> list[int] | None:
+        """The highest stage each sample of the global batch may train (Algorithm 1's size rule), gathered from every
+        rank's micro-batches; None when every image allows every stage (the built-in data): no communication."""
         if self.loader is None:
             return None
         everyone = torch.zeros(self.cfg.batch_size)
-        for slot, (_, _, _, max_stage, _) in zip(self.slots, loaded):
-            everyone[slot] = max_stage.float()
+        for batch in micro_batches:
+            everyone[batch.slot] = batch.max_stage.float()
         return [int(m) for m in parallel.all_sum(everyone).tolist()]
 
 

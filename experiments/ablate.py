@@ -426,11 +426,16 @@ def reference_run(a):
     for step in range(cfg.max_steps):
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate(cfg, step, schedule)
-        batch = batches.next_step([1])[0][0]
-        t = batch.t[:, None, None, None]
-        x_t = t * batch.eps + (1 - t) * batch.x  # Eq. 1, the whole flow in one window
-        v = unet(x_t, batch.t * 1000, encoder_hidden_states=batch.txt).sample
-        loss = nami.flow_loss(v, batch.eps - batch.x)
+        batch = batches.next_step()[0]
+        # each sample's draws as train.draws makes them (scripts import no other script): caption dropout, ε, t'
+        generators = [feed.sample_generator(cfg.seed, p) for p in batch.positions]
+        dropped = torch.tensor([bool(torch.rand((), generator=g) < cfg.caption_dropout) for g in generators])
+        eps = torch.stack([torch.randn(batch.x.shape[1:], generator=g) for g in generators])
+        t = torch.cat([nami.logit_normal(1, g) for g in generators])
+        txt = torch.where(dropped[:, None, None], batches.uncond[0], batch.txt)
+        x_t = t[:, None, None, None] * eps + (1 - t[:, None, None, None]) * batch.x  # Eq. 1, the whole flow in one window
+        v = unet(x_t, t * 1000, encoder_hidden_states=txt).sample
+        loss = nami.flow_loss(v, eps - batch.x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 import nami
-from bridgeflow import BridgeFlow
+from bridgeflow import BridgeFlow, jump_for
 from common import encoders, parallel
 from toyworld import shapes
 from training import checkpoint, config, lora
@@ -283,25 +283,36 @@ def step_sections(a) -> dict:
                                 cfg.resolution, "train", cfg.world_level)
         timed("data: VAE encode", autoencoder.encode, pixels)
         timed("data: text encode (cached per caption)", encoder.encode, [s.caption for s in samples])
-        timed("data: noise, t', caption dropout", feed.sample_randomness, cfg.seed, cfg.caption_dropout, positions,
-              (autoencoder.channels, side, side), device)
+        timed("data: noise, t', caption dropout", draws, positions)
+
+    def draws(positions):  # train.draws' numbers (scripts import no other script): caption dropout, ε, t'
+        generators = [feed.sample_generator(cfg.seed, p) for p in positions]
+        dropped = torch.tensor([bool(torch.rand((), generator=g) < cfg.caption_dropout) for g in generators])
+        eps = torch.stack([torch.randn((autoencoder.channels, side, side), generator=g) for g in generators])
+        return dropped, eps, torch.cat([nami.logit_normal(1, g) for g in generators])
 
     def step(i, parts=True):
         if parts:
             feed_parts(list(range(i * cfg.batch_size, (i + 1) * cfg.batch_size)))
-        batch = timed("data: the whole feed (feed.Batches.next_step)", batches.next_step, ratios)[0][0]
+        t0 = time.perf_counter()
+        batch = batches.next_step()[0]
+        stages = feed.batch_stages(ratios, cfg.batch_size)
+        dropped, eps_K, t = draws(batch.positions)
+        txt = torch.where(dropped[:, None, None], batches.uncond[0], batch.txt)
+        pooled = torch.where(dropped[:, None], batches.uncond[1], batch.pooled)
+        times.setdefault("data: the whole feed (feed.Batches.next_step, stages, draws)", []).append(time.perf_counter() - t0)
         opt.zero_grad(set_to_none=True)
-        t0, loss, start = time.perf_counter(), 0.0, 0
-        for k, n in enumerate(batch.counts, 1):
-            rows = slice(start, start + n)
-            start += n
+        t0, loss = time.perf_counter(), 0.0
+        for k in range(1, K + 1):
+            rows = [i for i, s in enumerate(stages) if s == k]
+            n = len(rows)
             if n == 0:
                 continue
             t1 = time.perf_counter()
-            jump_k = nami.with_jump_noise(bridge, batch.eps[rows], windows) if model_cfg.jump_noise else bridge
+            jump_k = jump_for(bridge, windows, batch.x[rows], eps_K[rows], model_cfg.jump_noise)
             x_s, x_e = nami.stage_points(nami.image_pyramid(batch.x[rows], K)[k - 1],
-                                         nami.noise_pyramid(batch.eps[rows], K)[k - 1], k, windows, jump_k)
-            x_t, tau = nami.interpolate(x_s, x_e, batch.t[rows]), nami.stage_tau(batch.t[rows], ranges[k - 1])
+                                         nami.noise_pyramid(eps_K[rows], K)[k - 1], k, windows, jump_k)
+            x_t, tau = nami.interpolate(x_s, x_e, t[rows]), nami.stage_tau(t[rows], ranges[k - 1])
             times.setdefault(f"stage {k}: pyramid, BridgeFlow, x̂_t", []).append(time.perf_counter() - t1)
             t1 = time.perf_counter()
             v = model(x_t, tau, batch.txt[rows], batch.pooled[rows], stage=k)
@@ -323,7 +334,7 @@ def step_sections(a) -> dict:
         for i in range(3):
             step(a.warmup + a.repeat + i, parts=False)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
-    whole = medians["data: the whole feed (feed.Batches.next_step)"] + medians["model step (forward to EMA)"]
+    whole = medians["data: the whole feed (feed.Batches.next_step, stages, draws)"] + medians["model step (forward to EMA)"]
     print(f"one step of the default run: toy at {cfg.resolution}² in the shapes VAE's latents, batch {cfg.batch_size} "
           f"at mix {a.mix} ({feed.stage_counts(ratios, cfg.batch_size)}), text {cfg.text_len} tokens, {device_name(device)}, "
           f"torch {torch.__version__}, median of {a.repeat} steps; {cfg.batch_size / whole:.1f} images/s")

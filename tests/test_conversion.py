@@ -16,9 +16,8 @@ from PIL import Image
 import nami
 import train
 from conftest import randomize, tiny_run
-from datafeed import feed
 from experiments import eval as evaluation
-from training import checkpoint, validation
+from training import checkpoint, session, validation
 
 
 class ScaledToWindow(torch.nn.Module):
@@ -43,15 +42,18 @@ def global_model(seed=0):
 def test_algorithm1_loss_reads_a_global_model_in_local_units():
     model = global_model()
     g = torch.Generator().manual_seed(1)
-    batch = feed.MicroBatch(torch.randn(6, 3, 16, 16, generator=g), torch.randn(6, 4, 8, generator=g),
-                            torch.randn(6, 8, generator=g), torch.randn(6, 3, 16, 16, generator=g),
-                            torch.rand(6, generator=g), [2, 2, 2])
+    batch = (torch.randn(6, 3, 16, 16, generator=g), torch.randn(6, 4, 8, generator=g), torch.randn(6, 8, generator=g),
+             torch.randn(6, 3, 16, 16, generator=g), torch.rand(6, generator=g), [1, 1, 2, 2, 3, 3], [2, 2, 2])
     windows, ranges = nami.stage_windows(), nami.tau_ranges()
-    as_global = train.Algorithm1Loss(model, None, windows, ranges, [1, 1, 1], velocity="global")(batch, [2, 2, 2])
-    long_way = train.Algorithm1Loss(ScaledToWindow(model), None, windows, ranges, [1, 1, 1])(batch, [2, 2, 2])
+
+    def loss(model):  # Algorithm 1's loss as train.py computes it, the velocity read as the model's config says
+        theta = session.StageVelocity(model, windows)
+        return train.Algorithm1Loss(theta, lambda x, eps: None, windows, ranges, [1, 1, 1])(*batch)
+    as_global, long_way = loss(model), loss(ScaledToWindow(model))
     torch.testing.assert_close(as_global[1], long_way[1])
-    as_local = train.Algorithm1Loss(model, None, windows, ranges, [1, 1, 1])(batch, [2, 2, 2])
-    assert not torch.allclose(as_local[1], as_global[1])
+    read_as_local = global_model()  # the same weights, their output read as the local velocity
+    read_as_local.cfg = nami.NamiConfig(**{**model.cfg.to_dict(), "velocity": "local"})
+    assert not torch.allclose(loss(read_as_local)[1], as_global[1])
 
 
 def test_the_sampler_integrates_the_local_velocity_of_a_global_model(encoder_dir):

@@ -294,6 +294,7 @@ def test_sampler_and_training_start_a_stage_at_the_same_point_with_jump_noise():
 def test_train_records_its_world_level_and_jump_noise_and_the_judge_takes_the_level(tmp_path, encoder_dir):
     import train
     from conftest import tiny_run
+    from training import config
     out = tmp_path / "run"
     train.main(tiny_run(out, encoder_dir, world_level=1, jump_noise=True, max_steps=2, ckpt_every=2))
     saved = json.loads((out / "ckpt-0000002" / "config.json").read_text())
@@ -302,7 +303,7 @@ def test_train_records_its_world_level_and_jump_noise_and_the_judge_takes_the_le
     assert list(result["categories"]) == ["single_object", "colors"] and result["settings"]["level"] == 1
     assert list(result["heldout"]["categories"]) == ["colors"]
     with pytest.raises(ValueError, match="world-level"):
-        train.validate(tiny_run(tmp_path / "bad", encoder_dir, world_level=4))
+        config.validate(tiny_run(tmp_path / "bad", encoder_dir, world_level=4))
 
 
 def test_defaults_follow_the_data_the_built_in_world_in_vae_latents_with_jump_noise(tmp_path):

@@ -207,7 +207,7 @@ def test_activation_checkpointing_leaves_a_lora_run_unchanged(tmp_path, encoder_
 
 
 def test_adapters_on_a_bf16_base_are_float32():
-    """A GPU run's base is bf16 (train.build_model); peft makes the adapters in the base's dtype, and
+    """A GPU run's base is bf16 (training.session.build_model); peft makes the adapters in the base's dtype, and
     AdamW steps of 1e-4 relative would round away in bf16: they must be float32."""
     model = lora.attach(nami.Nami(nami.get_config("tiny")).to(torch.bfloat16), lora.settings(2))
     assert {p.dtype for p in lora.adapter_parameters(model)} == {torch.float32}

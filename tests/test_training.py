@@ -22,7 +22,7 @@ from common import encoders
 from conftest import TINY_FLUX, randomize, save_tiny_vae, tiny_run
 from datafeed import feed
 from toyworld import shapes
-from training import checkpoint, config, release
+from training import checkpoint, config, release, session
 
 
 def test_save_then_resume_gives_the_same_losses_as_not_stopping(tmp_path, encoder_dir):
@@ -91,13 +91,13 @@ def test_a_run_on_a_cache_holds_no_text_encoder_while_it_trains(tmp_path, encode
     r = run_cli("-m", "datafeed", "cache", str(tmp_path / "images"), "--out", str(tmp_path / "cache"), "--resolution", "16",
                 "--text-encoder", encoder_dir, "--text-len", "16", "--dtype", "fp32")
     assert r.returncode == 0, r.stderr
-    loaded, real_load, real_build = [], encoders.TextEncoder.load, train.build_model
+    loaded, real_load, real_build = [], encoders.TextEncoder.load, session.build_model
     monkeypatch.setattr(encoders.TextEncoder, "load", lambda self: (loaded.append(self), real_load(self))[1])
 
     def build_model(*args, **kwargs):
         assert loaded and all(e.model is None for e in loaded), "a text encoder holds its weights during training"
         return real_build(*args, **kwargs)
-    monkeypatch.setattr(train, "build_model", build_model)
+    monkeypatch.setattr(session, "build_model", build_model)
     result = train.main(tiny_run(tmp_path / "run", encoder_dir, cache=str(tmp_path / "cache"), workers=0,
                                  max_steps=2, ckpt_every=2, sample_every=2))
     assert len(loaded) == 1 and loaded[0].model is None and all(math.isfinite(l) for l in result["losses"])

@@ -52,8 +52,11 @@ class TrainConfig:
                      "the full model (paper Fig. 6)", choices=MODES)
     cuts: tuple | None = flag(None, "stage cut points over the single blocks, e.g. 1,4,7 (paper Fig. 7)",
                               type=numbers("--cuts"))
-    window_ratios: tuple | None = flag(None, "time-window ratios of the stages, e.g. 1:1:1 or 0.5:0.25:0.25 "
-                                       "(paper Fig. 8)", type=numbers("--window-ratios", float, "1:1:1"))
+    window_ratios: tuple | None = flag(None, "ratios of the stages' time windows before Pyramid Flow's correction of "
+                                       "their starts, e.g. 1:1:1 (boundaries 1, 2/3, 1/3, 0; windows 1→0.667, 0.8→0.333, "
+                                       "0.5→0: docs/method.md §2) or 0.5:0.25:0.25 (paper Fig. 8); four values: K = 4 "
+                                       "stages, the cut points by stage_cuts unless --cuts", type=numbers("--window-ratios",
+                                       float, "1:1:1"))
     velocity: str = flag("local", "what the network predicts: local, the stage's velocity x̂_s − x̂_e (the release); "
                          "global, the path's ε − x, scaled by the window's length s_k − e_k (a flat model's: "
                          "convert one with --init-from FLAT --velocity global; docs/method.md §10)",
@@ -80,8 +83,9 @@ class TrainConfig:
     mix_fractions: str = flag("0.48,0.32,0.2", "share of the steps per phase (paper: 120k, 80k, 50k steps)")
     final_lr_scale: float = flag(0.5, "lr factor of the last phase (paper: 1e-4 -> 5e-5)", type=float,
                                  bounds=("(", 0, 1, "]"))
-    stage_weights: tuple | None = flag(None, "loss weights w_k of Eq. 4, e.g. 1,1,1 (default 1 per stage)",
-                                       type=numbers("--stage-weights", float, "1,1,1"))
+    stage_weights: tuple | None = flag(None, "loss weights w_k of Eq. 4, e.g. 1,1,1 (default 1 per stage; each stage's "
+                                       "loss is the mean over its own samples, so --stage-mix sets how many samples a "
+                                       "stage gets, not its weight)", type=numbers("--stage-weights", float, "1,1,1"))
     caption_dropout: float = flag(0.1, "share of captions replaced by the empty prompt (CFG, paper §3.4)",
                                   type=float, bounds=("[", 0, 1, ")"))
     jump_noise: bool | None = flag(None, "[ours] add at each stage jump the fine noise BridgeFlow cannot make "

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import nami
+from bridgeflow import jump_for
 from datafeed.buckets import bucket_set
 from datafeed.cache import CachedDataset, cache_dtype, cache_key
 from datafeed.folders import FolderDataset, mix_seed
@@ -102,10 +103,10 @@ def validation_loss(model, bridge, groups, points: int = POINTS, start: str = "b
         count += len(x_full)
         for i in range(0, len(x_full), chunk):
             rows = slice(i, i + chunk)
-            jump = nami.with_jump_noise(bridge, eps_full[rows], windows) if cfg.jump_noise else bridge
+            jump = jump_for(bridge, windows, x_full[rows], eps_full[rows], cfg.jump_noise, start == "pyramid")
             for k in range(1, K + 1):
                 x, eps = nami.image_pyramid(x_full[rows], K)[k - 1], nami.noise_pyramid(eps_full[rows], K)[k - 1]
-                x_s, x_e = nami.stage_points(x, eps, k, windows, jump, start)
+                x_s, x_e = nami.stage_points(x, eps, k, windows, jump)
                 for j, t in enumerate(t_points(points)):
                     t_batch = torch.full((len(x),), t, device=x.device)
                     v = model(nami.interpolate(x_s, x_e, t_batch), nami.stage_tau(t_batch, ranges[k - 1]),
