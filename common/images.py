@@ -80,9 +80,22 @@ def save_png(picture: Image.Image, out: Path, meta: PngInfo | None = None):
         tmp.unlink(missing_ok=True)
 
 
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend), for the plotting commands; without matplotlib, an
+    ImportError that says what to install (it is not needed to train or sample: requirements-test.txt has it)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("the plots need matplotlib, which train.py and sample.py do not: pip install matplotlib "
+                          "(or pip install -r requirements-test.txt)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def save_figure(fig, path, title: str, dpi: int = 120, fontsize: int = 10) -> Path:
     """A matplotlib figure of the plotting commands, titled and laid out, to `path` (its folder made), then closed."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     path = Path(path)

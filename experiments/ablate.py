@@ -127,9 +127,7 @@ def score_checkpoints(out: Path, a) -> list[dict]:
 
 
 def plot(figure: int, title: str, runs: dict, path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = images.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     # One colour per method and one line style per size ("flat 32²" and "flat 24²": same colour).
     split = {name: name.rpartition(" ")[::2] if name.endswith("²") else (name, "") for name in runs}
@@ -276,9 +274,7 @@ def gpu_report(a, steps: int, step_times: dict, results: dict, seconds: float) -
 
 
 def gpu_plot(results: dict, path: Path, title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = images.pyplot()
     names = list(results)
     scores = [overall_with_error(results[n]) for n in names]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -477,6 +473,10 @@ def reference_run(a):
 
 
 def main(argv=None):
+    try:  # the plots come last: say now, not after hours of training, that matplotlib is missing
+        images.pyplot()
+    except ImportError as e:
+        raise SystemExit(f"error: {e}")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--figure", type=int, choices=sorted(FIGURES))
     ap.add_argument("--gpu", action="store_true", help="Fig. 6 on one CUDA device within --minutes (see above)")

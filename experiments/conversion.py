@@ -133,9 +133,7 @@ def meeting_step(behind: dict, ahead: dict, tolerance: float = 0.05) -> int | No
 
 def plot(out: Path, path: Path, title: str):
     """The validation loss of each stage against the training step: the runs from scratch and the conversions."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = images.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     styles = {"S-local": ("C0", "-"), "S-global": ("C0", "--"), "C-local-1200": ("C3", "-"), "C-global-1200": ("C2", "-"),
               "C-local-300": ("C3", ":"), "C-global-300": ("C2", ":"), "C-global-fo": ("C4", "-.")}
@@ -201,6 +199,10 @@ def report(out: Path, results: Path, per_category: int, command: str) -> str:
 
 
 def main(argv=None):
+    try:  # the plots come last: say now, not after hours of training, that matplotlib is missing
+        images.pyplot()
+    except ImportError as e:
+        raise SystemExit(f"error: {e}")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/conversion", help="where the runs go")
     ap.add_argument("--results", default="results", help="where conversion.md's tables and conversion.png go")

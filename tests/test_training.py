@@ -7,6 +7,7 @@ diffusers transformer, and weights that do not fit).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -37,6 +38,51 @@ def test_save_then_resume_gives_the_same_losses_as_not_stopping(tmp_path, encode
     a, b = load_file(tmp_path / "a" / "ckpt-0000006" / "weights.safetensors"), load_file(ckpt / "weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len((tmp_path / "a" / "log.jsonl").read_text().splitlines()) >= 1
+
+
+PAPER_RECIPE = dict(lr=1e-4, max_steps=250_000, stage_mix="4:2:1,2:4:1,1:2:4", mix_fractions="0.48,0.32,0.2",
+                    final_lr_scale=0.5, bridge_steps=10_000, text_len=256, jump_noise=False, ema_decay=0.9999)
+TOY_RECIPE = dict(lr=1e-3, max_steps=1200, stage_mix="4:2:1,2:4:1,1:2:4", mix_fractions="0.48,0.32,0.2",
+                  final_lr_scale=0.5, bridge_steps=1000, text_len=16, jump_noise=True, ema_decay=0.995)
+
+
+@pytest.mark.parametrize("size", sorted(nami.PRESETS))
+def test_each_preset_trains_its_recipe_and_a_flag_changes_it(size):
+    """The paper's sizes train with paper §4.3's recipe (lr 1e-4, 4:2:1 for 120k steps, 2:4:1 for 80k, 1:2:4 at
+    lr 5e-5 for 50k, BridgeFlow ~10k steps), the release's 256 text tokens and no jump noise; the small presets
+    with ours. What config.json records (asdict of the settings) holds the values, not None."""
+    cfg = config.parse_args(["--size", size])
+    recipe = PAPER_RECIPE if size in ("0.6b", "2b", "flux1-dev") else TOY_RECIPE
+    assert {name: getattr(cfg, name) for name in recipe} == recipe
+    assert all(dataclasses.asdict(cfg)[name] is not None for name in recipe)
+    flags = config.parse_args(["--size", size, "--lr", "3e-4", "--jump-noise", "--text-len", "77", "--data", "."])
+    assert (flags.lr, flags.jump_noise, flags.text_len) == (3e-4, True, 77)
+    assert config.parse_args(["--size", size, "--data", "."]).jump_noise is False  # a folder: the paper's method
+    assert ("paper §4.3" in config.describe_recipe(cfg)) == (recipe is PAPER_RECIPE)
+
+
+def test_a_run_records_the_recipe_it_trained_and_prints_it(tmp_path, encoder_dir, capsys):
+    train.main(tiny_run(tmp_path, encoder_dir, max_steps=1, lr=None, ema_decay=None))
+    recorded = json.loads((checkpoint.latest_checkpoint(tmp_path) / "config.json").read_text())["train"]
+    assert (recorded["lr"], recorded["ema_decay"], recorded["text_len"]) == (1e-3, 0.995, 16)
+    assert "recipe (ours, for a CPU" in capsys.readouterr().out
+
+
+def test_four_stages_train_resume_and_sample_end_to_end(tmp_path, encoder_dir, capsys):
+    """K = 4, the paper's next stage count (2048² from 256²; docs/method.md §5): the cut points by the presets' rule,
+    BridgeFlow for three jumps, the stage mix of four stages, exact resume, and sample.py drawing all four stages."""
+    import sample
+    four = dict(window_ratios=(1, 1, 1, 1), max_steps=6, val_every=0)
+    straight = train.main(tiny_run(tmp_path / "a", encoder_dir, **four))
+    first = train.main(tiny_run(tmp_path / "b", encoder_dir, stop_after=3, **four))
+    resumed = train.main(tiny_run(tmp_path / "b", encoder_dir, resume=True, **four))
+    assert first["losses"] + resumed["losses"] == straight["losses"]
+    _, recorded, parts = checkpoint.load_checkpoint(tmp_path / "a")
+    assert recorded["model"]["cuts"] == [1, 2, 3, 3] and parts["bridge"]["scale"].shape == (3,)
+    assert {k for r in checkpoint.read_log(tmp_path / "a") for k in r if k.startswith("loss_stage")} == {
+        "loss_stage1", "loss_stage2", "loss_stage3", "loss_stage4"}
+    sample.main(["a red circle", "--ckpt", str(tmp_path / "a"), "--show-stages", "--out", str(tmp_path / "four.png")])
+    assert "stage 4:" in capsys.readouterr().out and Image.open(tmp_path / "four.png").text["steps"] == "[8, 8, 7, 7]"
 
 
 def test_train_in_vae_latent_space_and_sample_refuses_another_encoder(tmp_path, encoder_dir, released_dir):

@@ -663,9 +663,7 @@ def read_log(run: Path, validation: bool = False) -> list[dict]:
 def plot_log(run: Path, out: Path | None = None) -> Path:
     """The loss of every stage, the weighted loss and the validation loss (log scale), and images per second,
     against the step, from RUN/log.jsonl; written to RUN/log.png unless `out` names another file."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = images.pyplot()
     records, validated = read_log(run), read_log(run, validation=True)
     fig, (losses, speed) = plt.subplots(1, 2, figsize=(10, 3.6))
     stage_keys = sorted({k for r in records for k in r if re.fullmatch(r"loss_stage\d+", k)},
@@ -692,5 +690,5 @@ if __name__ == "__main__":
     a = parser.parse_args()
     try:
         print(f"wrote {plot_log(Path(a.run), a.out)}")
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}")

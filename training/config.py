@@ -68,18 +68,23 @@ class TrainConfig:
     resolution: int = flag(64, "training image size (pixels; 64 = 4×16×16 latents of the tiny shapes VAE)", type=int,
                            bounds=(1, 16384))
     batch_size: int = flag(32, "global batch (samples per step over all ranks)", type=int, bounds=(1, 1 << 16))
-    lr: float = flag(1e-3, "peak learning rate (AdamW)", type=float, bounds=("(", 0, 1, ")"))
-    max_steps: int = flag(1200, "training steps (0 with --init-from: BridgeFlow pre-trained, the given weights saved "
-                          "as they are, a conversion without training)", type=int, bounds=(0, 10 ** 9))
+    lr: float | None = flag(None, "peak learning rate (AdamW; default: the recipe's, 1e-4 for the paper's sizes as "
+                            "paper §4.3, 1e-3 for the small presets: RECIPES)", type=float, bounds=("(", 0, 1, ")"))
+    max_steps: int | None = flag(None, "training steps (default: the recipe's, 250000 for the paper's sizes as §4.3's "
+                                 "120k + 80k + 50k, 1200 for the small presets; 0 with --init-from: BridgeFlow "
+                                 "pre-trained, the given weights saved as they are, a conversion without training)",
+                                 type=int, bounds=(0, 10 ** 9))
     warmup: int | None = flag(None, "linear lr warm-up steps (default 100; 20 with --init-from)", type=int,
                               bounds=(0, 10 ** 9))
     warmup_start: float | None = flag(None, "the warm-up rises linearly from this fraction of --lr (default 0; 0.1 "
                                       "with --init-from)", type=float, bounds=(0, 1))
     weight_decay: float = flag(0.0, "AdamW weight decay", type=float, bounds=("[", 0, 10, ")"))
     grad_clip: float = flag(1.0, "max gradient norm", type=float, bounds=("(", 0, 1e6, "]"))
-    ema_decay: float = flag(0.995, "EMA decay of the weights used for sampling", type=float, bounds=("[", 0, 1, ")"))
-    stage_mix: str = flag("4:2:1,2:4:1,1:2:4", "stage sampling ratios per phase, low -> high resolution "
-                          "(paper: 4:2:1,2:4:1,1:2:4)")
+    ema_decay: float | None = flag(None, "EMA decay of the weights used for sampling (default: the recipe's, 0.9999 "
+                                   "for the paper's sizes as DiT, 0.995 for the small presets; the paper names none)",
+                                   type=float, bounds=("[", 0, 1, ")"))
+    stage_mix: str = flag(PAPER_STAGE_MIX, "stage sampling ratios per phase, low -> high resolution "
+                          "(paper: 4:2:1,2:4:1,1:2:4; K ≠ 3 stages: stage_mix_for, e.g. 8:4:2:1,1:1:1:1,1:2:4:8)")
     mix_fractions: str = flag("0.48,0.32,0.2", "share of the steps per phase (paper: 120k, 80k, 50k steps)")
     final_lr_scale: float = flag(0.5, "lr factor of the last phase (paper: 1e-4 -> 5e-5)", type=float,
                                  bounds=("(", 0, 1, "]"))
@@ -89,15 +94,17 @@ class TrainConfig:
     caption_dropout: float = flag(0.1, "share of captions replaced by the empty prompt (CFG, paper §3.4)",
                                   type=float, bounds=("[", 0, 1, ")"))
     jump_noise: bool | None = flag(None, "[ours] add at each stage jump the fine noise BridgeFlow cannot make "
-                                   "(nami.with_jump_noise; default: on for the built-in data, off for --data/--cache "
-                                   "as in the paper)", action=argparse.BooleanOptionalAction)
+                                   "(nami.with_jump_noise; default: on for the built-in data with the small presets, "
+                                   "off for --data/--cache and the paper's sizes, as in the paper)",
+                                   action=argparse.BooleanOptionalAction)
     start: str = flag("bridge", "start point of stage k > 1: BridgeFlow (paper) or Pyramid Flow's analytic one",
                       choices=STARTS)
     bridge_fit: str = flag("adam", "how BridgeFlow is pre-trained on its MSE (paper §3.3): adam, the paper's "
                            "gradient steps; least-squares, its exact minimum over --bridge-steps batches, the same "
                            "maps in a sixth of the time [ours, docs/method.md §4]", choices=BRIDGE_FITS)
-    bridge_steps: int | None = flag(None, "BridgeFlow pre-training steps (default: 1000 Adam steps for adam, 100 "
-                                    "batches for least-squares; paper §4.3)", type=int, bounds=(0, 10 ** 8))
+    bridge_steps: int | None = flag(None, "BridgeFlow pre-training steps (default: the paper's sizes 10000, as §4.3; "
+                                    "the small presets 1000 Adam steps for adam, 100 batches for least-squares)",
+                                    type=int, bounds=(0, 10 ** 8))
     bridge_lr: float = flag(1e-3, "BridgeFlow pre-training lr (--bridge-fit adam)", type=float, bounds=("(", 0, 1, ")"))
     # data, encoders, autoencoder
     world_level: int = flag(0, "built-in data: 0 one object, centred, one size; 1 one object anywhere, any size; "
@@ -118,7 +125,8 @@ class TrainConfig:
                                     "(paper: mT5-XXL; default: all-MiniLM-L6-v2)")
     pooled_encoder: str | None = flag(None, "local CLIP-style encoder folder for the pooled vector "
                                       "(paper: multilingual CLIP; default: mean of the text states)")
-    text_len: int = flag(16, "text tokens per prompt (paper: 256)", type=int, bounds=(1, 4096))
+    text_len: int | None = flag(None, "text tokens per prompt (default: the recipe's, 256 for the paper's sizes as "
+                                "the release runs mT5, 16 for the small presets)", type=int, bounds=(1, 4096))
     pooled_len: int = flag(77, "tokens of the pooled encoder (paper: 77)", type=int, bounds=(1, 4096))
     vae: str | None = flag("auto", "local diffusers AutoencoderKL folder: train in its latent space (FLUX VAE: 16 "
                            "channels, 8x); none: pixel space; auto (default): the tiny shapes VAE in "
@@ -172,20 +180,52 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile each transformer block", action="store_true")
 
     def __post_init__(self):
-        """The defaults that depend on the data: the built-in world runs in the latents of its tiny VAE
-        with jump noise; an image folder or a cache runs the paper's method, in pixels unless --vae."""
+        """The defaults that depend on the preset and the data: the recipe of the preset (RECIPES) for what the flags
+        leave unset; the built-in world runs in the latents of its tiny VAE, with jump noise for the small presets; an
+        image folder or a cache runs the paper's method, in pixels unless --vae."""
         builtin = not (self.data or self.cache)
         if self.vae == "auto":
+        for name, value in RECIPES[recipe_of(self.size)].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
             self.vae = SHAPES_VAE if builtin else None
         elif isinstance(self.vae, str) and self.vae.lower() == "none":
             self.vae = None
         if self.jump_noise is None:
             self.jump_noise = builtin
         if self.buckets is None:
+        if self.bridge_steps is None:
+            self.bridge_steps = BRIDGE_STEPS.get(self.bridge_fit)
             self.buckets = not builtin
 
 
 def parse_args(argv=None, description: str | None = None) -> TrainConfig:
+# The recipe of a run, for the flags it leaves unset. "paper" for the paper's sizes: §4.3 (lr 1e-4; BridgeFlow ~10k
+# steps; 4:2:1 for 120k steps, 2:4:1 for 80k, 1:2:4 at lr 5e-5 for 50k: --stage-mix, --mix-fractions and
+# --final-lr-scale's defaults), the release's text length (mT5, 256 tokens), no jump noise, and an EMA the paper does
+# not name (DiT's 0.9999). "toy" for the small presets: tuned on a 2-core CPU (results/recipes.md); jump noise on the
+# built-in world (None: decided by the data).
+PAPER_SIZES = ("0.6b", "2b", "flux1-dev")
+RECIPES = {
+    "paper": dict(lr=1e-4, max_steps=250_000, bridge_steps=10_000, text_len=256, jump_noise=False, ema_decay=0.9999),
+    "toy": dict(lr=1e-3, max_steps=1200, text_len=16, jump_noise=None, ema_decay=0.995),
+}
+
+
+def recipe_of(size: str) -> str:
+    return "paper" if size in PAPER_SIZES else "toy"
+
+
+def describe_recipe(cfg) -> str:
+    """One line of what a run trains with, printed as it starts."""
+    phases = " → ".join(cfg.stage_mix.split(",")) if "," in cfg.stage_mix else cfg.stage_mix
+    source = "paper §4.3" if recipe_of(cfg.size) == "paper" else "ours, for a CPU"
+    return (f"recipe ({source}; flags change it): lr {cfg.lr:g} (×{cfg.final_lr_scale:g} in the last phase), "
+            f"{cfg.max_steps} steps, stage mix {phases} over {cfg.mix_fractions} of them, text {cfg.text_len} tokens, "
+            f"jump noise {'on' if cfg.jump_noise else 'off'}, EMA {cfg.ema_decay:g}, BridgeFlow {cfg.bridge_steps} "
+            f"{cfg.bridge_fit} steps, batch {cfg.batch_size}")
+
+
     """train.py's command line, built from TrainConfig's fields."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
