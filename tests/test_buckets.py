@@ -178,12 +178,16 @@ def test_sample_py_samples_a_non_square_run_at_its_size_and_refuses_sizes_no_sta
 
 def test_a_bucketed_folder_on_two_gloo_ranks_repeats_one_process(tmp_path, encoder_dir):
     """torchrun with DDP: each rank loads its half of every global batch of one bucket; the losses
-    are the one-process run's."""
+    are the one-process run's, from the folder and from its cache (whose lock rank 0 alone takes)."""
     from test_parallel import losses, one_process, torchrun
     folder = mixed_folder(tmp_path / "imgs")
     one_process(tmp_path / "one", encoder_dir, max_steps=3, data=str(folder), workers=0, buckets=True)
     torchrun(tmp_path / "two", encoder_dir, "--max-steps", "3", "--data", str(folder), "--workers", "0")
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    commands.main(["cache", str(folder), "--out", str(tmp_path / "cache"), "--resolution", "16", "--stages", "3",
+                   "--text-encoder", encoder_dir, "--text-len", "16", "--dtype", "fp32"])
+    torchrun(tmp_path / "cached", encoder_dir, "--max-steps", "3", "--cache", str(tmp_path / "cache"), "--workers", "0")
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
 
 
 def test_the_least_squares_bridge_fit_over_two_buckets_is_the_minimum_over_them_resized_to_its_maps():
