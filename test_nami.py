@@ -475,14 +475,27 @@ def test_flat_and_flow_only_modes_train_through_the_same_code(tmp_path, encoder_
 # docs/method.md §7: the cost of sampling
 # ---------------------------------------------------------------------------------------------
 
-def test_flop_count_of_2b_at_1024_matches_spec_section_7():
+def test_flop_count_of_2b_at_1024_matches_method_section_7():
     """docs/method.md §7: 10+10+10 steps vs 30, 256 text tokens, batch 1: NAMI 158, flow only 174, flat 392 TFLOP
     (counted on the meta device: no memory needed for 2B parameters)."""
     from experiments import bench
-    flops = bench.flops_table(bench.argparse.Namespace(size="2b", res=1024, steps="10,10,10", text_len=256))
+    flops = bench.flops_table(bench.argparse.Namespace(size="2b", res=1024, steps=[10, 10, 10], text_len=256, stages=None))
     assert flops["NAMI"] / 1e12 == pytest.approx(158.3, rel=2e-3)
     assert flops["flow only"] / 1e12 == pytest.approx(173.8, rel=2e-3)
     assert flops["flat"] / 1e12 == pytest.approx(391.8, rel=2e-3)
+
+
+def test_k_stages_take_the_cut_points_and_stage_mix_of_the_paper_presets_rule():
+    """More stages (the paper's future work: 2048² in K = 4): the cut points by the rule 2b and 0.6b follow (stage 1
+    all double blocks and one single block, the rest shared out evenly, earlier stages first), the stage mix halving
+    from the lowest resolution in the first phase and doubling in the last."""
+    assert config.stage_cuts(14, 3) == nami.PRESETS["2b"]["cuts"] and config.stage_cuts(8, 3) == nami.PRESETS["0.6b"]["cuts"]
+    assert config.stage_cuts(14, 4) == (1, 6, 10, 14) and config.stage_cuts(8, 4) == (1, 4, 6, 8)
+    model_config = config.model_config(config.TrainConfig(size="2b", window_ratios=(1, 1, 1, 1)))
+    assert model_config.num_stages == 4 and model_config.cuts == (1, 6, 10, 14)
+    schedule = config.stage_mix_schedule(config.TrainConfig(size="2b", window_ratios=(1, 1, 1, 1), max_steps=100), 4)
+    assert [ratios for _, _, ratios in schedule] == [(8, 4, 2, 1), (1, 1, 1, 1), (1, 2, 4, 8)]
+    assert config.stage_mix_schedule(config.TrainConfig(max_steps=100), 3)[1][2] == (2, 4, 1)  # K = 3: the paper's
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,8 +56,13 @@ def latent_factor(cfg: nami.NamiConfig) -> int:
     return {16: 8, 4: 4}.get(cfg.in_channels, 1)
 
 
-def bench_config(size: str) -> nami.NamiConfig:
-    return nami.get_config(size, in_channels=INPUTS.get(size, (3, 1))[0])
+def bench_config(size: str, stages: int | None = None) -> nami.NamiConfig:
+    """The preset in its benchmark's latents; stages: K uniform windows instead of the preset's, the cut points by
+    the rule of the paper's presets (training.config.stage_cuts), e.g. K = 4 for 2048²."""
+    if stages is None:
+        return nami.get_config(size, in_channels=INPUTS.get(size, (3, 1))[0])
+    return nami.get_config(size, in_channels=INPUTS.get(size, (3, 1))[0], window_ratios=(1,) * stages,
+                           cuts=config.stage_cuts(nami.PRESETS[size]["depth_single"], stages))
 
 
 def random_model(cfg, device, dtype=torch.float32):
@@ -138,9 +143,21 @@ def sampling_times(cfg, device, res, steps, guidance, batch, text_len, dtype, wa
             "flat": statistics.median(sum(r) for r in runs["flat"])}
 
 
+def flop_ratio(cfg, res: int, steps, text_len: int) -> float:
+    """The flat sampler's transformer FLOPs over NAMI's for one image at these steps (meta device, no memory)."""
+    with torch.device("meta"):
+        model = nami.Nami(cfg)
+        txt, pooled = torch.empty(1, text_len, cfg.joint_attention_dim), torch.empty(1, cfg.pooled_projection_dim)
+        sizes = nami.stage_sizes(res // latent_factor(cfg), cfg.num_stages)
+        staged = sum(n * count_flops(model, torch.empty(1, cfg.in_channels, s, s), txt, pooled, k)
+                     for k, (s, n) in enumerate(zip(sizes, steps), 1))
+        flat = sum(steps) * count_flops(model, torch.empty(1, cfg.in_channels, sizes[-1], sizes[-1]), txt, pooled, None)
+    return flat / staged
+
+
 def sampling_table(a):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, steps = bench_config(a.size), [int(s) for s in a.steps.split(",")]
+    cfg, steps = bench_config(a.size, a.stages), a.steps
     times = sampling_times(cfg, device, a.res, steps, a.cfg, a.batch, a.text_len,
                            torch.bfloat16 if a.dtype == "bf16" else torch.float32,
                            1 if a.warmup is None else a.warmup, a.repeat)
@@ -153,6 +170,10 @@ def sampling_table(a):
     print("| flat | " + " | ".join(["–"] * (K - 1)) + f" | {times['flat']:.3f} s | {times['flat']:.3f} s | – |")
     print("| NAMI | " + " | ".join(f"{t:.3f} s" for t in times["stages"]) + f" | {times['nami']:.3f} s | "
           f"{100 * (1 - times['nami'] / times['flat']):.1f} % ({times['flat'] / times['nami']:.2f}× faster) |")
+    flops = flop_ratio(cfg, a.res, steps, a.text_len)
+    times["flop_ratio"], times["wall_over_flops"] = flops, times["flat"] / times["nami"] / flops
+    print(f"the FLOP ratio (flat / NAMI, transformer, torch.utils.flop_counter) is {flops:.2f}×: the clock gives "
+          f"{times['wall_over_flops']:.2f} of it")
     return times
 
 
@@ -315,7 +336,7 @@ def step_sections(a) -> dict:
             x_t, tau = nami.interpolate(x_s, x_e, t[rows]), nami.stage_tau(t[rows], ranges[k - 1])
             times.setdefault(f"stage {k}: pyramid, BridgeFlow, x̂_t", []).append(time.perf_counter() - t1)
             t1 = time.perf_counter()
-            v = model(x_t, tau, batch.txt[rows], batch.pooled[rows], stage=k)
+            v = model(x_t, tau, txt[rows], pooled[rows], stage=k)
             loss = loss + nami.flow_loss(v, nami.flow_target(x_s, x_e)) * n / cfg.batch_size
             times.setdefault(f"stage {k}: model forward ({n} samples)", []).append(time.perf_counter() - t1)
         timed("backward (all stages)", loss.backward)
@@ -398,10 +419,10 @@ def flops_table(a):
     only" (the stages with the full model) and flat (full model, full size, all steps), built on the
     meta device so that the 2b preset needs no memory. The saving of NAMI over flat splits into the
     piecewise flow (flat -> flow only) and the truncation (flow only -> NAMI)."""
-    cfg = bench_config(a.size)
+    cfg = bench_config(a.size, a.stages)
     K, f = cfg.num_stages, latent_factor(cfg)
     config.check_resolution(a.res, a.res, f * cfg.size_multiple, "--res")
-    steps = [int(s) for s in a.steps.split(",")]
+    steps = a.steps
     with torch.device("meta"):
         model = nami.Nami(cfg)
         txt = torch.empty(1, a.text_len, cfg.joint_attention_dim)
@@ -413,8 +434,9 @@ def flops_table(a):
     rows = {"NAMI": [n * s for n, s in zip(nami_per, steps)], "flow only": [n * s for n, s in zip(full_per, steps)]}
     flat = full_per[-1] * sum(steps)
     unit, scale = ("TFLOP", 1e12) if flat > 1e12 else ("GFLOP", 1e9)
-    print(f"{a.size} at {a.res}² ({sizes[-1]}² latent), steps {steps} vs flat {sum(steps)}, {a.text_len} text "
-          f"tokens, batch 1, no CFG: transformer {unit} per image (torch.utils.flop_counter, meta device)")
+    print(f"{a.size} at {a.res}² ({sizes[-1]}² latent), K = {K}, cut points {cfg.cuts}, steps {steps} vs flat "
+          f"{sum(steps)}, {a.text_len} text tokens, batch 1, no CFG: transformer {unit} per image "
+          "(torch.utils.flop_counter, meta device)")
     print("| sampler | " + " | ".join(f"stage {k} ({s * f}²)" for k, s in enumerate(sizes, 1)) + " | total | vs flat |")
     print("|---" * (K + 3) + "|")
     print("| flat | " + " | ".join(["–"] * (K - 1)) + f" | {flat / scale:.2f} | {flat / scale:.2f} | – |")
@@ -573,7 +595,9 @@ def main(argv=None):
     ap.add_argument("--vae", help="time this diffusers AutoencoderKL folder's encode and decode instead")
     ap.add_argument("--size", default="toy", choices=sorted(nami.PRESETS))
     ap.add_argument("--res", type=int, default=64, help="image side in pixels")
-    ap.add_argument("--steps", default="10,10,10")
+    ap.add_argument("--steps", help="Euler steps per stage (default 30 in all: 10,10,10 for K = 3, 8,8,7,7 for 4)")
+    ap.add_argument("--stages", type=int, choices=range(2, 7), help="K uniform stages instead of the preset's three, "
+                    "the cut points by the paper's presets' rule (training.config.stage_cuts): --stages 4 for 2048²")
     ap.add_argument("--cfg", type=float, default=nami.DEFAULT_GUIDANCE, help="guidance (1 = no CFG, half the batch)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: 1 sampling, 32 training)")
     ap.add_argument("--mix", default="1:2:4", help="--train: samples per stage, low -> high (paper's last phase)")
@@ -586,6 +610,10 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     a = ap.parse_args(argv)
+    K = a.stages or bench_config(a.size).num_stages
+    a.steps = [int(n) for n in a.steps.split(",")] if a.steps else nami.default_steps(K)
+    if len(a.steps) != K:
+        raise SystemExit(f"error: --steps {a.steps} gives {len(a.steps)} stages, the model has {K}")
     parallel.use_tf32()
     if a.gpu_check:
         raise SystemExit(gpu_check(a))

@@ -176,7 +176,7 @@ TRAIN_BAD = [  # (id, flags, regular expression the message must match)
     ("ema-decay-negative", ["--ema-decay", "-0.5"], "--ema-decay"),
     ("warmup-negative", ["--warmup", "-1"], "--warmup"),
     ("caption-dropout-above-one", ["--caption-dropout", "1.5"], "--caption-dropout"),
-    ("window-ratios-wrong-length", ["--window-ratios", "1:1"], "window ratios|cut points"),
+    ("window-ratios-wrong-length", ["--window-ratios", "1:1", "--cuts", "2,4,8"], "window ratios|cut points"),
     ("window-ratios-zero", ["--window-ratios", "1:0:1"], "window ratios must be positive"),
     ("cuts-beyond-preset", ["--cuts", "1,2,9"], "cut points"),
     ("cuts-wrong-length", ["--cuts", "1,2"], "cut points"),

@@ -39,6 +39,7 @@ def numbers(name: str, kind=int, example: str = "1,2,3"):
 
 
 PRESETS, MODES, STARTS = sorted(nami.PRESETS), ("nami", "flat", "flow-only"), ("bridge", "pyramid")
+PAPER_STAGE_MIX = "4:2:1,2:4:1,1:2:4"  # paper §4.3: 120k, 80k and 50k steps (--mix-fractions)
 BRIDGE_FITS = ("adam", "least-squares")
 BRIDGE_STEPS = {"adam": 1000, "least-squares": 100}  # --bridge-steps' default per --bridge-fit
 SHAPES_VAE = str(Path(__file__).resolve().parents[1] / "weights" / "shapes-vae")  # made by python -m toyworld.tinyvae
@@ -184,22 +185,21 @@ class TrainConfig:
         leave unset; the built-in world runs in the latents of its tiny VAE, with jump noise for the small presets; an
         image folder or a cache runs the paper's method, in pixels unless --vae."""
         builtin = not (self.data or self.cache)
-        if self.vae == "auto":
         for name, value in RECIPES[recipe_of(self.size)].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.vae == "auto":
             self.vae = SHAPES_VAE if builtin else None
         elif isinstance(self.vae, str) and self.vae.lower() == "none":
             self.vae = None
         if self.jump_noise is None:
             self.jump_noise = builtin
-        if self.buckets is None:
         if self.bridge_steps is None:
             self.bridge_steps = BRIDGE_STEPS.get(self.bridge_fit)
+        if self.buckets is None:
             self.buckets = not builtin
 
 
-def parse_args(argv=None, description: str | None = None) -> TrainConfig:
 # The recipe of a run, for the flags it leaves unset. "paper" for the paper's sizes: §4.3 (lr 1e-4; BridgeFlow ~10k
 # steps; 4:2:1 for 120k steps, 2:4:1 for 80k, 1:2:4 at lr 5e-5 for 50k: --stage-mix, --mix-fractions and
 # --final-lr-scale's defaults), the release's text length (mT5, 256 tokens), no jump noise, and an EMA the paper does
@@ -226,6 +226,7 @@ def describe_recipe(cfg) -> str:
             f"{cfg.bridge_fit} steps, batch {cfg.batch_size}")
 
 
+def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     """train.py's command line, built from TrainConfig's fields."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
@@ -272,6 +273,8 @@ def model_config(cfg: TrainConfig, text_dim: int = 1, pooled_dim: int = 1, chann
         overrides["window_ratios"] = cfg.window_ratios
     if cfg.cuts is not None:
         overrides["cuts"] = cfg.cuts
+    elif cfg.window_ratios is not None and len(cfg.window_ratios) != len(base["cuts"]):  # e.g. K = 4
+        overrides["cuts"] = stage_cuts(base["depth_single"], len(cfg.window_ratios))
     if cfg.jump_noise:
         overrides["jump_noise"] = True
     if cfg.velocity != "local":
@@ -282,6 +285,19 @@ def model_config(cfg: TrainConfig, text_dim: int = 1, pooled_dim: int = 1, chann
         k = len(overrides.get("window_ratios", (1, 1, 1)))
         overrides["cuts"] = (base["depth_single"],) * k
     return nami.get_config(cfg.size, **overrides)
+
+
+def stage_cuts(depth_single: int, num_stages: int) -> tuple:
+    """[ours] Cut points for K stages by the rule of the paper's presets (2b: (1, 8, 14), 0.6b: (1, 5, 8)): stage 1
+    runs every double block and the first single block, the other single blocks are shared out as evenly as they
+    divide among the later stages, an earlier stage taking one more where they do not. K = 4: 2b (1, 6, 10, 14)."""
+    if num_stages == 1:
+        return (depth_single,)
+    rest, later = depth_single - 1, num_stages - 1
+    cuts = [1]
+    for k in range(later):
+        cuts.append(cuts[-1] + rest // later + (k < rest % later))
+    return tuple(cuts)
 
 
 def validate(cfg: TrainConfig):
@@ -359,9 +375,9 @@ def stage_mix_schedule(cfg: TrainConfig, num_stages: int):
     if num_stages == 1:
         return [(0, cfg.max_steps, (1,))]
     parse = numbers("--stage-mix", int, "4:2:1,2:4:1,1:2:4")
+    mix = stage_mix_for(num_stages) if cfg.stage_mix == PAPER_STAGE_MIX and num_stages != 3 else cfg.stage_mix
     try:
-        phases = ([parse(p) for p in cfg.stage_mix.split(",")] if "," in cfg.stage_mix and ":" in cfg.stage_mix
-                  else [parse(cfg.stage_mix)])
+        phases = [parse(p) for p in mix.split(",")] if "," in mix and ":" in mix else [parse(mix)]
         fracs = [float(f) for f in cfg.mix_fractions.split(",")] if len(phases) > 1 else [1.0]
     except argparse.ArgumentTypeError as e:
         raise ValueError(str(e))
@@ -378,6 +394,14 @@ def stage_mix_schedule(cfg: TrainConfig, num_stages: int):
         schedule.append((start, end, ratios))
         start = end
     return schedule
+
+
+def stage_mix_for(num_stages: int) -> str:
+    """[ours] The default stage mix of a run of K ≠ 3 stages (K = 3 keeps the paper's 4:2:1, 2:4:1, 1:2:4): the
+    paper's first phase halves from the lowest resolution up and its last doubles, so K = 4 takes 8:4:2:1 and
+    1:2:4:8; between them every stage alike."""
+    first = ":".join(str(2 ** (num_stages - k)) for k in range(1, num_stages + 1))
+    return ",".join([first, ":".join(["1"] * num_stages), ":".join(reversed(first.split(":")))])
 
 
 def stage_ratios(schedule, step: int):
