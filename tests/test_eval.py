@@ -319,6 +319,34 @@ def test_the_conversion_protocol_runs_every_run_once_and_reports_them(tmp_path):
     assert (tmp_path / "results" / "conversion.md").read_text().endswith("## What it shows\n\nmy notes\n")
 
 
+@pytest.mark.parametrize("level", [0, 1])
+def test_the_speed_protocol_judges_and_times_every_point_once_and_reports_the_fronts(tmp_path, level):
+    """experiments/speed.py (results/speed-level{0,1}.md) at a toy size: its models trained once (level 1 also the
+    flat model converted), every point of both samplers judged and timed, on level 0 the splits of the two
+    budgets; a second call trains and judges nothing and reports the same figures."""
+    from experiments import speed
+    args = ["--level", str(level), "--per-category", "1", "--batch", "2", "--repeat", "1", "--splits", "2",
+            "--train-flags", "--size tiny --bridge-steps 5 --batch-size 8 --resolution 32 --max-steps 4 --val-every 0",
+            "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    rows = speed.main(args)
+    out = tmp_path / "runs" / f"level{level}"
+    assert {r["model"] for r in rows} == ({"NAMI", "flat"} if level == 0 else {"NAMI", "flat", "conv"})
+    assert {r["steps"] for r in rows if r["sampler"] == "flat"} == {str(n) for n in speed.FLAT_STEPS}
+    assert {"2+2+2", "10+10+10"} <= {r["steps"] for r in rows if r["sampler"] == "nami"}
+    assert all(r["s_per_image"] > 0 and 0 <= r["overall"] <= 1 for r in rows)
+    report = (tmp_path / "results" / f"speed-level{level}.md").read_text()
+    assert "## Verdict" in report and ("## The split" in report) == (level == 0)
+    assert (tmp_path / "results" / f"speed-level{level}.png").is_file()
+    if level == 1:
+        source = json.loads((checkpoint.latest_checkpoint(out / "conv") / "config.json").read_text())["init_from"]
+        assert "/flat/ckpt-" in source["path"]
+    judged = {p.name: p.stat().st_mtime for p in (out / "judged").iterdir()}
+    again = speed.main(args + ["--report-only"])
+    assert {p.name: p.stat().st_mtime for p in (out / "judged").iterdir()} == judged
+    assert sorted((r["name"], r["overall"], r["s_per_image"]) for r in again) == sorted(
+        (r["name"], r["overall"], r["s_per_image"]) for r in rows)
+
+
 def test_checkpoint_plot_draws_a_runs_log_and_names_what_is_missing(tmp_path):
     """`python -m training.checkpoint plot RUN`: loss per stage and images/s from log.jsonl (a killed run's torn
     last line left out) into RUN/log.png; a folder without a log is refused with what to give."""
