@@ -16,7 +16,8 @@ Everything loads from local folders, offline; nothing is downloaded.
       normalised as (z − shift_factor)·scaling_factor, both read from its config (docs/method.md §6).
 
 `identity()` of each is a JSON-able record of what was loaded; checkpoints and caches store it,
-and sample.py / the cache refuse a mismatch.
+and sample.py / the cache refuse a mismatch. The encoding itself, prompts -> states, is
+common/text_states.py, which an exported diffusers pipeline carries (docs/export.md).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from common import files
+from common.text_states import CHUNK, text_states
 
 
 def default_text_encoder_path() -> Path:
@@ -77,7 +79,8 @@ def encoder_parts(path):
     encoder-only model's weights when they are needed: T5/mT5 load just their encoder (not the
     decoder), a full CLIP folder just its text tower (its config: the text tower's), the release's
     mCLIP layout its tokenizer/ and clip_text_encoder/ (a BertModel without pooling layer),
-    anything else through AutoModel. A folder naming custom code is refused."""
+    anything else through AutoModel; the text_encoder/ of a diffusers folder takes its tokenizer from
+    the tokenizer/ beside it (text_encoder_2/: tokenizer_2/). A folder naming custom code is refused."""
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
@@ -92,6 +95,10 @@ def encoder_parts(path):
             raise FileNotFoundError(f"{folder} has clip_text_encoder/ but no tokenizer/ beside it (the release's "
                                     "mCLIP layout: mclip/tokenizer and mclip/clip_text_encoder)")
         tokenizer_folder, model_folder, extra = folder / "tokenizer", folder / "clip_text_encoder", {"add_pooling_layer": False}
+        refuse_custom_code(tokenizer_folder)
+    elif folder.name in ("text_encoder", "text_encoder_2") and (folder.parent / "model_index.json").is_file():
+        # a diffusers pipeline folder (training/export.py): each encoder's tokenizer is in the folder beside it
+        tokenizer_folder = folder.parent / folder.name.replace("text_encoder", "tokenizer")
         refuse_custom_code(tokenizer_folder)
     refuse_custom_code(model_folder)
     config = AutoConfig.from_pretrained(model_folder, **options)
@@ -174,7 +181,7 @@ class TextEncoder:
         self.dim = self.config.hidden_size
         check_positions(self.config, max_len, self.path, "max_len (--text-len)")
         self.pooled_path = str(pooled_path) if pooled_path else None
-        self.pooled_dim, self.pooled_config = self.dim, None
+        self.pooled_dim, self.pooled_config, self.pooled_tokenizer = self.dim, None, None
         if self.pooled_path:
             self.pooled_tokenizer, self.pooled_config, self._build_pooled = encoder_parts(self.pooled_path)
             self.pooled_dim = self.pooled_config.hidden_size
@@ -215,28 +222,12 @@ class TextEncoder:
             return "mean"
         return "pooler_output" if "clip" in self.pooled_config.model_type else "cls"
 
-    @torch.no_grad()
-    def _states(self, tokenizer, model, prompts, max_len, masked=True):
-        tok = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
-        return model(input_ids=ids, attention_mask=mask if masked else None), mask
-
     def _encode_new(self, prompts) -> dict:
         self.load()
-        out, mask = self._states(self.tokenizer, self.model, prompts, self.max_len, masked=self.pad == "zeros")
-        states = out.last_hidden_state.float()                       # (B, max_len, dim)
-        m = mask.unsqueeze(-1).float()
-        if self.pad == "zeros":
-            states = states * m
-        if not self.pooled_path:
-            pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)     # masked mean [ours]
-        else:
-            p_out, _ = self._states(self.pooled_tokenizer, self.pooled_model, prompts, self.pooled_len)
-            # CLIP: the EOS state after the final norm; BERT-style mCLIP: the CLS state (release)
-            pooled = p_out.pooler_output if self.pooled_rule() == "pooler_output" else p_out.last_hidden_state[:, 0]
-            pooled = pooled.float()
-        states, pooled = states.cpu(), pooled.cpu()
-        return {prompt: (states[i].clone(), pooled[i].clone()) for i, prompt in enumerate(prompts)}
+        txt, pooled = text_states(prompts, self.tokenizer, self.model, self.max_len, self.pad, self.pooled_tokenizer,
+                                  self.pooled_model, self.pooled_len, self.pooled_rule(), self.device)
+        txt, pooled = txt.cpu(), pooled.cpu()
+        return {prompt: (txt[i].clone(), pooled[i].clone()) for i, prompt in enumerate(prompts)}
 
     def encode(self, prompts):
         new = sorted({p for p in prompts if p not in self.cache})
@@ -248,8 +239,8 @@ class TextEncoder:
             if n_tokens > self.max_len:
                 warnings.warn(f"prompt has {n_tokens} tokens; truncated to {self.max_len}: {p[:80]!r}…")
         fresh = {}
-        for i in range(0, len(new), 64):
-            fresh.update(self._encode_new(new[i:i + 64]))
+        for i in range(0, len(new), CHUNK):
+            fresh.update(self._encode_new(new[i:i + CHUNK]))
         if not prompts:
             return torch.zeros(0, self.max_len, self.dim), torch.zeros(0, self.pooled_dim)
         pairs = [fresh[p] if p in fresh else self.cache[p] for p in prompts]

@@ -40,6 +40,7 @@ import nami
 from bridgeflow import BridgeFlow
 from common import files, images, parallel
 from common.encoders import TextEncoder, load_autoencoder
+from training import diffusers_folder
 
 PREFIX = "ckpt-"
 FILES = ("weights.safetensors", "config.json", "train_state.pt")
@@ -67,12 +68,12 @@ def checkpoint_step(name: str) -> int | None:
 
 
 def find_checkpoint(path) -> Path:
-    """The checkpoint to sample or evaluate. PATH may be a checkpoint folder (any name: the user
-    chose it), or a run folder: its highest step, as --resume takes it. A folder of runs (runs/
-    when path is None) holds steps that do not compare: the run that saved a checkpoint last
-    (modification time), and in it the highest step."""
+    """The checkpoint to sample or evaluate. PATH may be a checkpoint folder (any name: the user chose
+    it; a diffusers folder of training/export.py too), or a run folder: its highest step, as --resume takes
+    it. A folder of runs (runs/ when path is None) holds steps that do not compare: the run that saved a
+    checkpoint last (modification time), and in it the highest step."""
     root = Path(path) if path is not None else Path("runs")
-    if (root / "weights.safetensors").is_file():
+    if (root / "weights.safetensors").is_file() or diffusers_folder.holds(root):  # or python -m training.export's
         return root
     found = latest_checkpoint(root)
     if found is None:
@@ -91,6 +92,8 @@ def find_checkpoint(path) -> Path:
 def load_checkpoint(path):
     """-> (folder, config dict, {"model": sd, "ema": sd, "bridge": sd}) from a checkpoint folder."""
     folder = find_checkpoint(path)
+    if diffusers_folder.holds(folder):  # a folder of python -m training.export, read as the checkpoint it holds
+        return folder, *diffusers_folder.read(folder)
     config = files.read_json(folder / "config.json")
     parts: dict[str, dict] = {}
     for key, value in load_file(folder / "weights.safetensors").items():
@@ -161,8 +164,9 @@ def plan(ckpt) -> dict:
     halfway), the number of stages K, the multiple each image side must be, and the defaults of
     the resolution, the steps and the guidance."""
     folder = find_checkpoint(ckpt)
+    exported = diffusers_folder.record(folder) if diffusers_folder.holds(folder) else None  # its errors name its files
     try:
-        config = files.read_json(folder / "config.json")
+        config = exported or files.read_json(folder / "config.json")
         model_config = nami.NamiConfig.from_dict(config["model"])
         factor = (config.get("vae") or {}).get("factor") or 1  # no VAE: pixel space
         resolution = picture_size(config)
@@ -176,7 +180,7 @@ def plan(ckpt) -> dict:
         vocabulary = None  # not recorded (an older checkpoint), or damaged: no note, nothing refused
     return {"folder": folder, "K": K, "multiple": factor * model_config.size_multiple,
             "resolution": resolution, "steps": nami.default_steps(K), "cfg": nami.DEFAULT_GUIDANCE,
-            "schedule": "uniform", "vocabulary": vocabulary}
+            "schedule": config.get("schedule", "uniform"), "vocabulary": vocabulary, "prompts": config.get("prompts")}
 
 
 def not_adapters(config: dict, folder, how: str):
@@ -227,7 +231,7 @@ def load_model(ckpt, use_ema=True, text_encoder=None, pooled_encoder=None, vae=N
     return model.to(device).eval().requires_grad_(False), bridge.to(device).eval(), encoder, autoencoder, info
 
 
-def load_recorded_encoder(saved: dict, folder, text_encoder=None, pooled_encoder=None, device="cpu") -> TextEncoder:
+def load_recorded_encoder(saved: dict, folder, text_encoder=None, pooled_encoder=None, device="cpu", dtype=torch.float32):
     """The text encoder a checkpoint records (or local copies of it), refused if its architecture
     (config) or widths differ: the transformer's text projections only fit the states they were
     trained on."""
@@ -238,7 +242,7 @@ def load_recorded_encoder(saved: dict, folder, text_encoder=None, pooled_encoder
                                     f"here: pass {flag} PATH to a local copy of it")
     encoder = TextEncoder(text_encoder or saved["path"], saved["max_len"], device,
                           pooled_encoder or saved.get("pooled_path"), saved.get("pooled_len", 77),
-                          pad=saved.get("pad", "zeros"))
+                          dtype=dtype, pad=saved.get("pad", "zeros"))
     loaded = encoder.identity()
     for key, what in (("config", "text encoder"), ("dim", "text width"), ("pooled_config", "pooled encoder"),
                       ("pooled_dim", "pooled width"), ("pooled_rule", "pooling rule")):

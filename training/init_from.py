@@ -5,6 +5,7 @@ only its weights come from PATH, which is one of
     our checkpoint      RUN/ (its newest ckpt-N) or RUN/ckpt-N/: the EMA weights (--init-from-raw:
                         the raw ones) and the BridgeFlow maps
     the authors' release DIR/transformer/ and DIR/bridge_flow.bin (release.LAYOUT): NAMI-2B, its maps
+    an exported folder  a diffusers folder of python -m training.export (docs/export.md): its weights and maps
     a flat transformer  a diffusers FluxTransformer2DModel folder (config.json and weights), or one
                         of our --mode flat runs. Algorithm 1 from its weights makes it progressive;
                         BridgeFlow is pre-trained as for a new model (paper §3.3)
@@ -31,21 +32,21 @@ from safetensors import SafetensorError
 import nami
 from bridgeflow import resize_bias
 from common import files, parallel
-from training import checkpoint, release
+from training import checkpoint, diffusers_folder, release
 
 # The fields of NamiConfig that fix the shapes of the weights (cuts and windows do not)
 SHAPE = ("hidden_size", "num_heads", "depth_double", "depth_single", "in_channels", "patch_size",
          "joint_attention_dim", "pooled_projection_dim", "axes_dim", "mlp_ratio", "guidance_embeds")
 LAYOUTS = ("one of our checkpoints (RUN/ or RUN/ckpt-N/ with weights.safetensors), the authors' release "
-           "(DIR/transformer/ and DIR/bridge_flow.bin) or a diffusers FluxTransformer2DModel folder "
-           "(config.json and *.safetensors or *.bin)")
+           "(DIR/transformer/ and DIR/bridge_flow.bin), a diffusers FluxTransformer2DModel folder "
+           "(config.json and *.safetensors or *.bin) or a folder of python -m training.export (model_index.json)")
 
 
 @dataclass
 class Source:
     """What --init-from found: the transformer's tensors in our names, BridgeFlow's (None for a
     flat model), and what config.json records about them."""
-    kind: str                      # "checkpoint", "release" or "diffusers"
+    kind: str                      # "checkpoint", "release", "diffusers" (a FLUX transformer) or "export"
     folder: Path
     model_config: nami.NamiConfig
     transformer: dict
@@ -60,6 +61,8 @@ def read_source(path, raw: bool = False) -> Source:
     """The weights in PATH, read without running code (release.read_state_dict,
     checkpoint.load_checkpoint); FileNotFoundError naming the layouts when PATH holds none."""
     root = Path(path)
+    if diffusers_folder.holds(root):
+        return exported(root, raw)
     if (root / "weights.safetensors").is_file() or checkpoint.latest_checkpoint(root) is not None:
         return our_checkpoint(root, raw)
     if raw:
@@ -92,6 +95,19 @@ def our_checkpoint(root: Path, raw: bool) -> Source:
     bridge = parts.get("bridge") if model_config.num_stages > 1 else None  # a flat run's has no jumps
     return Source("checkpoint", folder, model_config, parts[weights], bridge,
                   [folder / "weights.safetensors", folder / "config.json"], saved.get("step"), weights, saved)
+
+
+def exported(root: Path, raw: bool) -> Source:
+    """A diffusers folder of python -m training.export (training/diffusers_folder.py reads it): its one set of weights
+    and BridgeFlow, and the encoders and VAE of one of our runs to compare; a release's export is taken as the
+    release is, its text settings not compared (check_source)."""
+    if raw:
+        raise ValueError(f"--init-from-raw: {root} is an exported folder, it holds one set of weights")
+    folder, saved, parts = checkpoint.load_checkpoint(root)
+    model_config = nami.NamiConfig.from_dict(saved["model"])
+    release_export = (saved.get("exported_from") or {}).get("kind") == "release"
+    return Source("export", folder, model_config, parts["model"], parts["bridge"] if model_config.num_stages > 1 else None,
+                  diffusers_folder.files(folder), saved.get("step"), "transformer", None if release_export else saved)
 
 
 def describe(c: nami.NamiConfig) -> str:

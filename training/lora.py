@@ -23,6 +23,7 @@ import torch.nn as nn
 
 import nami
 from common import files
+from training import diffusers_folder
 from training.init_from import SHAPE, describe  # the fields that fix a transformer's shape, and their wording
 
 FILE = "pytorch_lora_weights.safetensors"
@@ -228,7 +229,8 @@ def write_merged(out: Path, model: nn.Module, bridge: nn.Module, base_folder: Pa
     tensors.update({f"ema.{k}": v.clone() for k, v in weights.items()})
     tensors.update({f"bridge.{k}": v.detach().contiguous() for k, v in bridge.state_dict().items()})
     save_file(tensors, out / "weights.safetensors")
-    saved = files.read_json(base_folder / "config.json")
+    saved = diffusers_folder.record(base_folder) if diffusers_folder.holds(base_folder) else files.read_json(
+        base_folder / "config.json")  # an exported base (training/export.py): the record it is read back with
     (out / "config.json").write_text(json.dumps({**saved, "merged_lora": note}, indent=2))
 
 

@@ -9,7 +9,7 @@ settings, and loading it into our model. sample.py --weights uses it.
 Our modules carry the names of diffusers' FluxTransformer2DModel, so its weights load key for key
 (`convert_diffusers_flux` only strips wrapper prefixes); `config_from_diffusers` reads the shape
 from its config.json. Pickled .bin files are read with weights_only loading: a file that holds
-anything but tensors is refused, never run.
+anything but tensors is refused, never run. The release's Euler grid (`grids`) is in training/schedules.py.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from common import parallel
 from common.encoders import TextEncoder, load_autoencoder
 from common.files import read_json
 from training.checkpoint import load_state, unpickling_refusal
+# the release's grid lives in a file of its own, which an exported folder carries (training/export.py)
+from training.schedules import SCHEDULES, TRAIN_STEPS, grids, stage_tables  # noqa: F401
 
 LAYOUT = """  DIR/transformer/pytorch_model_fsdp.bin   diffusers FluxTransformer2DModel state dict
                                            (or *.safetensors; config.json optional, else the 2b shape)
@@ -53,50 +55,6 @@ def prompts(weights, no_release_prompts: bool = False, negative: str | None = No
             "negative": default_negative if negative is None else negative}
 
 
-# ----------------------------------------------------------------------------------------------
-# The release's sampler grid: Pyramid Flow's scheduler over a 1000-step table
-# ----------------------------------------------------------------------------------------------
-
-TRAIN_STEPS = 1000  # the release's discrete time table t = 1000, 999, …, 1
-
-
-def stage_tables(ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[tuple[float, float]]:
-    """[(t_max, t_min)] per stage on the release's 1000-step table (Pyramid Flow's scheduler, release
-    src/scheduling_flow_matching.py:70-150): the windows and the τ split of docs/method.md §2, each
-    taken at a float32 table entry. For 1:1:1: (1000, 744), (744, 386), (386, 1)."""
-    N, K = TRAIN_STEPS, len(ratios)
-    table_sigma = torch.arange(N, 0, -1, dtype=torch.float32) / N  # σ = t/1000 (shift 1), lines 70-88
-    table_t = table_sigma * N
-    edges = [sum(ratios[:i]) / sum(ratios) for i in range(K + 1)]  # stage_range, e.g. [0, 1/3, 2/3, 1]
-    lengths = []
-    for i in range(K):  # lines 90-121: windows [s_k → e_k] on the table, corrected starts for k > 1
-        start, end = int(edges[i] * N), int(edges[i + 1] * N)
-        s, e = table_sigma[start].item(), table_sigma[end].item() if end < N else 0.0
-        lengths.append((s if i == 0 else nami.corrected_start(s, gamma)) - e)
-    # lines 123-150: the τ axis split ∝ window lengths, each bound truncated to a table entry
-    bounds = [sum(lengths[:i]) / sum(lengths) for i in range(K)] + [1.0]
-    return [(table_t[int(bounds[i] * N)].item(), table_t[min(int(bounds[i + 1] * N), N - 1)].item())
-            for i in range(K)]
-
-
-def grids(steps, ratios=(1, 1, 1), gamma: float = 1 / 3) -> list[nami.StageGrid]:
-    """The release's Euler grids, as nami.uniform_grids makes ours (release src/scheduling_flow_matching.py:137-150, 180-207). Stage k trains
-    on K_k = int(t_max − t_min) table steps, local time 1, 1 − 1/K_k, …, 1/K_k paired with model time
-    t_max, t_max − 1, …, t_min + 1. Sampling with n steps takes t' = linspace(1, 1/K_k, n) followed
-    by 0, and τ = t/1000 with t = linspace(t_max, t_min + 1, n): n − 1 steps of (1 − 1/K_k)/(n − 1),
-    then one of 1/K_k (10+10+10: 0.1107, then 0.0039), the last model call at τ ≈ a_k + 0.001."""
-    stage_grids = []
-    for (t_max, t_min), n in zip(stage_tables(ratios, gamma), steps):
-        K = int(t_max - t_min)
-        # the last entries of linspace(t_max, t_min, K + 1)[:-1] and linspace(1, 0, K + 1)[:-1]
-        t_last, sigma_last = t_max + (K - 1) * ((t_min - t_max) / K), 1.0 + (K - 1) * (-1.0 / K)
-        sigma = torch.linspace(1.0, sigma_last, n, dtype=torch.float64).tolist() + [0.0]
-        t = torch.linspace(t_max, t_last, n, dtype=torch.float64).tolist()
-        stage_grids.append(nami.StageGrid(sigma, [t_j / TRAIN_STEPS for t_j in t]))
-    return stage_grids
-
-
-SCHEDULES = {"uniform": nami.uniform_grids, "release": grids}  # sample.py --schedule
 
 
 def config_from_diffusers(config: dict, cuts=None, window_ratios=(1, 1, 1)) -> nami.NamiConfig:

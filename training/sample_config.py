@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nami
 from common import encoders, files
-from training import checkpoint, lora, release
+from training import checkpoint, diffusers_folder, lora, release
 from training.config import check_resolution
 
 
@@ -48,7 +48,8 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     """sample.py's command line (its docstring is the description --help prints)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompt", help="the text prompt ('' = unconditional)")
-    ap.add_argument("--ckpt", help="checkpoint folder, or a run folder (its newest checkpoint); default: newest under runs/")
+    ap.add_argument("--ckpt", help="checkpoint folder, a run folder (its newest checkpoint) or a diffusers folder of "
+                    "python -m training.export; default: newest under runs/")
     ap.add_argument("--weights", help="the authors' released NAMI-2B folder (layout in README) instead of --ckpt")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
     ap.add_argument("--steps", default=None,
@@ -61,7 +62,8 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                     help="Euler grid: the release's 1000-step table or our uniform one (default: release with "
                          "--weights, uniform otherwise)")
     ap.add_argument("--no-release-prompts", action="store_true",
-                    help="with --weights: no prompt suffix and an empty negative prompt, unlike the release")
+                    help="with --weights (or an exported release): no prompt suffix and an empty negative prompt, "
+                         "unlike the release")
     ap.add_argument("--res", help="WxH in pixels (default: the training resolution; 1024x1024 for --weights)")
     ap.add_argument("-n", type=int, default=1, help="number of images (several -> one grid)")
     ap.add_argument("--out", default="sample.png", help="output PNG")
@@ -120,8 +122,9 @@ def check_sample_flags(args):
             if value:  # silently ignoring it would sample with something the user did not ask for
                 raise ValueError(f"{flag} applies to --ckpt checkpoints; --weights uses the encoders, VAE and "
                                  "weights inside its folder")
-    elif args.no_release_prompts:
-        raise ValueError("--no-release-prompts applies to --weights (our checkpoints add no prompt suffix)")
+    elif args.no_release_prompts and not (args.ckpt and diffusers_folder.holds(args.ckpt)):
+        raise ValueError("--no-release-prompts applies to --weights and exported folders (our checkpoints add no "
+                         "prompt suffix)")
     if not 1 <= args.n <= MAX_IMAGES:
         raise ValueError(f"-n must be between 1 and {MAX_IMAGES}, got {args.n}")
     if args.cfg is not None:
@@ -168,6 +171,10 @@ def sample_plan(args) -> dict:
     if zoom * max(w, h) > MAX_PNG_SIDE:
         raise ValueError(f"--upscale {zoom} makes {w * zoom}x{h * zoom} pixels per image, more than "
                          f"{MAX_PNG_SIDE} per side: use --upscale {max(1, MAX_PNG_SIDE // max(w, h))} or less")
+    exported = plan.get("prompts")  # an exported folder's own defaults (docs/export.md): the release's, or none
+    if exported and not args.no_release_prompts:
+        prompts = {"suffix": exported["suffix"], "negative": exported["negative"] if args.negative is None else args.negative}
+    else:
+        prompts = release.prompts(args.weights, args.no_release_prompts, args.negative)
     return {**plan, "steps": steps, "cfg": plan["cfg"] if args.cfg is None else args.cfg, "size": (w, h),
-            "zoom": zoom, "out": out_png, "schedule": args.schedule or plan["schedule"],
-            **release.prompts(args.weights, args.no_release_prompts, args.negative)}
+            "zoom": zoom, "out": out_png, "schedule": args.schedule or plan["schedule"], **prompts}
