@@ -153,7 +153,7 @@ def timed(points: dict, loaded: dict, batch: int, repeat: int) -> dict:
 def front(rows: list[dict]) -> list[dict]:
     """The Pareto front: the points no other point beats in both time and quality, by time."""
     rows = sorted(rows, key=lambda r: (r["s_per_image"], -r["overall"]))
-    best, kept = -1.0, []
+    best, kept = -math.inf, []
     for r in rows:
         if r["overall"] > best:
             kept.append(r)
@@ -204,7 +204,10 @@ def plot(rows: list[dict], path: Path, title: str):
         best = front(mine)
         accuracy.plot([1000 * r["s_per_image"] for r in best], [r["overall"] for r in best], "-",
                       color=styles.get(model, "C4"), label=f"{model} ({mine[0]['sampler']} sampler), front")
-        distance.plot(t, [r["fd"] for r in mine], "o-", ms=4, color=styles.get(model, "C4"), label=model)
+        distance.plot(t, [r["fd"] for r in mine], "o", ms=4, color=styles.get(model, "C4"), alpha=0.6)
+        lowest = front([{**r, "overall": -r["fd"]} for r in mine])  # the front of the distance: lower is better
+        distance.plot([1000 * r["s_per_image"] for r in lowest], [r["fd"] for r in lowest], "-",
+                      color=styles.get(model, "C4"), label=f"{model}, front")
         for r in best:
             accuracy.annotate(r["steps"], (1000 * r["s_per_image"], r["overall"]), fontsize=6, xytext=(3, -8),
                               textcoords="offset points")
@@ -212,8 +215,12 @@ def plot(rows: list[dict], path: Path, title: str):
                  title="accuracy against time")
     distance.set(xscale="log", yscale="log", xlabel="sampling ms per image (log)", ylabel="Fréchet distance (lower is better)",
                  title="Fréchet distance against time")
-    accuracy.legend(fontsize=7)
-    distance.legend(fontsize=7)
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    for axes in (accuracy, distance):
+        axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+        axes.xaxis.set_major_formatter(ScalarFormatter())
+        axes.xaxis.set_minor_formatter(NullFormatter())
+        axes.legend(fontsize=7)
     images.save_figure(fig, path, title, fontsize=9)
 
 
