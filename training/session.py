@@ -165,12 +165,13 @@ class TrainingRun:
         self.last_step = cfg.max_steps if cfg.stop_after is None else min(cfg.stop_after, cfg.max_steps)
 
     def weights(self):
-        """Algorithm 1's θ and BridgeFlow, and the EMA of θ (kept here): new, or the weights --init-from gives (ours, the release, a
-        flat model), with LoRA adapters trained in θ's place (--lora); then AdamW, and --resume's state. Sets
-        self.step (0 for a new run) and self.bridge_given (BridgeFlow came with the weights: no pre-training)."""
-        cfg, mc = self.cfg, self.model_config
-        model, ema = build_model(mc, cfg, self.sharded, self.autocast, self.device)
-        bridge = BridgeFlow(mc.in_channels, [(s, s) for s in nami.stage_sizes(self.side, mc.num_stages)]).to(self.device)
+        """Algorithm 1's θ and BridgeFlow, and the EMA of θ (kept here): new, or the weights --init-from gives (ours,
+        the release, a flat model), with LoRA adapters trained in θ's place (--lora); then AdamW, and --resume's
+        state. Sets self.step (0 for a new run) and self.bridge_given (BridgeFlow came with the weights)."""
+        cfg, model_config = self.cfg, self.model_config
+        model, ema = build_model(model_config, cfg, self.sharded, self.autocast, self.device)
+        sizes = [(s, s) for s in nami.stage_sizes(self.side, model_config.num_stages)]
+        bridge = BridgeFlow(model_config.in_channels, sizes).to(self.device)
         resumed_base = lora_base(cfg)
         self.bridge_given = init_from.load(cfg, model, ema, bridge, self.folder)
         if cfg.lora:  # θ frozen, and low-rank adapters on it trained in its place (training/lora.py)
@@ -185,7 +186,7 @@ class TrainingRun:
                                            self.sharded, *((lora.adapters, lora.write_adapters) if cfg.lora else ()))
         self.step = self.folder.resume(self.state)  # from here on, SIGINT/SIGTERM stop with a checkpoint
         self.model, self.ema, self.bridge = model, ema, bridge
-        self.guidance = cfg.distilled_guidance if mc.guidance_embeds else None  # FLUX.1-dev: g is an input
+        self.guidance = cfg.distilled_guidance if model_config.guidance_embeds else None  # FLUX.1-dev: g is an input
         return model, bridge
 
     def velocity(self, model, windows) -> StageVelocity:
