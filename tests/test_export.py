@@ -94,6 +94,18 @@ def pixels(path) -> np.ndarray:
         return np.asarray(png.convert("RGB"))
 
 
+def assert_same_picture(drawn: np.ndarray, ours: np.ndarray, latent_difference: float):
+    """Identical pixels when the two processes' latents are equal bit for bit, as they have been on every machine
+    tried. Latents apart by float round-off (the 1e-5 allowed) can put a colour on the other side of a rounding
+    step, so then a pixel may differ by one level, never more. (Bit-equal latents and one value one level apart:
+    what an AMD EPYC gave while the pipeline decoded with contiguous convolutions and sample.py channels-last.)"""
+    gap = np.abs(drawn.astype(int) - ours.astype(int))
+    if latent_difference == 0:
+        assert gap.max() == 0, f"latents equal, yet {np.count_nonzero(gap)} pixel values differ (largest {gap.max()})"
+    else:
+        assert gap.max() <= 1, f"latents {latent_difference:.1e} apart, a pixel value {gap.max()} levels apart"
+
+
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory, encoder_dir):
     """A tiny run with the jump noise on (the pipeline must add it as nami.generate does), and its export."""
@@ -134,7 +146,7 @@ def test_an_exported_run_draws_sample_pys_picture_in_a_process_without_the_repos
         differences[name] = (theirs - ours).abs().max().item()
         assert differences[name] <= 1e-5, name
     drawn = [Image.open(work / f"pil-{i}.png").convert("RGB") for i in range(2)]
-    assert np.array_equal(np.asarray(images.grid(drawn, ncols=2)), pixels(tmp_path / "nami.png"))
+    assert_same_picture(np.asarray(images.grid(drawn, ncols=2)), pixels(tmp_path / "nami.png"), differences["nami"])
     assert "windows" in report["errors"][str(edited)] and "do not follow from window_ratios" in report["errors"][str(edited)]
     with capsys.disabled():  # the measurement docs/export.md and results/export.md quote (OMP_NUM_THREADS=1)
         print(f"\nexport {export_s:.1f} s, clean process: imports {report['import_s']:.1f} s, from_pretrained "
@@ -162,8 +174,9 @@ def test_the_release_exports_with_its_prompts_and_grid_and_draws_what_sample_py_
     call = dict(prompt="a photo of a cat", height=32, width=32, num_inference_steps=6, seed=5)  # 6 = 2 + 2 + 2
     report = draw_elsewhere(out, work, {"latent": {**call, "output_type": "latent"}, "pil": call})
     assert report["from_repository"] == []
-    assert (torch.load(work / "latent.pt") - latents[0]).abs().max() <= 1e-5
-    assert np.array_equal(pixels(work / "pil-0.png"), pixels(tmp_path / "cat.png"))
+    difference = (torch.load(work / "latent.pt") - latents[0]).abs().max().item()
+    assert difference <= 1e-5
+    assert_same_picture(pixels(work / "pil-0.png"), pixels(tmp_path / "cat.png"), difference)
     # read back by sample.py --ckpt: the release's grid and prompts are the folder's defaults there too
     sample.main(["a photo of a cat", "--ckpt", str(out), "--res", "32x32", "--steps", "2,2,2", "--seed", "5",
                  "--upscale", "1", "--out", str(tmp_path / "back.png")])

@@ -193,5 +193,8 @@ class NamiPipeline(DiffusionPipeline):
         if self.vae is None:
             return latents.float().clamp(-1, 1)
         scale, shift = float(self.vae.config.scaling_factor), float(self.vae.config.shift_factor or 0.0)
+        # channels-last convolutions, as the repository's sampler runs its VAE: the other layout sums in another
+        # order, and a colour near a rounding step then lands one level apart (seen on an AMD EPYC)
+        self.vae.to(memory_format=torch.channels_last)
         pixels = self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample
         return pixels.float().clamp(-1, 1)
